@@ -1,0 +1,57 @@
+# The two commands a new user needs are `make run` and `make test`;
+# `make help` lists the rest.
+
+SHELL := /usr/bin/env bash
+.DEFAULT_GOAL := help
+
+GO          ?= go
+BIN         := $(CURDIR)/bin
+STATICCHECK := $(BIN)/staticcheck
+# Pinned so that a new release cannot fail a build that passed yesterday.
+STATICCHECK_VERSION := v0.8.2
+
+GCP_PROJECT ?=
+GCP_REGION  ?= europe-west1
+
+.PHONY: help
+help: ## List the targets.
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: services
+services: ## Make sure PostgreSQL and Redis answer (starts local ones that are installed but down).
+	@$(GO) run ./local/services
+
+.PHONY: migrate
+migrate: services ## Apply pending migrations to DATABASE_URL.
+	@$(GO) run ./cmd/outboxctl migrate
+
+.PHONY: run
+run: migrate ## Run the whole pipeline locally on :8080 (PORT to change).
+	$(GO) run ./local/serve
+
+.PHONY: test
+test: services vet lint ## Vet, lint and run every test (race detector on) against real PostgreSQL and Redis.
+	$(GO) test -race -count=1 -timeout 15m ./...
+
+.PHONY: vet
+vet: ## go vet.
+	$(GO) vet ./...
+
+.PHONY: lint
+lint: $(STATICCHECK) ## staticcheck at a pinned version.
+	$(STATICCHECK) ./...
+
+$(STATICCHECK):
+	GOBIN=$(BIN) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+.PHONY: build
+build: ## Build static binaries of every function and tool into bin/.
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o $(BIN)/ ./functions/... ./cmd/... ./local/...
+
+.PHONY: docs
+docs: ## Regenerate the configuration tables in README.md from the config structs.
+	$(GO) run ./cmd/outboxctl envdoc README.md
+
+.PHONY: clean
+clean: ## Remove build output and local mail.
+	rm -rf $(BIN) local/mailbox

@@ -1,0 +1,240 @@
+// Package createuser is the HTTP function that creates a user and, in the same
+// transaction, writes the user.created event to the outbox.
+//
+// POST a JSON body {"email": "...", "name": "..."}; the answer is 201 with the
+// user, or an error {"error": {"code", "message"}} with a 4xx that says what
+// to fix, or 503 when the database is unavailable. A request that fails
+// writes nothing. A client that retries with the same Idempotency-Key header
+// gets the first answer again and causes no second event.
+package createuser
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outboxfn/outbox/shared/config"
+	"github.com/outboxfn/outbox/shared/events"
+	"github.com/outboxfn/outbox/shared/httpjson"
+	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/outbox"
+	"github.com/outboxfn/outbox/shared/pg"
+	"github.com/outboxfn/outbox/shared/serve"
+)
+
+// Name is the function's name in the Functions Framework.
+const Name = "CreateUser"
+
+func init() { functions.HTTP(Name, Handle) }
+
+// fromEnv builds the service once, on first use, from the environment.
+var fromEnv = sync.OnceValues(func() (*Service, error) {
+	var cfg Config
+	if err := config.Load(&cfg); err != nil {
+		return nil, err
+	}
+	return New(context.Background(), cfg, logging.New(os.Stderr, cfg.Config))
+})
+
+// Handle is the entry point registered with the Functions Framework.
+func Handle(w http.ResponseWriter, r *http.Request) {
+	s, err := fromEnv()
+	if err != nil {
+		httpjson.WriteError(w, r, slog.Default(), fmt.Errorf("build %s: %w", Name, err))
+		return
+	}
+	s.ServeHTTP(w, r)
+}
+
+// Function is createuser as shared/serve runs it.
+var Function = serve.Function{
+	Name:    Name,
+	Handler: http.HandlerFunc(Handle),
+	Service: func() (serve.Service, error) { return fromEnv() },
+}
+
+// User is a created user as the API returns it.
+type User struct {
+	ID        int64     `json:"id"`
+	Email     string    `json:"email"`
+	Name      string    `json:"name"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// Service creates users. It is safe for concurrent use.
+type Service struct {
+	cfg    Config
+	pool   *pgxpool.Pool
+	logger *slog.Logger
+}
+
+// New returns a service using a pool built from cfg. It does not connect
+// until the first request, so it starts while the database is still down.
+func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error) {
+	pool, err := pg.NewPool(ctx, cfg.DatabaseURL, pg.PoolConfig{MaxConns: cfg.DBMaxConns})
+	if err != nil {
+		return nil, err
+	}
+	return &Service{cfg: cfg, pool: pool, logger: logger}, nil
+}
+
+// Start does nothing: createuser has no background work.
+func (s *Service) Start(context.Context) error { return nil }
+
+// Stop does nothing: createuser has no background work.
+func (s *Service) Stop() {}
+
+// Close closes the pool.
+func (s *Service) Close() { s.pool.Close() }
+
+// Health pings the database.
+func (s *Service) Health(ctx context.Context) serve.Health {
+	return serve.Check(ctx, map[string]func(context.Context) error{"postgres": s.pool.Ping})
+}
+
+// ServeHTTP handles POST /.
+func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !httpjson.Method(w, r, http.MethodPost) {
+		return
+	}
+	status, body, replayed, err := s.handle(r)
+	if err != nil {
+		httpjson.WriteError(w, r, s.logger, err)
+		return
+	}
+	if replayed {
+		w.Header().Set("Idempotent-Replayed", "true")
+	}
+	httpjson.Write(w, status, body)
+}
+
+// handle validates the request and creates the user, or finds the answer
+// already given to the same Idempotency-Key.
+func (s *Service) handle(r *http.Request) (status int, body json.RawMessage, replayed bool, err error) {
+	var req request
+	if err := httpjson.Decode(r, maxBodyBytes, &req); err != nil {
+		return 0, nil, false, err
+	}
+	u, err := req.validate()
+	if err != nil {
+		return 0, nil, false, err
+	}
+	key, err := idempotencyKey(r.Header)
+	if err != nil {
+		return 0, nil, false, err
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.RequestTimeout)
+	defer cancel()
+	status, body, replayed, err = s.create(ctx, u, key, traceparent(r.Header))
+	if err != nil && (pg.IsUnavailable(err) || errors.Is(err, context.Canceled)) {
+		s.logger.WarnContext(ctx, "database unavailable", slog.Any("error", err))
+		return 0, nil, false, httpjson.Errorf(http.StatusServiceUnavailable, "unavailable",
+			"the database is unavailable; nothing was written, retry later (with the same Idempotency-Key)")
+	}
+	return status, body, replayed, err
+}
+
+var errEmailTaken = httpjson.Errorf(http.StatusConflict, "email_taken", "a user with this email exists already")
+
+// create runs the one transaction: remember the idempotency key, insert the
+// user, insert the event, store the answer under the key, commit.
+func (s *Service) create(ctx context.Context, u newUser, key, traceparent string) (int, json.RawMessage, bool, error) {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return 0, nil, false, fmt.Errorf("begin: %w", err)
+	}
+	// Rollback after Commit is a no-op; it must run even if ctx has expired.
+	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // the error of interest is Commit's
+
+	hash := requestHash(u)
+	if key != "" {
+		// A concurrent request with the same key blocks here until the first
+		// one ends; then the key exists (it committed) or not (it failed).
+		tag, err := tx.Exec(ctx,
+			`INSERT INTO idempotency_keys (key, request_hash, status, response) VALUES ($1, $2, 0, 'null')
+			 ON CONFLICT (key) DO NOTHING`, key, hash[:])
+		if err != nil {
+			return 0, nil, false, fmt.Errorf("reserve idempotency key: %w", err)
+		}
+		if tag.RowsAffected() == 0 {
+			return s.replay(ctx, tx, key, hash)
+		}
+	}
+
+	var user User
+	err = tx.QueryRow(ctx,
+		`INSERT INTO users (email, name) VALUES ($1, $2) RETURNING id, email, name, created_at`,
+		u.Email, u.Name).Scan(&user.ID, &user.Email, &user.Name, &user.CreatedAt)
+	if pg.IsUniqueViolation(err, "users_email_lower_key") {
+		return 0, nil, false, errEmailTaken
+	}
+	if err != nil {
+		return 0, nil, false, fmt.Errorf("insert user: %w", err)
+	}
+	payload, err := json.Marshal(events.UserCreated{UserID: user.ID, Email: user.Email, Name: user.Name})
+	if err != nil {
+		return 0, nil, false, fmt.Errorf("encode event: %w", err)
+	}
+	err = outbox.Insert(ctx, tx, outbox.Event{
+		AggregateType: events.AggregateUser,
+		AggregateID:   fmt.Sprint(user.ID),
+		EventType:     events.TypeUserCreated,
+		Payload:       payload,
+		Traceparent:   traceparent,
+	})
+	if err != nil {
+		return 0, nil, false, err
+	}
+	body, err := json.Marshal(user)
+	if err != nil {
+		return 0, nil, false, fmt.Errorf("encode user: %w", err)
+	}
+	if key != "" {
+		if _, err := tx.Exec(ctx, `UPDATE idempotency_keys SET status = $2, response = $3 WHERE key = $1`,
+			key, http.StatusCreated, body); err != nil {
+			return 0, nil, false, fmt.Errorf("store idempotent response: %w", err)
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return 0, nil, false, fmt.Errorf("commit: %w", err)
+	}
+	return http.StatusCreated, body, false, nil
+}
+
+// replay answers a request whose Idempotency-Key was used before.
+func (s *Service) replay(ctx context.Context, tx pgx.Tx, key string, hash [sha256.Size]byte) (int, json.RawMessage, bool, error) {
+	var stored []byte
+	var status int
+	var body json.RawMessage
+	err := tx.QueryRow(ctx, `SELECT request_hash, status, response FROM idempotency_keys WHERE key = $1`, key).
+		Scan(&stored, &status, &body)
+	if errors.Is(err, pgx.ErrNoRows) {
+		// Purged between our insert and this read; the client may retry.
+		return 0, nil, false, httpjson.Errorf(http.StatusConflict, "idempotency_key_busy", "retry the request")
+	}
+	if err != nil {
+		return 0, nil, false, fmt.Errorf("read idempotent response: %w", err)
+	}
+	if string(stored) != string(hash[:]) {
+		return 0, nil, false, httpjson.Errorf(http.StatusUnprocessableEntity, "idempotency_key_reused",
+			"this Idempotency-Key was used with a different request body; use a new key")
+	}
+	return status, body, true, nil
+}
+
+// requestHash identifies a request's meaning, not its bytes, so that a retry
+// that re-encodes the same fields still matches.
+func requestHash(u newUser) [sha256.Size]byte {
+	return sha256.Sum256([]byte(u.Email + "\x00" + u.Name))
+}

@@ -1,0 +1,271 @@
+// Package serve runs the product's functions as one HTTP server with the
+// things the Functions Framework's own Start lacks: background loops,
+// /healthz, and a graceful shutdown on SIGTERM.
+//
+// Every function registers itself with the Functions Framework
+// (functions.HTTP) so that funcframework.Start and Cloud Functions buildpacks
+// serve it unchanged. The mains in this repository serve the same handlers
+// through [Run], which follows the Framework's routing: with FUNCTION_TARGET
+// set only that function is served, at "/"; without it every function is
+// served at "/<Name>".
+package serve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/outboxfn/outbox/shared/config"
+	"github.com/outboxfn/outbox/shared/httpjson"
+	"github.com/outboxfn/outbox/shared/logging"
+)
+
+// Service is a function built from its configuration and ready to work.
+type Service interface {
+	// Start starts the function's background loop, if it has one, and
+	// returns once it is running.
+	Start(ctx context.Context) error
+	// Stop ends the background loop and waits for it; safe to call twice.
+	Stop()
+	// Health reports the state of the function's dependencies.
+	Health(ctx context.Context) Health
+	// Close releases connections; call it after Stop.
+	Close()
+}
+
+// Health is what a function says about itself on /healthz.
+type Health struct {
+	// OK is false when a dependency the function needs is unreachable.
+	OK bool `json:"ok"`
+	// Checks maps each dependency ("postgres", "redis") to "ok" or the error.
+	Checks map[string]string `json:"checks"`
+	// Details carries figures worth seeing at a glance, such as a backlog.
+	Details any `json:"details,omitempty"`
+}
+
+// Check runs each named check with a short deadline and gathers a Health.
+func Check(ctx context.Context, checks map[string]func(context.Context) error) Health {
+	h := Health{OK: true, Checks: make(map[string]string, len(checks))}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for name, check := range checks {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			result := "ok"
+			if err := check(ctx); err != nil {
+				result = err.Error()
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			h.Checks[name] = result
+			h.OK = h.OK && result == "ok"
+		})
+	}
+	wg.Wait()
+	return h
+}
+
+// Function is one of the product's functions as the server sees it.
+type Function struct {
+	// Name is the name registered with the Functions Framework.
+	Name string
+	// Handler is the handler registered with the Functions Framework.
+	Handler http.Handler
+	// Service returns the function's service, built once from the
+	// environment; Handler uses the same one.
+	Service func() (Service, error)
+}
+
+// Config is the server's own configuration.
+type Config struct {
+	logging.Config
+	// Port is where the server listens; Cloud Run sets it.
+	Port string `envconfig:"PORT" default:"8080" desc:"TCP port the HTTP server listens on (Cloud Run sets it). Default 8080."`
+	// FunctionTarget selects one function to serve at "/".
+	FunctionTarget string `envconfig:"FUNCTION_TARGET" desc:"Serve only this function (CreateUser, Relay or SendEmail) at /; when empty every function is served at /<Name>. Default empty."`
+	// ShutdownTimeout bounds the graceful shutdown after SIGTERM. Cloud Run
+	// kills the container 10 s after SIGTERM, so the default leaves a margin.
+	ShutdownTimeout time.Duration `envconfig:"SHUTDOWN_TIMEOUT" default:"8s" desc:"How long in-flight requests and background loops get to finish after SIGTERM (Cloud Run allows 10 s). Default 8s."`
+}
+
+// Validate checks the port and timeout.
+func (c Config) Validate() error {
+	if err := c.Config.Validate(); err != nil {
+		return err
+	}
+	if _, err := net.LookupPort("tcp", c.Port); err != nil {
+		return fmt.Errorf("PORT must be a TCP port, not %q", c.Port)
+	}
+	if c.ShutdownTimeout <= 0 {
+		return fmt.Errorf("SHUTDOWN_TIMEOUT must be positive, not %s", c.ShutdownTimeout)
+	}
+	return nil
+}
+
+// Main runs fns until SIGTERM or SIGINT and exits the process; it is the
+// whole body of each main package.
+func Main(fns ...Function) {
+	var cfg Config
+	if err := config.Load(&cfg); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	logger := logging.New(os.Stderr, cfg.Config)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	if err := Run(ctx, cfg, logger, fns...); err != nil {
+		logger.Error("server stopped", slog.Any("error", err))
+		stop()
+		os.Exit(1)
+	}
+}
+
+// Run builds the services of fns, starts their background loops, serves
+// their handlers until ctx is done, then shuts down within
+// cfg.ShutdownTimeout: the listener closes, in-flight requests and loops
+// finish, and connections are released.
+func Run(ctx context.Context, cfg Config, logger *slog.Logger, fns ...Function) error {
+	ln, err := net.Listen("tcp", ":"+cfg.Port)
+	if err != nil {
+		return fmt.Errorf("listen on port %s: %w", cfg.Port, err)
+	}
+	return Serve(ctx, ln, cfg, logger, fns...)
+}
+
+// Serve is Run on a listener the caller opened, for tests.
+func Serve(ctx context.Context, ln net.Listener, cfg Config, logger *slog.Logger, fns ...Function) error {
+	if cfg.FunctionTarget != "" {
+		var target []Function
+		for _, fn := range fns {
+			if fn.Name == cfg.FunctionTarget {
+				target = append(target, fn)
+			}
+		}
+		if len(target) == 0 {
+			_ = ln.Close()
+			return fmt.Errorf("FUNCTION_TARGET %q names no function of this binary", cfg.FunctionTarget)
+		}
+		fns = target
+	}
+
+	services := make([]Service, 0, len(fns))
+	defer func() {
+		for _, s := range services {
+			s.Close()
+		}
+	}()
+	mux := http.NewServeMux()
+	for _, fn := range fns {
+		s, err := fn.Service()
+		if err != nil {
+			_ = ln.Close()
+			return fmt.Errorf("build %s: %w", fn.Name, err)
+		}
+		services = append(services, s)
+		path := "/" + fn.Name
+		if cfg.FunctionTarget != "" {
+			path = "/"
+		}
+		mux.Handle(path, recoverPanic(logger, fn.Handler))
+	}
+	mux.Handle("GET /healthz", healthz(fns, services))
+
+	for i, s := range services {
+		if err := s.Start(ctx); err != nil {
+			stopAll(services[:i])
+			_ = ln.Close()
+			return fmt.Errorf("start %s: %w", fns[i].Name, err)
+		}
+	}
+
+	srv := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		// Derive request contexts from ctx's values but not its cancellation:
+		// a SIGTERM must let in-flight requests finish, not cancel them.
+		BaseContext: func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+		ErrorLog:    slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	names := make([]string, len(fns))
+	for i, fn := range fns {
+		names[i] = fn.Name
+	}
+	logger.InfoContext(ctx, "serving", slog.String("addr", ln.Addr().String()), slog.Any("functions", names))
+
+	select {
+	case err := <-served:
+		stopAll(services)
+		return fmt.Errorf("serve http: %w", err)
+	case <-ctx.Done():
+	}
+
+	logger.Info("shutting down", slog.Duration("timeout", cfg.ShutdownTimeout))
+	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownTimeout)
+	defer cancel()
+	var wg sync.WaitGroup
+	var shutdownErr error
+	wg.Go(func() { shutdownErr = srv.Shutdown(shutdownCtx) })
+	wg.Go(func() { stopAll(services) })
+	wg.Wait()
+	if shutdownErr != nil {
+		return fmt.Errorf("shut down http server: %w", shutdownErr)
+	}
+	logger.Info("stopped")
+	return nil
+}
+
+func stopAll(services []Service) {
+	var wg sync.WaitGroup
+	for _, s := range services {
+		wg.Go(s.Stop)
+	}
+	wg.Wait()
+}
+
+func healthz(fns []Function, services []Service) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		report := struct {
+			Status    string            `json:"status"`
+			Functions map[string]Health `json:"functions"`
+		}{Status: "ok", Functions: make(map[string]Health, len(services))}
+		status := http.StatusOK
+		for i, s := range services {
+			h := s.Health(r.Context())
+			report.Functions[fns[i].Name] = h
+			if !h.OK {
+				report.Status, status = "unavailable", http.StatusServiceUnavailable
+			}
+		}
+		httpjson.Write(w, status, report)
+	})
+}
+
+// recoverPanic answers a panicking request with a JSON 500 and keeps the
+// server up, as the Functions Framework's own wrapper does.
+func recoverPanic(logger *slog.Logger, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				httpjson.WriteError(w, r, logger, fmt.Errorf("panic: %v", v))
+			}
+		}()
+		h.ServeHTTP(w, r)
+	})
+}
+
+// ErrStopped is returned by a background loop's Start after its Stop.
+var ErrStopped = errors.New("stopped")
