@@ -5,9 +5,10 @@ package main
 
 import (
 	"github.com/outboxfn/outbox/functions/createuser"
+	"github.com/outboxfn/outbox/functions/relay"
 	"github.com/outboxfn/outbox/shared/serve"
 )
 
 func main() {
-	serve.Main(createuser.Function)
+	serve.Main(createuser.Function, relay.Function)
 }

@@ -83,4 +83,3 @@ func severity(l slog.Level) string {
 
 // Discard is a logger that drops everything, for tests that do not look.
 func Discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
-

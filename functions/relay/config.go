@@ -1,0 +1,72 @@
+package relay
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/outboxfn/outbox/shared/logging"
+)
+
+// Config is the relay's configuration, read from the environment.
+type Config struct {
+	logging.Config
+	// DatabaseURL must reach PostgreSQL directly: LISTEN and the relay's
+	// session-level advisory locks do not survive a transaction pooler.
+	DatabaseURL string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" desc:"PostgreSQL connection URL. The relay needs a direct connection (not PgBouncer in transaction mode) for LISTEN and its advisory locks. Default the local server."`
+	// DBMaxConns caps the pool: the drainer holds one connection while it
+	// drains, the HTTP trigger and health checks use others.
+	DBMaxConns int32 `envconfig:"DB_MAX_CONNS" default:"4" desc:"Largest number of pooled PostgreSQL connections, besides the one LISTEN connection. Default 4."`
+	// RedisURL is the Redis the streams live in.
+	RedisURL string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). Default the local server."`
+	// StreamPrefix is prepended to the aggregate type to name a stream.
+	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names: events of aggregate type T go to the stream <prefix>T (user events to outbox:user). Default outbox:."`
+	// BatchSize is how many outbox rows one transaction claims and publishes.
+	BatchSize int `envconfig:"RELAY_BATCH_SIZE" default:"1000" desc:"Outbox rows claimed, published in one Redis round trip and deleted per transaction. Default 1000."`
+	// PollInterval is the fallback poll: the relay drains this often even
+	// when no notification arrived, with ±20% jitter.
+	PollInterval time.Duration `envconfig:"RELAY_POLL_INTERVAL" default:"5s" desc:"Fallback poll: drain at least this often (±20% jitter) even without a notification. Default 5s."`
+	// DedupeWindow is how long the relay remembers the events of a batch
+	// whose commit it could not confirm; zero turns duplicate suppression off.
+	DedupeWindow time.Duration `envconfig:"RELAY_DEDUPE_WINDOW" default:"24h" desc:"How long the ids of a batch published but not confirmed committed are kept in Redis to suppress re-publication; 0 turns suppression off. Default 24h."`
+	// StreamMaxLen bounds each stream's length; zero means unbounded.
+	StreamMaxLen int64 `envconfig:"RELAY_STREAM_MAXLEN" default:"0" desc:"Trim each stream to about this many entries, never dropping an entry a consumer group has not acknowledged or read; 0 never trims. Default 0."`
+	// TrimInterval is how often streams are trimmed when StreamMaxLen is set.
+	TrimInterval time.Duration `envconfig:"RELAY_TRIM_INTERVAL" default:"1m" desc:"How often streams are trimmed when RELAY_STREAM_MAXLEN is set. Default 1m."`
+	// DrainTimeout bounds one HTTP-triggered drain.
+	DrainTimeout time.Duration `envconfig:"RELAY_DRAIN_TIMEOUT" default:"50s" desc:"Longest an HTTP-triggered drain runs (it also stops 1s before the request's own deadline). Default 50s."`
+	// ReconnectDelay is the pause before the listener reconnects.
+	ReconnectDelay time.Duration `envconfig:"RELAY_RECONNECT_DELAY" default:"1s" desc:"Pause before the LISTEN connection is re-established after it broke. Default 1s."`
+	// Background runs the LISTEN/poll loop; without it the relay only drains
+	// when its HTTP trigger is called.
+	Background bool `envconfig:"BACKGROUND" default:"true" desc:"Run the background loop (LISTEN, fallback poll, trimming) while the process lives; false leaves only the HTTP trigger. Default true."`
+	// TriggerToken, when set, is required as a bearer token on the trigger.
+	TriggerToken string `envconfig:"TRIGGER_TOKEN" desc:"When set, POST requests must carry Authorization: Bearer <token>; otherwise 401. Default empty (rely on Cloud Run IAM)."`
+}
+
+// Validate checks ranges envconfig cannot.
+func (c Config) Validate() error {
+	if err := c.Config.Validate(); err != nil {
+		return err
+	}
+	switch {
+	case c.DBMaxConns < 2:
+		return fmt.Errorf("DB_MAX_CONNS must be at least 2 for the relay, not %d", c.DBMaxConns)
+	case c.BatchSize < 1 || c.BatchSize > 10000:
+		return fmt.Errorf("RELAY_BATCH_SIZE must be between 1 and 10000, not %d", c.BatchSize)
+	case c.PollInterval < 10*time.Millisecond:
+		return fmt.Errorf("RELAY_POLL_INTERVAL must be at least 10ms, not %s", c.PollInterval)
+	case c.DedupeWindow < 0:
+		return fmt.Errorf("RELAY_DEDUPE_WINDOW must not be negative, not %s", c.DedupeWindow)
+	case c.StreamMaxLen < 0:
+		return fmt.Errorf("RELAY_STREAM_MAXLEN must not be negative, not %d", c.StreamMaxLen)
+	case c.StreamMaxLen > 0 && c.TrimInterval <= 0:
+		return fmt.Errorf("RELAY_TRIM_INTERVAL must be positive, not %s", c.TrimInterval)
+	case c.DrainTimeout <= 0:
+		return fmt.Errorf("RELAY_DRAIN_TIMEOUT must be positive, not %s", c.DrainTimeout)
+	case c.ReconnectDelay <= 0:
+		return fmt.Errorf("RELAY_RECONNECT_DELAY must be positive, not %s", c.ReconnectDelay)
+	case c.StreamPrefix == "":
+		return fmt.Errorf("STREAM_PREFIX must not be empty")
+	}
+	return nil
+}

@@ -1,0 +1,400 @@
+// Package relay is the function that moves committed outbox rows into Redis
+// Streams: woken by LISTEN/NOTIFY, with a fallback poll, in batches of one
+// transaction and one Redis round trip each.
+//
+// # Guarantees
+//
+// Every committed outbox row reaches its stream (<prefix><aggregate type>) at
+// least once, in outbox id order, and the relay suppresses its own
+// re-publications (see [Publisher]). One relay drains at a time, holding an
+// advisory lock; other instances wait for it and take over when its
+// connection dies.
+//
+// # Invocation
+//
+// POST / (or /Relay) drains until the outbox is empty or the deadline is near
+// and answers with what it did. While the process lives, a background loop
+// also drains on every notification, every poll interval, and whenever a
+// transaction that might have skipped the doorbell ends.
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgxlisten"
+	"github.com/redis/rueidis"
+	"github.com/sethvargo/go-retry"
+
+	"github.com/outboxfn/outbox/shared/config"
+	"github.com/outboxfn/outbox/shared/httpjson"
+	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/outbox"
+	"github.com/outboxfn/outbox/shared/pg"
+	"github.com/outboxfn/outbox/shared/serve"
+	"github.com/outboxfn/outbox/shared/stream"
+)
+
+// Name is the function's name in the Functions Framework.
+const Name = "Relay"
+
+func init() { functions.HTTP(Name, Handle) }
+
+var fromEnv = sync.OnceValues(func() (*Service, error) {
+	var cfg Config
+	if err := config.Load(&cfg); err != nil {
+		return nil, err
+	}
+	return New(context.Background(), cfg, logging.New(os.Stderr, cfg.Config))
+})
+
+// Handle is the entry point registered with the Functions Framework.
+func Handle(w http.ResponseWriter, r *http.Request) {
+	s, err := fromEnv()
+	if err != nil {
+		httpjson.WriteError(w, r, slog.Default(), fmt.Errorf("build %s: %w", Name, err))
+		return
+	}
+	s.ServeHTTP(w, r)
+}
+
+// Function is the relay as shared/serve runs it.
+var Function = serve.Function{
+	Name:    Name,
+	Handler: http.HandlerFunc(Handle),
+	Service: func() (serve.Service, error) { return fromEnv() },
+}
+
+// Service is the relay: an HTTP trigger and a background loop around one
+// Drainer.
+type Service struct {
+	cfg     Config
+	pool    *pgxpool.Pool
+	redis   rueidis.Client
+	drainer *Drainer
+	logger  *slog.Logger
+	bg      serve.Background
+
+	// bell is rung by notifications; one slot, so a burst of them causes
+	// one drain, not one each.
+	bell chan struct{}
+	// listening is true while the LISTEN connection is up.
+	listening atomic.Bool
+}
+
+// New builds a relay from cfg. Nothing connects until it is used.
+func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error) {
+	pool, err := pg.NewPool(ctx, cfg.DatabaseURL, pg.PoolConfig{MaxConns: cfg.DBMaxConns})
+	if err != nil {
+		return nil, err
+	}
+	client, err := stream.NewClient(cfg.RedisURL)
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	publisher := NewPublisher(client, cfg.StreamPrefix, cfg.DedupeWindow)
+	// A relay waiting for another's drain lock gives up after a poll
+	// interval and tries again on its next wake-up.
+	drainer := NewDrainer(pool, publisher, cfg.BatchSize, cfg.PollInterval, logger)
+	return &Service{
+		cfg: cfg, pool: pool, redis: client, drainer: drainer, logger: logger,
+		bell: make(chan struct{}, 1),
+	}, nil
+}
+
+// Start starts the background loop unless BACKGROUND is false.
+func (s *Service) Start(ctx context.Context) error {
+	if !s.cfg.Background {
+		return nil
+	}
+	return s.bg.Start(ctx, s.run)
+}
+
+// Stop ends the background loop; a batch in flight is committed or rolled
+// back first.
+func (s *Service) Stop() { s.bg.Stop() }
+
+// Close releases the pool and the Redis client.
+func (s *Service) Close() {
+	s.pool.Close()
+	s.redis.Close()
+}
+
+// Backlog describes the rows waiting in the outbox.
+type Backlog struct {
+	Events int64 `json:"backlog"`
+	// OldestAgeSeconds is the age of the oldest unrelayed event.
+	OldestAgeSeconds float64 `json:"oldest_age_seconds"`
+}
+
+// Backlog counts the outbox.
+func (s *Service) Backlog(ctx context.Context) (Backlog, error) {
+	var b Backlog
+	err := s.pool.QueryRow(ctx,
+		`SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox`).
+		Scan(&b.Events, &b.OldestAgeSeconds)
+	if err != nil {
+		return b, fmt.Errorf("measure backlog: %w", err)
+	}
+	return b, nil
+}
+
+// Health checks PostgreSQL and Redis and reports the backlog.
+func (s *Service) Health(ctx context.Context) serve.Health {
+	h := serve.Check(ctx, map[string]func(context.Context) error{
+		"postgres": s.pool.Ping,
+		"redis":    func(ctx context.Context) error { return stream.Ping(ctx, s.redis) },
+	})
+	details := map[string]any{"listening": s.listening.Load()}
+	if b, err := s.Backlog(ctx); err == nil {
+		details["backlog"], details["oldest_age_seconds"] = b.Events, b.OldestAgeSeconds
+	}
+	h.Details = details
+	return h
+}
+
+// run is the background loop: listen, and drain on every wake-up.
+func (s *Service) run(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { s.listen(ctx) })
+	if s.cfg.StreamMaxLen > 0 {
+		trimmer := &Trimmer{client: s.redis, prefix: s.cfg.StreamPrefix, maxLen: s.cfg.StreamMaxLen, logger: s.logger}
+		wg.Go(func() { trimmer.Run(ctx, s.cfg.TrimInterval) })
+	}
+
+	poll := time.NewTimer(jitter(s.cfg.PollInterval))
+	defer poll.Stop()
+	var lingering lingeringSet
+	var recheck <-chan time.Time
+	var failing *retry.Backoff
+	var failingSince time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.bell:
+		case <-poll.C:
+		case <-recheck:
+			recheck = nil
+			ended, err := lingering.check(ctx, s.pool)
+			if err == nil && !ended {
+				if lingering.len() > 0 {
+					recheck = time.After(lingeringRecheck)
+				}
+				continue
+			}
+		}
+		start := time.Now()
+		res, err := s.drainer.Drain(ctx, time.Time{})
+		if err != nil && ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, ErrBusy) {
+			// Another relay drains; wait for it again next time around.
+			s.ring()
+			continue
+		}
+		if err != nil {
+			if failing == nil {
+				failing, failingSince = newBackoff(), time.Now()
+				s.logger.ErrorContext(ctx, "relay failing; rows stay in the outbox and are retried", slog.Any("error", err))
+			}
+			delay, _ := (*failing).Next()
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(delay):
+			}
+			s.ring()
+			continue
+		}
+		if failing != nil {
+			s.logger.InfoContext(ctx, "relay recovered", slog.Duration("after", time.Since(failingSince)))
+			failing = nil
+		}
+		if res.Batches > 0 {
+			s.logger.DebugContext(ctx, "drained",
+				slog.Int("relayed", res.Relayed), slog.Int("duplicates_skipped", res.Duplicates),
+				slog.Int("batches", res.Batches), slog.Duration("duration", time.Since(start)))
+		}
+		lingering.add(res.Lingering)
+		if lingering.len() > 0 && recheck == nil {
+			recheck = time.After(lingeringRecheck)
+		}
+		poll.Reset(jitter(s.cfg.PollInterval))
+	}
+}
+
+func (s *Service) ring() {
+	select {
+	case s.bell <- struct{}{}:
+	default:
+	}
+}
+
+// listen keeps a LISTEN connection up and rings the bell on every
+// notification and after every (re)connect, when notifications sent while
+// disconnected may have been lost.
+func (s *Service) listen(ctx context.Context) {
+	l := &pgxlisten.Listener{
+		Connect: func(ctx context.Context) (*pgx.Conn, error) {
+			return pg.Connect(ctx, s.cfg.DatabaseURL, 5*time.Second)
+		},
+		LogError: func(ctx context.Context, err error) {
+			if ctx.Err() != nil {
+				return
+			}
+			if s.listening.Swap(false) {
+				s.logger.WarnContext(ctx, "listener disconnected; reconnecting", slog.Any("error", err))
+			}
+		},
+		ReconnectDelay: s.cfg.ReconnectDelay,
+	}
+	l.Handle(outbox.Channel, doorbell{s})
+	_ = l.Listen(ctx) // returns only when ctx is done
+}
+
+// doorbell is the LISTEN handler. It only rings: draining inline would stall
+// the listener.
+type doorbell struct{ s *Service }
+
+func (d doorbell) HandleNotification(context.Context, *pgconn.Notification, *pgx.Conn) error {
+	d.s.ring()
+	return nil
+}
+
+func (d doorbell) HandleBacklog(ctx context.Context, _ string, _ *pgx.Conn) error {
+	if !d.s.listening.Swap(true) {
+		d.s.logger.InfoContext(ctx, "listening for outbox notifications")
+	}
+	d.s.ring()
+	return nil
+}
+
+// ServeHTTP is the trigger: POST drains and reports.
+func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !httpjson.Method(w, r, http.MethodPost) {
+		return
+	}
+	if !serve.Authorized(w, r, s.cfg.TriggerToken) {
+		return
+	}
+	ctx := r.Context()
+	stopBy := time.Now().Add(s.cfg.DrainTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Add(-time.Second).Before(stopBy) {
+		stopBy = d.Add(-time.Second)
+	}
+	ctx, cancel := context.WithDeadline(ctx, stopBy.Add(500*time.Millisecond))
+	defer cancel()
+	start := time.Now()
+	res, err := s.drainer.Drain(ctx, stopBy)
+	busy := errors.Is(err, ErrBusy)
+	if err != nil && !busy {
+		s.logger.WarnContext(ctx, "triggered drain failed", slog.Any("error", err))
+		httpjson.WriteError(w, r, s.logger, httpjson.Errorf(http.StatusServiceUnavailable, "unavailable",
+			"drain failed (%d events relayed before it did); rows stay in the outbox and are retried", res.Relayed))
+		return
+	}
+	backlog, err := s.Backlog(ctx)
+	if err != nil {
+		httpjson.WriteError(w, r, s.logger, httpjson.Errorf(http.StatusServiceUnavailable, "unavailable", "%v", err))
+		return
+	}
+	httpjson.Write(w, http.StatusOK, struct {
+		Result
+		Backlog
+		Busy       bool    `json:"busy"`
+		DurationMS float64 `json:"duration_ms"`
+	}{res, backlog, busy, float64(time.Since(start).Microseconds()) / 1000})
+}
+
+// lingeringRecheck is how often transactions that were open at the end of a
+// drain are checked; lingeringGiveUp is when they are left to the poll.
+const (
+	lingeringRecheck = 5 * time.Millisecond
+	lingeringGiveUp  = time.Minute
+)
+
+// lingeringSet tracks transactions that were open when a drain ended: when
+// one of them ends, it may have committed a row whose doorbell was
+// suppressed, so the loop drains again. A transaction open for longer than
+// lingeringGiveUp is forgotten (and never tracked again): it is unrelated
+// work, such as a session idle in transaction, and the fallback poll covers
+// the rare row it may still commit.
+type lingeringSet struct {
+	since     map[int64]time.Time
+	abandoned map[int64]struct{}
+}
+
+func (l *lingeringSet) len() int { return len(l.since) }
+
+func (l *lingeringSet) add(xids []int64) {
+	if l.since == nil {
+		l.since, l.abandoned = map[int64]time.Time{}, map[int64]struct{}{}
+	}
+	now := time.Now()
+	for _, x := range xids {
+		if _, gone := l.abandoned[x]; gone {
+			continue
+		}
+		if _, ok := l.since[x]; !ok {
+			l.since[x] = now
+		}
+	}
+}
+
+// check reports whether any tracked transaction has ended, and forgets
+// those that have.
+func (l *lingeringSet) check(ctx context.Context, q querier) (ended bool, err error) {
+	xids := make([]int64, 0, len(l.since))
+	for x := range l.since {
+		xids = append(xids, x)
+	}
+	open, err := stillOpen(ctx, q, xids)
+	if err != nil {
+		return false, err
+	}
+	stillOpenSet := make(map[int64]struct{}, len(open))
+	for _, x := range open {
+		stillOpenSet[x] = struct{}{}
+	}
+	for x, since := range l.since {
+		if _, ok := stillOpenSet[x]; !ok {
+			delete(l.since, x)
+			ended = true
+		} else if time.Since(since) > lingeringGiveUp {
+			delete(l.since, x)
+			if len(l.abandoned) > 10000 {
+				clear(l.abandoned)
+			}
+			l.abandoned[x] = struct{}{}
+		}
+	}
+	return ended, nil
+}
+
+func newBackoff() *retry.Backoff {
+	b := retry.NewExponential(100 * time.Millisecond)
+	b = retry.WithJitterPercent(20, b)
+	b = retry.WithCappedDuration(30*time.Second, b)
+	return &b
+}
+
+// jitter spreads d by ±20% so that instances do not poll in lockstep.
+func jitter(d time.Duration) time.Duration {
+	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+}

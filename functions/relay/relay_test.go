@@ -1,0 +1,519 @@
+package relay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/rueidis"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/outbox"
+	"github.com/outboxfn/outbox/shared/pgtest"
+	"github.com/outboxfn/outbox/shared/redistest"
+	"github.com/outboxfn/outbox/shared/stream"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+type testBundle struct {
+	url    string
+	pool   *pgxpool.Pool
+	redis  rueidis.Client
+	prefix string
+}
+
+func setup(t *testing.T) *testBundle {
+	t.Helper()
+	url := pgtest.New(t)
+	pool, err := pgxpool.New(context.Background(), url)
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	client, prefix := redistest.New(t)
+	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix}
+}
+
+func (b *testBundle) config(mutate ...func(*Config)) Config {
+	cfg := Config{
+		Config:         logging.Config{LogFormat: "text", LogLevel: "info"},
+		DatabaseURL:    b.url,
+		DBMaxConns:     4,
+		RedisURL:       redistest.URL(),
+		StreamPrefix:   b.prefix,
+		BatchSize:      100,
+		PollInterval:   time.Hour, // tests prove wake-ups; the poll must not rescue them
+		DedupeWindow:   time.Hour,
+		TrimInterval:   time.Minute,
+		DrainTimeout:   30 * time.Second,
+		ReconnectDelay: 50 * time.Millisecond,
+		Background:     true,
+	}
+	for _, m := range mutate {
+		m(&cfg)
+	}
+	return cfg
+}
+
+// relay builds a relay (not started) that is stopped and closed with t.
+func (b *testBundle) relay(t *testing.T, mutate ...func(*Config)) *Service {
+	t.Helper()
+	s, err := New(context.Background(), b.config(mutate...), logging.Discard())
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Stop(); s.Close() })
+	return s
+}
+
+func start(t *testing.T, s *Service) {
+	t.Helper()
+	require.NoError(t, s.Start(context.Background()))
+	waitFor(t, 10*time.Second, "the listener connects", s.listening.Load)
+}
+
+// insert writes n events for aggregate in one transaction each, numbering
+// them in their payload from first.
+func (b *testBundle) insert(t *testing.T, aggregateType, aggregateID string, first, n int) {
+	t.Helper()
+	ctx := context.Background()
+	for i := first; i < first+n; i++ {
+		tx, err := b.pool.Begin(ctx)
+		require.NoError(t, err)
+		require.NoError(t, outbox.Insert(ctx, tx, outbox.Event{
+			AggregateType: aggregateType, AggregateID: aggregateID, EventType: aggregateType + ".changed",
+			Payload: json.RawMessage(fmt.Sprintf(`{"seq": %d, "aggregate": %q}`, i, aggregateID)),
+		}))
+		require.NoError(t, tx.Commit(ctx))
+	}
+}
+
+// insertBulk writes n events for one aggregate in one statement.
+func (b *testBundle) insertBulk(t *testing.T, aggregateType string, n int) {
+	t.Helper()
+	_, err := b.pool.Exec(context.Background(),
+		`INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+		 SELECT $1, (i % 10)::text, 'bulk', json_build_object('seq', i) FROM generate_series(1, $2) AS i`,
+		aggregateType, n)
+	require.NoError(t, err)
+}
+
+func (b *testBundle) entries(t *testing.T, aggregateType string) []stream.Event {
+	t.Helper()
+	msgs, err := b.redis.Do(context.Background(),
+		b.redis.B().Xrange().Key(stream.Name(b.prefix, aggregateType)).Start("-").End("+").Build()).AsXRange()
+	require.NoError(t, err)
+	out := make([]stream.Event, len(msgs))
+	for i, m := range msgs {
+		e, err := stream.Decode(m.ID, m.FieldValues)
+		require.NoError(t, err)
+		out[i] = e
+	}
+	return out
+}
+
+func (b *testBundle) outboxCount(t *testing.T) int {
+	t.Helper()
+	var n int
+	require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM outbox`).Scan(&n))
+	return n
+}
+
+// requireExactlyOnceInOrder checks that entries hold want distinct events
+// and that each aggregate's events appear in increasing seq order.
+func requireExactlyOnceInOrder(t *testing.T, entries []stream.Event, want int) {
+	t.Helper()
+	seen := map[string]bool{}
+	lastSeq := map[string]int{}
+	for _, e := range entries {
+		require.False(t, seen[e.EventID], "event %s published twice", e.EventID)
+		seen[e.EventID] = true
+		var p struct {
+			Seq int `json:"seq"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(e.Payload), &p))
+		if last, ok := lastSeq[e.AggregateID]; ok {
+			require.Greater(t, p.Seq, last, "aggregate %s out of order", e.AggregateID)
+		}
+		lastSeq[e.AggregateID] = p.Seq
+	}
+	require.Len(t, seen, want)
+}
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting until %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func trigger(t *testing.T, s *Service, header ...string) (int, map[string]any) {
+	t.Helper()
+	req := httptest.NewRequest(http.MethodPost, "/", nil)
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	rec := httptest.NewRecorder()
+	s.ServeHTTP(rec, req)
+	var body map[string]any
+	require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &body), rec.Body.String())
+	return rec.Code, body
+}
+
+func TestRelay(t *testing.T) {
+	t.Parallel()
+
+	t.Run("publishes every row once with its fields intact, then deletes it", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		tx, err := b.pool.Begin(ctx)
+		require.NoError(t, err)
+		tp := "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+		payload := `{"user_id": 7,  "name": "Zoë \"Z\" <z>", "nested": {"a": [1, 2.50]}}`
+		require.NoError(t, outbox.Insert(ctx, tx, outbox.Event{AggregateType: "user", AggregateID: "7",
+			EventType: "user.created", Payload: json.RawMessage(payload), Traceparent: tp}))
+		require.NoError(t, tx.Commit(ctx))
+		var eventID string
+		var createdAt time.Time
+		require.NoError(t, b.pool.QueryRow(ctx, `SELECT event_id::text, created_at FROM outbox`).Scan(&eventID, &createdAt))
+		b.insertBulk(t, "order", 250)
+
+		status, body := trigger(t, b.relay(t))
+		require.Equal(t, http.StatusOK, status, body)
+		require.EqualValues(t, 251, body["relayed"])
+		require.EqualValues(t, 0, body["backlog"])
+		require.EqualValues(t, 0, body["oldest_age_seconds"])
+		require.Equal(t, true, body["complete"])
+		require.EqualValues(t, 3, body["batches"], "251 rows in batches of 100")
+
+		users := b.entries(t, "user")
+		require.Len(t, users, 1)
+		e := users[0]
+		require.Equal(t, eventID, e.EventID)
+		require.Equal(t, "user.created", e.EventType)
+		require.Equal(t, "user", e.AggregateType)
+		require.Equal(t, "7", e.AggregateID)
+		require.Equal(t, payload, e.Payload, "the payload is relayed byte for byte")
+		require.Equal(t, tp, e.Traceparent)
+		require.True(t, createdAt.Equal(e.OccurredAt), "occurred_at %s != created_at %s", e.OccurredAt, createdAt)
+
+		orders := b.entries(t, "order")
+		requireExactlyOnceInOrder(t, orders, 250)
+		require.Empty(t, orders[0].Traceparent, "no traceparent field when none was stored")
+		require.Zero(t, b.outboxCount(t))
+	})
+
+	t.Run("relays concurrent inserts exactly once and in order per aggregate", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		s := b.relay(t)
+		start(t, s)
+		var wg sync.WaitGroup
+		for g := range 8 {
+			wg.Go(func() { b.insert(t, "item", fmt.Sprint(g), 0, 100) })
+		}
+		wg.Wait()
+		waitFor(t, 20*time.Second, "800 entries arrive", func() bool { return len(b.entries(t, "item")) >= 800 })
+		requireExactlyOnceInOrder(t, b.entries(t, "item"), 800)
+		require.Zero(t, b.outboxCount(t))
+	})
+
+	t.Run("lets two relays run at once without losing or duplicating", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		r1, r2 := b.relay(t), b.relay(t)
+		start(t, r1)
+		start(t, r2)
+		var wg sync.WaitGroup
+		for g := range 6 {
+			wg.Go(func() { b.insert(t, "item", fmt.Sprint(g), 0, 100) })
+		}
+		for range 5 {
+			wg.Go(func() {
+				status, body := trigger(t, r2)
+				require.Equal(t, http.StatusOK, status, body)
+			})
+		}
+		wg.Wait()
+		waitFor(t, 20*time.Second, "600 entries arrive", func() bool { return len(b.entries(t, "item")) >= 600 })
+		b.insertBulk(t, "item2", 500)
+		waitFor(t, 20*time.Second, "500 more arrive", func() bool { return len(b.entries(t, "item2")) >= 500 })
+		requireExactlyOnceInOrder(t, b.entries(t, "item"), 600)
+		require.Len(t, b.entries(t, "item2"), 500)
+		require.Zero(t, b.outboxCount(t))
+	})
+
+	t.Run("loses nothing and publishes nothing twice when killed between XADD and COMMIT", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		b.insertBulk(t, "item", 250)
+		crashing := b.relay(t)
+		crashing.drainer.afterPublish = func() error { return errors.New("simulated crash") }
+		_, err := crashing.drainer.Drain(context.Background(), time.Time{})
+		require.ErrorContains(t, err, "simulated crash")
+		require.Len(t, b.entries(t, "item"), 100, "the first batch reached the stream")
+		require.Equal(t, 250, b.outboxCount(t), "but its rows were not deleted")
+
+		// A new relay, with nothing in memory, takes over.
+		res, err := b.relay(t).drainer.Drain(context.Background(), time.Time{})
+		require.NoError(t, err)
+		require.Equal(t, 150, res.Relayed)
+		require.Equal(t, 100, res.Duplicates)
+		require.Zero(t, b.outboxCount(t))
+		entries := b.entries(t, "item")
+		require.Len(t, entries, 250)
+		ids := map[string]bool{}
+		for _, e := range entries {
+			ids[e.EventID] = true
+		}
+		require.Len(t, ids, 250, "no event is in the stream twice")
+	})
+
+	t.Run("republishes an interrupted batch when suppression is off", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		b.insertBulk(t, "item", 50)
+		crashing := b.relay(t, func(c *Config) { c.DedupeWindow = 0 })
+		crashing.drainer.afterPublish = func() error { return errors.New("simulated crash") }
+		_, err := crashing.drainer.Drain(context.Background(), time.Time{})
+		require.Error(t, err)
+		_, err = b.relay(t, func(c *Config) { c.DedupeWindow = 0 }).drainer.Drain(context.Background(), time.Time{})
+		require.NoError(t, err)
+		require.Len(t, b.entries(t, "item"), 100, "at-least-once: each event twice, none lost")
+	})
+
+	t.Run("keeps rows while Redis is down and relays them once it is back", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		server := redistest.StartServer(t)
+		s := b.relay(t, func(c *Config) { c.RedisURL = server.URL() })
+		start(t, s)
+		b.insert(t, "item", "a", 0, 3)
+		client, err := stream.NewClient(server.URL())
+		require.NoError(t, err)
+		defer client.Close()
+		count := func() int64 {
+			n, _ := client.Do(context.Background(), client.B().Xlen().Key(b.prefix+"item").Build()).AsInt64()
+			return n
+		}
+		waitFor(t, 10*time.Second, "3 entries arrive", func() bool { return count() == 3 })
+
+		server.Stop()
+		b.insert(t, "item", "a", 3, 5)
+		status, body := trigger(t, s)
+		require.Equal(t, http.StatusServiceUnavailable, status, body)
+		require.Equal(t, 5, b.outboxCount(t), "nothing is dropped while Redis is down")
+
+		server.Start()
+		waitFor(t, 15*time.Second, "the backlog arrives after Redis returns", func() bool { return b.outboxCount(t) == 0 })
+		require.Equal(t, int64(5), count(), "a restarted Redis without persistence holds the 5 new events")
+	})
+
+	t.Run("reconnects its listener and wakes on the next insert without the poll", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		s := b.relay(t)
+		start(t, s)
+		// Kill every other session of the test database, the listener included,
+		// as a database restart would.
+		_, err := b.pool.Exec(context.Background(),
+			`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()`)
+		require.NoError(t, err)
+		waitFor(t, 10*time.Second, "the listener notices", func() bool { return !s.listening.Load() })
+		waitFor(t, 10*time.Second, "the listener reconnects", s.listening.Load)
+		b.insert(t, "item", "a", 0, 1)
+		waitFor(t, 5*time.Second, "the insert is relayed", func() bool { return len(b.entries(t, "item")) == 1 })
+	})
+
+	t.Run("rings the doorbell only while no relay is draining", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		listener, err := b.pool.Acquire(ctx)
+		require.NoError(t, err)
+		defer listener.Release()
+		_, err = listener.Exec(ctx, "LISTEN outbox")
+		require.NoError(t, err)
+		notified := func() bool {
+			ctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+			defer cancel()
+			_, err := listener.Conn().WaitForNotification(ctx)
+			return err == nil
+		}
+
+		b.insert(t, "item", "a", 0, 1)
+		require.True(t, notified(), "an idle relay is woken")
+
+		busy, err := b.pool.Acquire(ctx)
+		require.NoError(t, err)
+		defer busy.Release()
+		_, err = busy.Exec(ctx, "SELECT pg_advisory_lock("+busyLock+")")
+		require.NoError(t, err)
+		b.insert(t, "item", "a", 1, 1)
+		require.False(t, notified(), "a draining relay is not disturbed")
+		_, err = busy.Exec(ctx, "SELECT pg_advisory_unlock("+busyLock+")")
+		require.NoError(t, err)
+
+		b.insert(t, "item", "a", 2, 1)
+		require.True(t, notified())
+	})
+
+	t.Run("answers other methods with 405 and a missing token with 401", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		s := b.relay(t, func(c *Config) { c.TriggerToken = "s3cret" })
+		rec := httptest.NewRecorder()
+		s.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/", nil))
+		require.Equal(t, http.StatusMethodNotAllowed, rec.Code)
+		require.Equal(t, "POST", rec.Header().Get("Allow"))
+
+		for _, auth := range []string{"", "Bearer wrong", "s3cret", "Basic czNjcmV0"} {
+			status, body := trigger(t, s, "Authorization", auth)
+			require.Equal(t, http.StatusUnauthorized, status, "Authorization %q", auth)
+			require.Contains(t, body, "error")
+		}
+		status, body := trigger(t, s, "Authorization", "Bearer s3cret")
+		require.Equal(t, http.StatusOK, status, body)
+	})
+}
+
+func TestNoLostWakeups(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	s := b.relay(t) // poll interval: one hour
+	start(t, s)
+	ctx := context.Background()
+
+	// A session idle in transaction, holding an xid, must not stall the relay.
+	idle, err := b.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer idle.Rollback(ctx) //nolint:errcheck
+	_, err = idle.Exec(ctx, `SELECT pg_current_xact_id()`)
+	require.NoError(t, err)
+
+	// Read the stream as it fills, stamping each entry's arrival.
+	arrived := map[string]time.Time{}
+	var mu sync.Mutex
+	readCtx, stopReading := context.WithCancel(ctx)
+	var reader sync.WaitGroup
+	reader.Go(func() {
+		last := "0"
+		for readCtx.Err() == nil {
+			res, err := b.redis.Do(readCtx, b.redis.B().Xread().Count(1000).Block(100).Streams().
+				Key(b.prefix+"item").Id(last).Build()).AsXRead()
+			if err != nil {
+				continue
+			}
+			now := time.Now()
+			mu.Lock()
+			for _, e := range res[b.prefix+"item"] {
+				arrived[e.FieldValues[stream.FieldEventID]] = now
+				last = e.ID
+			}
+			mu.Unlock()
+		}
+	})
+
+	// Bursts of concurrent inserts separated by pauses, so that the relay
+	// keeps switching between busy (doorbell off) and idle.
+	committed := map[string]time.Time{}
+	var cmu sync.Mutex
+	total := 0
+	for burst := range 12 {
+		n := 10 + 40*(burst%3)
+		var wg sync.WaitGroup
+		for g := range 4 {
+			wg.Go(func() {
+				for i := range n {
+					var id string
+					err := b.pool.QueryRow(ctx,
+						`INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+						 VALUES ('item', $1, 'x', json_build_object('seq', $2::int)) RETURNING event_id::text`,
+						fmt.Sprintf("%d-%d", burst, g), i).Scan(&id)
+					require.NoError(t, err)
+					now := time.Now()
+					cmu.Lock()
+					committed[id] = now
+					cmu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+		total += 4 * n
+		time.Sleep(time.Duration(5+burst*7%40) * time.Millisecond)
+	}
+	waitFor(t, 10*time.Second, "every event arrives", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(arrived) >= total
+	})
+	stopReading()
+	reader.Wait()
+
+	var latencies []time.Duration
+	for id, at := range committed {
+		latencies = append(latencies, arrived[id].Sub(at))
+	}
+	sort.Slice(latencies, func(i, j int) bool { return latencies[i] < latencies[j] })
+	p50, max := latencies[len(latencies)/2], latencies[len(latencies)-1]
+	t.Logf("%d events: commit-to-stream p50 %s, max %s", len(latencies), p50, max)
+	require.Less(t, max, 100*time.Millisecond, "an event waited for something other than a wake-up")
+}
+
+func TestTrimmer(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	key := b.prefix + "item"
+	for i := range 20 {
+		require.NoError(t, b.redis.Do(ctx, b.redis.B().Xadd().Key(key).Id("*").FieldValue().FieldValue("i", fmt.Sprint(i)).Build()).Error())
+	}
+	trimmer := &Trimmer{client: b.redis, prefix: b.prefix, maxLen: 5, logger: logging.Discard()}
+
+	n, err := trimmer.Trim(ctx, key)
+	require.NoError(t, err)
+	require.Zero(t, n, "a stream no group has read is left alone")
+
+	require.NoError(t, b.redis.Do(ctx, b.redis.B().XgroupCreate().Key(key).Group("g").Id("0").Build()).Error())
+	// The group reads 12 entries and acknowledges all but the 4th.
+	read, err := b.redis.Do(ctx, b.redis.B().Xreadgroup().Group("g", "c").Count(12).Streams().Key(key).Id(">").Build()).AsXRead()
+	require.NoError(t, err)
+	var ack []string
+	for i, e := range read[key] {
+		if i != 3 {
+			ack = append(ack, e.ID)
+		}
+	}
+	require.NoError(t, b.redis.Do(ctx, b.redis.B().Xack().Key(key).Group("g").Id(ack...).Build()).Error())
+
+	n, err = trimmer.Trim(ctx, key)
+	require.NoError(t, err)
+	require.EqualValues(t, 3, n, "only the entries before the oldest pending one go")
+	left, err := b.redis.Do(ctx, b.redis.B().Xrange().Key(key).Start("-").End("+").Build()).AsXRange()
+	require.NoError(t, err)
+	require.Equal(t, read[key][3].ID, left[0].ID)
+
+	require.NoError(t, b.redis.Do(ctx, b.redis.B().Xack().Key(key).Group("g").Id(read[key][3].ID).Build()).Error())
+	n, err = trimmer.Trim(ctx, key)
+	require.NoError(t, err)
+	require.EqualValues(t, 9, n, "entries the group has not read yet stay")
+	left, err = b.redis.Do(ctx, b.redis.B().Xrange().Key(key).Start("-").End("+").Build()).AsXRange()
+	require.NoError(t, err)
+	require.Len(t, left, 8)
+	require.True(t, strings.HasSuffix(left[0].FieldValues["i"], "12"))
+}
