@@ -6,9 +6,10 @@ package main
 import (
 	"github.com/outboxfn/outbox/functions/createuser"
 	"github.com/outboxfn/outbox/functions/relay"
+	"github.com/outboxfn/outbox/functions/sendemail"
 	"github.com/outboxfn/outbox/shared/serve"
 )
 
 func main() {
-	serve.Main(createuser.Function, relay.Function)
+	serve.Main(createuser.Function, relay.Function, sendemail.Function)
 }

@@ -1,0 +1,111 @@
+package sendemail
+
+import (
+	"fmt"
+	"net/mail"
+	"net/url"
+	"text/template"
+	"time"
+
+	"github.com/outboxfn/outbox/shared/logging"
+)
+
+// Config is sendemail's configuration, read from the environment.
+type Config struct {
+	logging.Config
+	// DatabaseURL holds the send records.
+	DatabaseURL string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" desc:"PostgreSQL connection URL; the send records (table email_sends) live there. Default the local server."`
+	// DBMaxConns caps the pool.
+	DBMaxConns int32 `envconfig:"DB_MAX_CONNS" default:"8" desc:"Largest number of PostgreSQL connections one instance opens. Default 8."`
+	// RedisURL is the Redis the streams live in.
+	RedisURL string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). Default the local server."`
+	// StreamPrefix must match the relay's.
+	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the relay; sendemail reads <prefix>user and dead-letters to <prefix>user:dead. Default outbox:."`
+	// Group is the consumer group; every sendemail instance joins it.
+	Group string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"Consumer group name shared by all sendemail instances. Default sendemail."`
+	// ConsumerName names this instance in the group.
+	ConsumerName string `envconfig:"SENDEMAIL_CONSUMER" desc:"This instance's consumer name; must differ between instances. Default <hostname>-<random>, fixed for the life of the process."`
+	// BatchSize is the COUNT of each read.
+	BatchSize int64 `envconfig:"SENDEMAIL_BATCH_SIZE" default:"64" desc:"Entries read (or claimed) per round trip and acknowledged together. Default 64."`
+	// Concurrency bounds the emails sent at once.
+	Concurrency int `envconfig:"SENDEMAIL_CONCURRENCY" default:"8" desc:"Emails sent in parallel by one instance. Default 8."`
+	// Block is how long a read waits for new entries.
+	Block time.Duration `envconfig:"SENDEMAIL_BLOCK" default:"5s" desc:"How long a read blocks waiting for new entries (XREADGROUP BLOCK). Default 5s."`
+	// ClaimIdle is how long an entry stays pending before another consumer
+	// may take it over; it is also the delay before a transient failure is
+	// retried.
+	ClaimIdle time.Duration `envconfig:"SENDEMAIL_CLAIM_IDLE" default:"60s" desc:"An entry pending this long (its consumer crashed, or it failed transiently) is claimed by another consumer (XAUTOCLAIM) and retried. Default 60s."`
+	// ClaimInterval is how often the claim loop runs.
+	ClaimInterval time.Duration `envconfig:"SENDEMAIL_CLAIM_INTERVAL" default:"15s" desc:"How often the background loop looks for idle entries to claim. Default 15s."`
+	// MaxDeliveries is the delivery count past which an entry is
+	// dead-lettered.
+	MaxDeliveries int64 `envconfig:"SENDEMAIL_MAX_DELIVERIES" default:"5" desc:"An entry that failed this many deliveries goes to the dead-letter stream. Default 5."`
+	// SendAttempts is how often one delivery tries a transient SMTP failure.
+	SendAttempts int `envconfig:"SENDEMAIL_SEND_ATTEMPTS" default:"3" desc:"Tries per delivery on a transient SMTP failure (4xx, network), with exponential backoff from 200ms, before the entry is left pending. Default 3."`
+	// Lease is how long a send claim keeps other consumers off one email.
+	Lease time.Duration `envconfig:"SENDEMAIL_LEASE" default:"45s" desc:"How long a consumer's claim on one email keeps others from sending it; must exceed a whole delivery (attempts × SMTP_TIMEOUT) and be below SENDEMAIL_CLAIM_IDLE. Default 45s."`
+	// SMTPURL is the mail server; empty writes .eml files to MailboxDir.
+	SMTPURL string `envconfig:"SMTP_URL" desc:"Mail server, smtp://user:pass@host:port (STARTTLS when offered, required with ?tls=required) or smtps://… (TLS from the start). Empty writes each email as an .eml file into MAILBOX_DIR. Default empty."`
+	// SMTPTimeout bounds one SMTP conversation.
+	SMTPTimeout time.Duration `envconfig:"SMTP_TIMEOUT" default:"10s" desc:"Timeout of one SMTP conversation (connect, send, quit). Default 10s."`
+	// MailboxDir receives .eml files when SMTPURL is empty.
+	MailboxDir string `envconfig:"MAILBOX_DIR" default:"local/mailbox" desc:"Directory that receives one .eml file per email when SMTP_URL is empty. Default local/mailbox."`
+	// From is the sender of the welcome email.
+	From string `envconfig:"MAIL_FROM" default:"Outbox Demo <welcome@example.com>" desc:"From address of the welcome email. Its domain also names the Message-ID. Default Outbox Demo <welcome@example.com>."`
+	// Subject is a text/template over the user (.Name, .Email, .UserID).
+	Subject string `envconfig:"MAIL_SUBJECT" default:"Welcome, {{.Name}}!" desc:"Subject of the welcome email, a Go text/template over .Name, .Email and .UserID. Default Welcome, {{.Name}}!."`
+	// DrainTimeout bounds one HTTP-triggered pass.
+	DrainTimeout time.Duration `envconfig:"SENDEMAIL_DRAIN_TIMEOUT" default:"50s" desc:"Longest an HTTP-triggered pass runs (it also stops 1s before the request's own deadline). Default 50s."`
+	// Background runs the read and claim loops.
+	Background bool `envconfig:"BACKGROUND" default:"true" desc:"Run the background read and claim loops while the process lives; false leaves only the HTTP trigger. Default true."`
+	// TriggerToken, when set, is required as a bearer token on the trigger.
+	TriggerToken string `envconfig:"TRIGGER_TOKEN" desc:"When set, POST requests must carry Authorization: Bearer <token>; otherwise 401. Default empty (rely on Cloud Run IAM)."`
+}
+
+// Validate checks ranges and relations envconfig cannot.
+func (c Config) Validate() error {
+	if err := c.Config.Validate(); err != nil {
+		return err
+	}
+	switch {
+	case c.DBMaxConns < 1:
+		return fmt.Errorf("DB_MAX_CONNS must be at least 1, not %d", c.DBMaxConns)
+	case c.StreamPrefix == "":
+		return fmt.Errorf("STREAM_PREFIX must not be empty")
+	case c.Group == "":
+		return fmt.Errorf("SENDEMAIL_GROUP must not be empty")
+	case c.BatchSize < 1 || c.BatchSize > 10000:
+		return fmt.Errorf("SENDEMAIL_BATCH_SIZE must be between 1 and 10000, not %d", c.BatchSize)
+	case c.Concurrency < 1:
+		return fmt.Errorf("SENDEMAIL_CONCURRENCY must be at least 1, not %d", c.Concurrency)
+	case c.Block < time.Millisecond:
+		return fmt.Errorf("SENDEMAIL_BLOCK must be at least 1ms, not %s", c.Block)
+	case c.ClaimInterval <= 0:
+		return fmt.Errorf("SENDEMAIL_CLAIM_INTERVAL must be positive, not %s", c.ClaimInterval)
+	case c.MaxDeliveries < 1:
+		return fmt.Errorf("SENDEMAIL_MAX_DELIVERIES must be at least 1, not %d", c.MaxDeliveries)
+	case c.SendAttempts < 1:
+		return fmt.Errorf("SENDEMAIL_SEND_ATTEMPTS must be at least 1, not %d", c.SendAttempts)
+	case c.SMTPTimeout <= 0:
+		return fmt.Errorf("SMTP_TIMEOUT must be positive, not %s", c.SMTPTimeout)
+	case c.Lease <= 0 || c.Lease >= c.ClaimIdle:
+		return fmt.Errorf("SENDEMAIL_LEASE (%s) must be positive and below SENDEMAIL_CLAIM_IDLE (%s), or a consumer taking over a crashed one's entry would find the email still claimed", c.Lease, c.ClaimIdle)
+	case c.DrainTimeout <= 0:
+		return fmt.Errorf("SENDEMAIL_DRAIN_TIMEOUT must be positive, not %s", c.DrainTimeout)
+	case c.SMTPURL == "" && c.MailboxDir == "":
+		return fmt.Errorf("set SMTP_URL, or MAILBOX_DIR to write emails to files")
+	}
+	if c.SMTPURL != "" {
+		u, err := url.Parse(c.SMTPURL)
+		if err != nil || (u.Scheme != "smtp" && u.Scheme != "smtps") || u.Hostname() == "" {
+			return fmt.Errorf("SMTP_URL must look like smtp://user:pass@host:587 or smtps://host:465")
+		}
+	}
+	if _, err := mail.ParseAddress(c.From); err != nil {
+		return fmt.Errorf("MAIL_FROM is not an address: %v", err)
+	}
+	if _, err := template.New("subject").Parse(c.Subject); err != nil {
+		return fmt.Errorf("MAIL_SUBJECT is not a valid template: %v", err)
+	}
+	return nil
+}

@@ -1,0 +1,206 @@
+// Package sendemail is the function that sends one welcome email per
+// user.created event, reading the user stream through a consumer group.
+//
+// # Delivery
+//
+// Entries are processed concurrently and acknowledged in batches. Entries a
+// crashed consumer left pending are claimed by another (XAUTOCLAIM) after
+// SENDEMAIL_CLAIM_IDLE. A transient failure (network, SMTP 4xx, timeout) is
+// retried in place a few times, then left pending and retried after the
+// claim time; an entry that fails permanently (SMTP 5xx for the recipient,
+// an undecodable entry, a bad address) or more than SENDEMAIL_MAX_DELIVERIES
+// times goes to the dead-letter stream <stream>:dead. Entries of other event
+// types are acknowledged and counted, since another group may handle them.
+//
+// # Sending once
+//
+// Before sending, a consumer claims the send by the business fact it
+// represents ("welcome:<user id>") in PostgreSQL, with a lease; once the mail
+// server accepted the message it marks it sent, then acknowledges. A
+// redelivered or duplicated event finds the mark and is acknowledged without
+// sending. The one window left is a crash between the server's acceptance
+// and the mark, a millisecond or so; the Message-ID, derived from the event
+// id, lets the receiving side drop that duplicate too.
+package sendemail
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/rueidis"
+
+	"github.com/outboxfn/outbox/shared/config"
+	"github.com/outboxfn/outbox/shared/events"
+	"github.com/outboxfn/outbox/shared/httpjson"
+	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/pg"
+	"github.com/outboxfn/outbox/shared/serve"
+	"github.com/outboxfn/outbox/shared/stream"
+)
+
+// Name is the function's name in the Functions Framework.
+const Name = "SendEmail"
+
+func init() { functions.HTTP(Name, Handle) }
+
+var fromEnv = sync.OnceValues(func() (*Service, error) {
+	var cfg Config
+	if err := config.Load(&cfg); err != nil {
+		return nil, err
+	}
+	return New(context.Background(), cfg, logging.New(os.Stderr, cfg.Config))
+})
+
+// Handle is the entry point registered with the Functions Framework.
+func Handle(w http.ResponseWriter, r *http.Request) {
+	s, err := fromEnv()
+	if err != nil {
+		httpjson.WriteError(w, r, slog.Default(), fmt.Errorf("build %s: %w", Name, err))
+		return
+	}
+	s.ServeHTTP(w, r)
+}
+
+// Function is sendemail as shared/serve runs it.
+var Function = serve.Function{
+	Name:    Name,
+	Handler: http.HandlerFunc(Handle),
+	Service: func() (serve.Service, error) { return fromEnv() },
+}
+
+// DeadLetterStream names the dead-letter stream of a stream.
+func DeadLetterStream(stream string) string { return stream + ":dead" }
+
+// Service is sendemail: an HTTP trigger and a background loop around one
+// Consumer.
+type Service struct {
+	cfg      Config
+	pool     *pgxpool.Pool
+	redis    rueidis.Client
+	consumer *Consumer
+	logger   *slog.Logger
+	bg       serve.Background
+}
+
+// New builds the service from cfg. Nothing connects until it is used.
+func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error) {
+	var sender Sender
+	var err error
+	if cfg.SMTPURL != "" {
+		sender, err = NewSMTPSender(cfg.SMTPURL, cfg.SMTPTimeout)
+	} else {
+		sender, err = NewMailboxSender(cfg.MailboxDir)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return NewWithSender(ctx, cfg, sender, logger)
+}
+
+// NewWithSender is New with the delivery of messages replaced, for tests
+// and benchmarks that measure everything but the mail server.
+func NewWithSender(ctx context.Context, cfg Config, sender Sender, logger *slog.Logger) (*Service, error) {
+	mailer, err := NewMailer(cfg.From, cfg.Subject)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := pg.NewPool(ctx, cfg.DatabaseURL, pg.PoolConfig{MaxConns: cfg.DBMaxConns})
+	if err != nil {
+		return nil, err
+	}
+	client, err := stream.NewClient(cfg.RedisURL)
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	name := cfg.ConsumerName
+	if name == "" {
+		name = defaultConsumerName()
+	}
+	key := stream.Name(cfg.StreamPrefix, events.AggregateUser)
+	return &Service{
+		cfg: cfg, pool: pool, redis: client, logger: logger,
+		consumer: &Consumer{
+			client: client, stream: key, deadLetter: DeadLetterStream(key), group: cfg.Group, name: name,
+			batchSize: cfg.BatchSize, concurrency: cfg.Concurrency, block: cfg.Block, claimIdle: cfg.ClaimIdle,
+			maxDeliveries: cfg.MaxDeliveries, sendAttempts: cfg.SendAttempts, smtpTimeout: cfg.SMTPTimeout,
+			sends: &Sends{pool: pool, lease: cfg.Lease}, mailer: mailer, sender: sender,
+			logger: logger.With(slog.String("consumer", name)),
+		},
+	}, nil
+}
+
+// defaultConsumerName is unique per process and fixed for its life.
+func defaultConsumerName() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "sendemail"
+	}
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return host + "-" + hex.EncodeToString(b)
+}
+
+// Start starts the background loop unless BACKGROUND is false.
+func (s *Service) Start(ctx context.Context) error {
+	if !s.cfg.Background {
+		return nil
+	}
+	return s.bg.Start(ctx, func(ctx context.Context) { s.consumer.Run(ctx, s.cfg.ClaimInterval) })
+}
+
+// Stop ends the background loop after the batch in hand is finished.
+func (s *Service) Stop() { s.bg.Stop() }
+
+// Close releases the pool and the Redis client.
+func (s *Service) Close() {
+	s.pool.Close()
+	s.redis.Close()
+}
+
+// Health checks PostgreSQL and Redis.
+func (s *Service) Health(ctx context.Context) serve.Health {
+	h := serve.Check(ctx, map[string]func(context.Context) error{
+		"postgres": s.pool.Ping,
+		"redis":    func(ctx context.Context) error { return stream.Ping(ctx, s.redis) },
+	})
+	h.Details = map[string]any{"consumer": s.consumer.name, "stream": s.consumer.stream, "group": s.consumer.group}
+	return h
+}
+
+// ServeHTTP is the trigger: POST claims idle entries and reads new ones
+// until none are left or the deadline is near.
+func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !httpjson.Method(w, r, http.MethodPost) {
+		return
+	}
+	if !serve.Authorized(w, r, s.cfg.TriggerToken) {
+		return
+	}
+	ctx := r.Context()
+	stopBy := time.Now().Add(s.cfg.DrainTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Add(-time.Second).Before(stopBy) {
+		stopBy = d.Add(-time.Second)
+	}
+	start := time.Now()
+	stats, err := s.consumer.Pass(ctx, stopBy)
+	if err != nil {
+		s.logger.WarnContext(ctx, "triggered pass failed", slog.Any("error", err))
+		httpjson.WriteError(w, r, s.logger, httpjson.Errorf(http.StatusServiceUnavailable, "unavailable",
+			"pass failed after handling %d entries; unhandled entries stay pending and are retried", stats.handled()))
+		return
+	}
+	httpjson.Write(w, http.StatusOK, struct {
+		Stats
+		DurationMS float64 `json:"duration_ms"`
+	}{stats, float64(time.Since(start).Microseconds()) / 1000})
+}
