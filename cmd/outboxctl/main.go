@@ -18,7 +18,8 @@ import (
 const usage = `usage: outboxctl <command>
 
 commands:
-  migrate    apply pending migrations to DATABASE_URL
+  migrate          apply pending migrations to DATABASE_URL
+  envdoc FILE      regenerate the configuration tables in FILE (README.md)
 `
 
 func main() {
@@ -48,6 +49,11 @@ func run(ctx context.Context, args []string) error {
 		}
 		fmt.Printf("schema at version %d\n", version)
 		return nil
+	case "envdoc":
+		if len(args) != 2 {
+			return fmt.Errorf("usage: outboxctl envdoc README.md")
+		}
+		return writeEnvdoc(args[1])
 	default:
 		fmt.Fprint(os.Stderr, usage)
 		return fmt.Errorf("unknown command %q", args[0])

@@ -16,18 +16,14 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"os"
-	"sync"
 	"time"
 
 	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/outboxfn/outbox/shared/config"
 	"github.com/outboxfn/outbox/shared/events"
 	"github.com/outboxfn/outbox/shared/httpjson"
-	"github.com/outboxfn/outbox/shared/logging"
 	"github.com/outboxfn/outbox/shared/outbox"
 	"github.com/outboxfn/outbox/shared/pg"
 	"github.com/outboxfn/outbox/shared/serve"
@@ -36,33 +32,11 @@ import (
 // Name is the function's name in the Functions Framework.
 const Name = "CreateUser"
 
-func init() { functions.HTTP(Name, Handle) }
+// Function is the function as the Functions Framework and shared/serve run
+// it: one service, built lazily from the environment on first use.
+var Function = serve.Define(Name, New)
 
-// fromEnv builds the service once, on first use, from the environment.
-var fromEnv = sync.OnceValues(func() (*Service, error) {
-	var cfg Config
-	if err := config.Load(&cfg); err != nil {
-		return nil, err
-	}
-	return New(context.Background(), cfg, logging.New(os.Stderr, cfg.Config))
-})
-
-// Handle is the entry point registered with the Functions Framework.
-func Handle(w http.ResponseWriter, r *http.Request) {
-	s, err := fromEnv()
-	if err != nil {
-		httpjson.WriteError(w, r, slog.Default(), fmt.Errorf("build %s: %w", Name, err))
-		return
-	}
-	s.ServeHTTP(w, r)
-}
-
-// Function is createuser as shared/serve runs it.
-var Function = serve.Function{
-	Name:    Name,
-	Handler: http.HandlerFunc(Handle),
-	Service: func() (serve.Service, error) { return fromEnv() },
-}
+func init() { functions.HTTP(Name, Function.Handler.ServeHTTP) }
 
 // User is a created user as the API returns it.
 type User struct {

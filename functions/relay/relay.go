@@ -25,7 +25,6 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -38,9 +37,7 @@ import (
 	"github.com/redis/rueidis"
 	"github.com/sethvargo/go-retry"
 
-	"github.com/outboxfn/outbox/shared/config"
 	"github.com/outboxfn/outbox/shared/httpjson"
-	"github.com/outboxfn/outbox/shared/logging"
 	"github.com/outboxfn/outbox/shared/outbox"
 	"github.com/outboxfn/outbox/shared/pg"
 	"github.com/outboxfn/outbox/shared/serve"
@@ -50,32 +47,11 @@ import (
 // Name is the function's name in the Functions Framework.
 const Name = "Relay"
 
-func init() { functions.HTTP(Name, Handle) }
+// Function is the function as the Functions Framework and shared/serve run
+// it: one service, built lazily from the environment on first use.
+var Function = serve.Define(Name, New)
 
-var fromEnv = sync.OnceValues(func() (*Service, error) {
-	var cfg Config
-	if err := config.Load(&cfg); err != nil {
-		return nil, err
-	}
-	return New(context.Background(), cfg, logging.New(os.Stderr, cfg.Config))
-})
-
-// Handle is the entry point registered with the Functions Framework.
-func Handle(w http.ResponseWriter, r *http.Request) {
-	s, err := fromEnv()
-	if err != nil {
-		httpjson.WriteError(w, r, slog.Default(), fmt.Errorf("build %s: %w", Name, err))
-		return
-	}
-	s.ServeHTTP(w, r)
-}
-
-// Function is the relay as shared/serve runs it.
-var Function = serve.Function{
-	Name:    Name,
-	Handler: http.HandlerFunc(Handle),
-	Service: func() (serve.Service, error) { return fromEnv() },
-}
+func init() { functions.HTTP(Name, Function.Handler.ServeHTTP) }
 
 // Service is the relay: an HTTP trigger and a background loop around one
 // Drainer.

@@ -33,11 +33,11 @@ type Recipient struct {
 
 // Mailer renders welcome emails.
 type Mailer struct {
-	from      string
-	domain    string
-	subject   *texttemplate.Template
-	text      *texttemplate.Template
-	html      *htmltemplate.Template
+	from    string
+	domain  string
+	subject *texttemplate.Template
+	text    *texttemplate.Template
+	html    *htmltemplate.Template
 }
 
 // NewMailer parses the templates. from is the From address, subject a

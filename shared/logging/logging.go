@@ -83,3 +83,7 @@ func severity(l slog.Level) string {
 
 // Discard is a logger that drops everything, for tests that do not look.
 func Discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// Logging returns c; config structs that embed Config inherit it, which lets
+// generic code find their logging settings.
+func (c Config) Logging() Config { return c }

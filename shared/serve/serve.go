@@ -269,3 +269,41 @@ func recoverPanic(logger *slog.Logger, h http.Handler) http.Handler {
 
 // ErrStopped is returned by a background loop's Start after its Stop.
 var ErrStopped = errors.New("stopped")
+
+// Define describes a function whose service is built once, lazily, from the
+// environment: config.Load fills a C, and build turns it into the service.
+// The returned Function's Handler is what the function registers with the
+// Functions Framework; until the service is built, or if building it
+// failed (a bad configuration), the handler answers with a JSON 500.
+func Define[C any, S interface {
+	Service
+	http.Handler
+}](name string, build func(context.Context, C, *slog.Logger) (S, error)) Function {
+	lazy := sync.OnceValues(func() (Service, error) {
+		var cfg C
+		if err := config.Load(&cfg); err != nil {
+			return nil, err
+		}
+		var lc logging.Config
+		if c, ok := any(cfg).(interface{ Logging() logging.Config }); ok {
+			lc = c.Logging()
+		}
+		s, err := build(context.Background(), cfg, logging.New(os.Stderr, lc))
+		if err != nil {
+			return nil, err
+		}
+		return s, nil
+	})
+	return Function{
+		Name: name,
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			s, err := lazy()
+			if err != nil {
+				httpjson.WriteError(w, r, slog.Default(), fmt.Errorf("build %s: %w", name, err))
+				return
+			}
+			s.(http.Handler).ServeHTTP(w, r)
+		}),
+		Service: lazy,
+	}
+}
