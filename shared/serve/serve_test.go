@@ -29,10 +29,10 @@ type echo struct {
 }
 
 func (e *echo) ServeHTTP(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, e.name) }
-func (e *echo) Start(context.Context) error                       { e.started = true; return nil }
-func (e *echo) Stop()                                             { e.stopped = true }
-func (e *echo) Close()                                            {}
-func (e *echo) Health(context.Context) Health                     { return Health{OK: true} }
+func (e *echo) Start(context.Context) error                      { e.started = true; return nil }
+func (e *echo) Stop()                                            { e.stopped = true }
+func (e *echo) Close()                                           {}
+func (e *echo) Health(context.Context) Health                    { return Health{OK: true} }
 
 func fn(s *echo) Function {
 	return Function{Name: s.name, Handler: s, Service: func() (Service, error) { return s, nil }}
