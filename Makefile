@@ -33,6 +33,11 @@ run: migrate ## Run the whole pipeline locally on :8080 (PORT to change).
 test: services vet lint ## Vet, lint and run every test (race detector on) against real PostgreSQL and Redis.
 	$(GO) test -race -count=1 -timeout 15m ./...
 
+.PHONY: bench
+bench: services ## Measure the pipeline against same-run baselines (about 3 minutes); writes bench-results.json.
+	$(GO) build -o $(BIN)/outboxbench ./cmd/outboxbench
+	$(BIN)/outboxbench -out bench-results.json
+
 .PHONY: vet
 vet: ## go vet.
 	$(GO) vet ./...

@@ -82,8 +82,10 @@ type Drainer struct {
 	sem chan struct{}
 	// lockWait bounds the wait for another relay's drain lock.
 	lockWait time.Duration
-	// settle bounds the wait for open transactions after the busy phase.
-	settle time.Duration
+	// busyPause is the pause between short batches while the relay is
+	// busy: long enough to let rows accumulate, short enough to keep
+	// latency low, and the doorbell off the whole time.
+	busyPause time.Duration
 	// finish bounds publishing and committing a claimed batch, which runs
 	// even after ctx is cancelled so that a batch ends committed or rolled
 	// back, never abandoned half-way.
@@ -105,23 +107,25 @@ func NewDrainer(pool *pgxpool.Pool, publisher *Publisher, batchSize int, lockWai
 		logger:    logger,
 		sem:       make(chan struct{}, 1),
 		lockWait:  lockWait,
-		settle:    20 * time.Millisecond,
+		busyPause: 2 * time.Millisecond,
 		finish:    5 * time.Second,
 		rows:      make([]row, 0, batchSize),
 	}
 }
 
-// Drain moves rows until a batch comes back short, or stopBy (if not zero)
-// has passed.
+// Drain moves rows until the outbox is empty, or stopBy (if not zero) has
+// passed.
 //
 // It works in two phases. First, holding busyLock so that inserters skip the
-// doorbell, it drains until a batch is short. Then it releases busyLock,
-// takes a snapshot, waits (briefly) for the transactions in progress in it to
-// end, and drains again with the doorbell on. Any transaction whose trigger
-// skipped the doorbell did so while busyLock was held, so it had an xid
-// before the snapshot: it is either committed before the second phase reads,
-// or it is in Result.Lingering, which the caller watches. Transactions that
-// start later ring the doorbell as usual.
+// doorbell, it drains; while batches keep coming back non-empty it stays in
+// this phase, pausing busyPause between short batches, so that a relay under
+// steady load keeps the doorbell off altogether. Once a batch comes back
+// empty it releases busyLock, takes a snapshot, and drains again with the
+// doorbell on. Any transaction whose trigger skipped the doorbell did so
+// while busyLock was held, so it had an xid before that snapshot: either it
+// committed before the second phase reads, or it is in Result.Lingering,
+// which the caller watches and drains again for when it ends. Transactions
+// that start later ring the doorbell as usual.
 func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 	var res Result
 	select {
@@ -130,57 +134,88 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 	case <-ctx.Done():
 		return res, ctx.Err()
 	}
+	// The marker is read while the locks are taken: one round trip less
+	// before the first event goes out.
+	type marker struct {
+		inFlight map[eventID]struct{}
+		err      error
+	}
+	loaded := make(chan marker, 1)
+	go func() {
+		m, err := d.publisher.LoadInFlight(ctx)
+		loaded <- marker{m, err}
+	}()
+
 	conn, err := d.pool.Acquire(ctx)
 	if err != nil {
 		return res, fmt.Errorf("acquire connection: %w", err)
 	}
 	defer conn.Release()
-	if err := d.lockDrain(ctx, conn); err != nil {
-		return res, err
-	}
-	defer d.unlock(ctx, conn, drainLock)
-
-	inFlight, err := d.publisher.LoadInFlight(ctx)
+	busy, err := d.lock(ctx, conn)
 	if err != nil {
 		return res, err
 	}
-	for {
-		if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock("+busyLock+")"); err != nil {
-			return res, fmt.Errorf("take busy lock: %w", err)
+	defer d.unlock(ctx, conn, drainLock)
+	m := <-loaded
+	if m.err != nil {
+		if busy {
+			d.unlock(ctx, conn, busyLock)
 		}
-		complete, err := d.drainBatches(ctx, conn, inFlight, stopBy, &res)
+		return res, m.err
+	}
+	inFlight := m.inFlight
+
+	for {
+		if !busy {
+			if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock("+busyLock+")"); err != nil {
+				return res, fmt.Errorf("take busy lock: %w", err)
+			}
+		}
+		complete, err := d.drainBatches(ctx, conn, inFlight, stopBy, d.busyPause, &res)
 		d.unlock(ctx, conn, busyLock)
+		busy = false
 		if err != nil || !complete {
 			return res, err
 		}
-		lingering, err := d.settleOpen(ctx, conn)
-		if err != nil {
-			return res, err
+		var open []int64
+		if err := conn.QueryRow(ctx,
+			`SELECT coalesce(array_agg(x::text::bigint), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x`).Scan(&open); err != nil {
+			return res, fmt.Errorf("read open transactions: %w", err)
 		}
 		before := res.Relayed + res.Duplicates
-		complete, err = d.drainBatches(ctx, conn, inFlight, stopBy, &res)
+		complete, err = d.drainBatches(ctx, conn, inFlight, stopBy, 0, &res)
 		if err != nil || !complete {
 			return res, err
 		}
-		// A full batch after the settle means a burst is on: drain it with
-		// the doorbell off again rather than let every insert ring.
+		// A full batch after the busy phase means a burst is on: drain it
+		// with the doorbell off again rather than let every insert ring.
 		if res.Relayed+res.Duplicates-before < d.batchSize {
-			res.Complete, res.Lingering = true, lingering
+			res.Complete, res.Lingering = true, open
 			return res, nil
 		}
 	}
 }
 
-// lockDrain takes the drain lock, waiting at most lockWait for another relay
-// to release it.
+// lock takes the drain lock and, if it got it at once, the busy lock, in
+// one round trip; otherwise it waits for the drain lock (up to lockWait)
+// and reports busy as false.
+func (d *Drainer) lock(ctx context.Context, conn *pgxpool.Conn) (busy bool, err error) {
+	// CASE evaluates its condition first, so the busy lock is only taken
+	// with the drain lock.
+	err = conn.QueryRow(ctx, `SELECT CASE WHEN pg_try_advisory_lock(`+drainLock+`)
+		THEN (SELECT true FROM pg_advisory_lock(`+busyLock+`)) ELSE false END`).Scan(&busy)
+	if err != nil {
+		return false, fmt.Errorf("take drain lock: %w", err)
+	}
+	if busy {
+		return true, nil
+	}
+	return false, d.lockDrain(ctx, conn)
+}
+
+// lockDrain waits at most lockWait for another relay to release the drain
+// lock, and takes it.
 func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn) error {
-	var ok bool
-	if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock("+drainLock+")").Scan(&ok); err != nil {
-		return fmt.Errorf("take drain lock: %w", err)
-	}
-	if ok {
-		return nil
-	}
 	if d.lockWait <= 0 {
 		return ErrBusy
 	}
@@ -211,8 +246,10 @@ func (d *Drainer) unlock(ctx context.Context, conn *pgxpool.Conn, lock string) {
 	}
 }
 
-// drainBatches runs batches until one is short (complete) or stopBy passed.
-func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, inFlight map[eventID]struct{}, stopBy time.Time, res *Result) (complete bool, err error) {
+// drainBatches runs batches until one is short (complete) or stopBy
+// passed. With a pause, a short batch that was not empty is followed, after
+// the pause, by another, and only an empty batch ends the run.
+func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, inFlight map[eventID]struct{}, stopBy time.Time, pause time.Duration, res *Result) (complete bool, err error) {
 	for {
 		if !stopBy.IsZero() && time.Now().After(stopBy) {
 			return false, nil
@@ -221,22 +258,40 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, inFlight
 		if err != nil {
 			return false, err
 		}
-		if n < d.batchSize {
+		switch {
+		case n == d.batchSize:
+		case n == 0 || pause == 0:
 			return true, nil
+		default:
+			select {
+			case <-ctx.Done():
+				return false, ctx.Err()
+			case <-time.After(pause):
+			}
 		}
 	}
 }
 
 // batch claims up to batchSize rows, publishes them, and commits the delete.
 func (d *Drainer) batch(ctx context.Context, conn *pgxpool.Conn, inFlight map[eventID]struct{}, res *Result) (int, error) {
-	tx, err := conn.Begin(ctx)
-	if err != nil {
+	// BEGIN goes out with the claim, in one round trip.
+	b := &pgx.Batch{}
+	b.Queue("BEGIN")
+	b.Queue(claimSQL, d.batchSize)
+	results := conn.SendBatch(ctx, b)
+	committed := false
+	defer func() {
+		if !committed {
+			conn.Exec(context.WithoutCancel(ctx), "ROLLBACK") //nolint:errcheck // a broken connection is discarded by the pool
+		}
+	}()
+	if _, err := results.Exec(); err != nil {
+		results.Close()
 		return 0, fmt.Errorf("begin batch: %w", err)
 	}
-	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // after Commit this is a no-op
-
-	rows, err := tx.Query(ctx, claimSQL, d.batchSize)
+	rows, err := results.Query()
 	if err != nil {
+		results.Close()
 		return 0, fmt.Errorf("claim batch: %w", err)
 	}
 	batch := d.rows[:0]
@@ -246,6 +301,9 @@ func (d *Drainer) batch(ctx context.Context, conn *pgxpool.Conn, inFlight map[ev
 		r.Payload, r.Traceparent = nil, nil // scanned into fresh memory next time
 		return nil
 	})
+	if err == nil {
+		err = results.Close()
+	}
 	if err != nil {
 		return 0, fmt.Errorf("claim batch: %w", err)
 	}
@@ -268,11 +326,16 @@ func (d *Drainer) batch(ctx context.Context, conn *pgxpool.Conn, inFlight map[ev
 			return 0, err
 		}
 	}
-	if err := tx.Commit(finishCtx); err != nil {
+	tag, err := conn.Exec(finishCtx, "COMMIT")
+	if err == nil && tag.String() != "COMMIT" {
+		err = fmt.Errorf("transaction was rolled back (%s)", tag)
+	}
+	if err != nil {
 		// The rows may or may not be gone; they stay in inFlight, and the
 		// marker in Redis, so a re-claim does not publish them again.
 		return 0, fmt.Errorf("commit batch: %w", err)
 	}
+	committed = true
 	for i := range batch {
 		delete(inFlight, batch[i].EventID)
 	}
@@ -281,31 +344,6 @@ func (d *Drainer) batch(ctx context.Context, conn *pgxpool.Conn, inFlight map[ev
 	res.Duplicates += len(batch) - added
 	d.rows = batch[:0]
 	return len(batch), nil
-}
-
-// settleOpen waits up to d.settle for the transactions open right now to
-// end, and returns those still open after that.
-func (d *Drainer) settleOpen(ctx context.Context, conn *pgxpool.Conn) ([]int64, error) {
-	var open []int64
-	err := conn.QueryRow(ctx,
-		`SELECT coalesce(array_agg(x::text::bigint), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x`).Scan(&open)
-	if err != nil {
-		return nil, fmt.Errorf("read open transactions: %w", err)
-	}
-	deadline := time.Now().Add(d.settle)
-	wait := 200 * time.Microsecond
-	for len(open) > 0 && time.Now().Before(deadline) {
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(wait):
-		}
-		wait = min(2*wait, 5*time.Millisecond)
-		if open, err = stillOpen(ctx, conn, open); err != nil {
-			return nil, err
-		}
-	}
-	return open, nil
 }
 
 // querier is the part of a connection or pool that stillOpen needs.

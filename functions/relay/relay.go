@@ -109,6 +109,12 @@ func (s *Service) Close() {
 	s.redis.Close()
 }
 
+// Drain moves rows to the streams until the outbox is empty or stopBy (if
+// not zero) has passed; it is what the HTTP trigger runs.
+func (s *Service) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
+	return s.drainer.Drain(ctx, stopBy)
+}
+
 // Backlog describes the rows waiting in the outbox.
 type Backlog struct {
 	Events int64 `json:"backlog"`
@@ -301,7 +307,7 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // lingeringRecheck is how often transactions that were open at the end of a
 // drain are checked; lingeringGiveUp is when they are left to the poll.
 const (
-	lingeringRecheck = 5 * time.Millisecond
+	lingeringRecheck = 2 * time.Millisecond
 	lingeringGiveUp  = time.Minute
 )
 

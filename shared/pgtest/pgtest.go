@@ -44,36 +44,54 @@ var template = sync.OnceValues(prepareTemplate)
 // dropped when t ends.
 func New(t testing.TB) string {
 	t.Helper()
-	tmpl, err := template()
-	if err != nil {
-		t.Fatalf("pgtest: %v", err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, AdminURL())
+	url, drop, err := Create(ctx, "outbox_test_"+randomHex(6))
 	if err != nil {
-		t.Fatalf("pgtest: connect to %s: %v (is PostgreSQL running? `make services` starts it)", redact(AdminURL()), err)
-	}
-	defer conn.Close(ctx)
-
-	name := "outbox_test_" + randomHex(6)
-	if _, err := conn.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()+" TEMPLATE "+pgx.Identifier{tmpl}.Sanitize()); err != nil {
-		t.Fatalf("pgtest: create database %s: %v", name, err)
+		t.Fatalf("pgtest: %v", err)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		conn, err := pgx.Connect(ctx, AdminURL())
-		if err != nil {
-			t.Errorf("pgtest: connect to drop %s: %v", name, err)
-			return
-		}
-		defer conn.Close(ctx)
-		if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+pgx.Identifier{name}.Sanitize()+" WITH (FORCE)"); err != nil {
-			t.Errorf("pgtest: drop database %s: %v", name, err)
+		if err := drop(ctx); err != nil {
+			t.Errorf("pgtest: %v", err)
 		}
 	})
-	return WithDatabase(AdminURL(), name)
+	return url
+}
+
+// Create makes a migrated database called name (dropping any old one of
+// that name first) and returns its URL and a function that drops it. It is
+// for benchmarks and tools; tests use New.
+func Create(ctx context.Context, name string) (url string, drop func(context.Context) error, err error) {
+	tmpl, err := template()
+	if err != nil {
+		return "", nil, err
+	}
+	conn, err := pgx.Connect(ctx, AdminURL())
+	if err != nil {
+		return "", nil, fmt.Errorf("connect to %s: %w (is PostgreSQL running? `make services` starts it)", redact(AdminURL()), err)
+	}
+	defer conn.Close(ctx)
+	ident := pgx.Identifier{name}.Sanitize()
+	if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+ident+" WITH (FORCE)"); err != nil {
+		return "", nil, fmt.Errorf("drop old database %s: %w", name, err)
+	}
+	if _, err := conn.Exec(ctx, "CREATE DATABASE "+ident+" TEMPLATE "+pgx.Identifier{tmpl}.Sanitize()); err != nil {
+		return "", nil, fmt.Errorf("create database %s: %w", name, err)
+	}
+	drop = func(ctx context.Context) error {
+		conn, err := pgx.Connect(ctx, AdminURL())
+		if err != nil {
+			return fmt.Errorf("connect to drop %s: %w", name, err)
+		}
+		defer conn.Close(ctx)
+		if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+ident+" WITH (FORCE)"); err != nil {
+			return fmt.Errorf("drop database %s: %w", name, err)
+		}
+		return nil
+	}
+	return WithDatabase(AdminURL(), name), drop, nil
 }
 
 // WithDatabase returns u with its database replaced by name.

@@ -28,6 +28,8 @@ type Message struct {
 	Header mail.Header
 	// Body is Raw's body, undecoded.
 	Body []byte
+	// At is when the server accepted the message.
+	At time.Time
 }
 
 // Server is a running SMTP server.
@@ -191,7 +193,7 @@ func (ss *session) Data(r io.Reader) error {
 		return errors.New("unparseable message")
 	}
 	body, _ := io.ReadAll(msg.Body)
-	ss.s.messages = append(ss.s.messages, Message{From: ss.from, To: ss.to, Raw: raw, Header: msg.Header, Body: body})
+	ss.s.messages = append(ss.s.messages, Message{From: ss.from, To: ss.to, Raw: raw, Header: msg.Header, Body: body, At: time.Now()})
 	close(ss.s.changed)
 	ss.s.changed = make(chan struct{})
 	return nil
