@@ -28,6 +28,7 @@ var configSpecs = []struct {
 	{"createuser", &createuser.Config{}},
 	{"relay", &relay.Config{}},
 	{"sendemail", &sendemail.Config{}},
+	{"outboxctl", &Config{}},
 }
 
 // envdoc renders the configuration section.

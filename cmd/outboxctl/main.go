@@ -1,61 +1,179 @@
 // Command outboxctl operates the pipeline against the configured PostgreSQL
-// and Redis: it applies migrations, and reports and repairs what the
-// functions are doing.
+// and Redis (DATABASE_URL, REDIS_URL, STREAM_PREFIX, SENDEMAIL_GROUP, with
+// the functions' defaults).
 //
-//	outboxctl migrate        apply pending migrations
+//	outboxctl migrate                       apply pending migrations
+//	outboxctl status [-json]                backlog, streams, groups, consumers, dead letters
+//	outboxctl dlq list [-count N] [-json]   dead letters with their reasons
+//	outboxctl dlq redrive (ID... | -all)    move dead letters back to their stream
+//	outboxctl dlq drop (ID... | -all)       delete dead letters
+//	outboxctl purge [-older-than 720h]      delete old send records and idempotency keys
+//	outboxctl envdoc README.md              regenerate the README's configuration tables
 package main
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
+	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
+	"syscall"
+	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outboxfn/outbox/shared/config"
 	"github.com/outboxfn/outbox/shared/logging"
 	"github.com/outboxfn/outbox/shared/pg"
+	"github.com/outboxfn/outbox/shared/stream"
 )
 
-const usage = `usage: outboxctl <command>
+const usage = `usage: outboxctl <command> [flags]
 
 commands:
-  migrate          apply pending migrations to DATABASE_URL
-  envdoc FILE      regenerate the configuration tables in FILE (README.md)
+  migrate                      apply pending migrations to DATABASE_URL
+  status [-json]               outbox backlog and oldest event, stream lengths, each group's
+                               pending count and lag, consumers and their idle times, dead letters
+  dlq list [-count N] [-json]  dead letters with their reasons and delivery counts
+  dlq redrive (ID... | -all)   move dead letters back to their stream, one MULTI/EXEC each
+  dlq drop (ID... | -all)      delete dead letters
+  purge [-older-than 720h]     delete send records and idempotency keys older than that,
+                               1000 rows per statement
+  envdoc FILE                  regenerate the configuration tables in FILE (README.md)
 `
 
+var errUsage = errors.New("usage")
+
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Args[1:]); err != nil {
+	err := run(ctx, os.Args[1:], os.Stdout)
+	if errors.Is(err, errUsage) {
+		fmt.Fprint(os.Stderr, usage)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "outboxctl:", err)
 		stop()
-		os.Exit(1)
+		os.Exit(2)
 	}
 }
 
-func run(ctx context.Context, args []string) error {
+func run(ctx context.Context, args []string, out io.Writer) error {
 	if len(args) == 0 {
-		fmt.Fprint(os.Stderr, usage)
-		return fmt.Errorf("no command given")
+		return fmt.Errorf("%w: no command given", errUsage)
 	}
-	url := os.Getenv("DATABASE_URL")
-	if url == "" {
-		url = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+	var cfg Config
+	if err := config.Load(&cfg); err != nil {
+		return err
 	}
 	switch args[0] {
+	case "envdoc":
+		if len(args) != 2 {
+			return fmt.Errorf("%w: envdoc takes one file", errUsage)
+		}
+		return writeEnvdoc(args[1])
 	case "migrate":
-		version, err := pg.Migrate(ctx, url, logging.New(os.Stderr, logging.Config{LogFormat: "text", LogLevel: "info"}))
+		version, err := pg.Migrate(ctx, cfg.DatabaseURL, logging.New(os.Stderr, logging.Config{LogFormat: "text", LogLevel: "info"}))
 		if err != nil {
 			return err
 		}
-		fmt.Printf("schema at version %d\n", version)
+		fmt.Fprintf(out, "schema at version %d\n", version)
 		return nil
-	case "envdoc":
-		if len(args) != 2 {
-			return fmt.Errorf("usage: outboxctl envdoc README.md")
+	case "status", "dlq", "purge":
+		o, closeOps, err := openOps(ctx, cfg, out)
+		if err != nil {
+			return err
 		}
-		return writeEnvdoc(args[1])
+		defer closeOps()
+		return o.command(ctx, args)
 	default:
-		fmt.Fprint(os.Stderr, usage)
-		return fmt.Errorf("unknown command %q", args[0])
+		return fmt.Errorf("%w: unknown command %q", errUsage, args[0])
+	}
+}
+
+func openOps(ctx context.Context, cfg Config, out io.Writer) (*ops, func(), error) {
+	pool, err := pgxpool.New(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open database: %w", err)
+	}
+	client, err := stream.NewClient(cfg.RedisURL)
+	if err != nil {
+		pool.Close()
+		return nil, nil, err
+	}
+	o := &ops{pool: pool, redis: client, prefix: cfg.StreamPrefix, group: cfg.Group, out: out}
+	return o, func() { client.Close(); pool.Close() }, nil
+}
+
+// command runs status, dlq … or purge with their flags.
+func (o *ops) command(ctx context.Context, args []string) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	name := args[0]
+	if name == "dlq" {
+		if len(args) < 2 {
+			return fmt.Errorf("%w: dlq needs list, redrive or drop", errUsage)
+		}
+		name, args = "dlq "+args[1], args[1:]
+	}
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	asJSON := fs.Bool("json", false, "print JSON")
+	count := fs.Int64("count", 100, "at most this many dead letters")
+	all := fs.Bool("all", false, "every dead letter")
+	olderThan := fs.Duration("older-than", 30*24*time.Hour, "age of the records to delete")
+	if err := fs.Parse(args[1:]); err != nil {
+		return fmt.Errorf("%w: %s: %v", errUsage, name, err)
+	}
+	switch name {
+	case "status":
+		s, err := o.status(ctx)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return json.NewEncoder(o.out).Encode(s)
+		}
+		printStatus(o.out, s)
+		return nil
+	case "dlq list":
+		letters, err := o.dlqList(ctx, *count)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return json.NewEncoder(o.out).Encode(letters)
+		}
+		if len(letters) == 0 {
+			fmt.Fprintln(o.out, "no dead letters")
+		}
+		for _, d := range letters {
+			fmt.Fprintf(o.out, "%s  event %s (%s)  %s deliveries  failed %s on %s\n    %s\n",
+				d.ID, d.EventID, d.EventType, d.Deliveries, d.FailedAt, d.Consumer, d.Error)
+		}
+		return nil
+	case "dlq redrive", "dlq drop":
+		ids := fs.Args()
+		if (len(ids) == 0) != *all {
+			return fmt.Errorf("%w: %s takes entry ids or -all", errUsage, name)
+		}
+		act := o.dlqRedrive
+		if name == "dlq drop" {
+			act = o.dlqDrop
+		}
+		n, err := act(ctx, ids)
+		fmt.Fprintf(o.out, "%s: %d dead letters\n", name, n)
+		return err
+	case "purge":
+		deleted, err := o.purge(ctx, *olderThan)
+		for table, n := range deleted {
+			fmt.Fprintf(o.out, "purged %d rows of %s older than %s\n", n, table, *olderThan)
+		}
+		return err
+	default:
+		return fmt.Errorf("%w: unknown command %q", errUsage, name)
 	}
 }

@@ -1,0 +1,302 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/rueidis"
+
+	"github.com/outboxfn/outbox/functions/sendemail"
+	"github.com/outboxfn/outbox/shared/events"
+	"github.com/outboxfn/outbox/shared/stream"
+)
+
+// Config is what outboxctl reads from the environment: the same variables,
+// with the same defaults, as the functions it inspects.
+type Config struct {
+	DatabaseURL  string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" desc:"PostgreSQL connection URL. Default the local server."`
+	RedisURL     string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL. Default the local server."`
+	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the functions. Default outbox:."`
+	Group        string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"sendemail's consumer group, whose dead letters dlq works on. Default sendemail."`
+}
+
+// ops holds the connections the operating commands work with.
+type ops struct {
+	pool   *pgxpool.Pool
+	redis  rueidis.Client
+	prefix string
+	group  string
+	out    io.Writer
+}
+
+func (o *ops) userStream() string { return stream.Name(o.prefix, events.AggregateUser) }
+func (o *ops) deadStream() string { return sendemail.DeadLetterStream(o.userStream()) }
+
+// Status is what `outboxctl status` reports.
+type Status struct {
+	Outbox struct {
+		Backlog          int64   `json:"backlog"`
+		OldestAgeSeconds float64 `json:"oldest_age_seconds"`
+	} `json:"outbox"`
+	Streams []StreamStatus `json:"streams"`
+}
+
+// StreamStatus describes one stream and its groups.
+type StreamStatus struct {
+	Name   string        `json:"name"`
+	Length int64         `json:"length"`
+	Groups []GroupStatus `json:"groups"`
+	// DeadLetters is the length of the stream's dead-letter stream.
+	DeadLetters int64 `json:"dead_letters"`
+}
+
+// GroupStatus describes one consumer group.
+type GroupStatus struct {
+	Name    string `json:"name"`
+	Pending int64  `json:"pending"`
+	// Lag is the number of entries not yet delivered to the group; -1 when
+	// Redis cannot tell (after deletions in the stream).
+	Lag       int64            `json:"lag"`
+	Consumers []ConsumerStatus `json:"consumers"`
+}
+
+// ConsumerStatus describes one consumer of a group.
+type ConsumerStatus struct {
+	Name        string  `json:"name"`
+	Pending     int64   `json:"pending"`
+	IdleSeconds float64 `json:"idle_seconds"`
+}
+
+func (o *ops) status(ctx context.Context) (Status, error) {
+	var s Status
+	err := o.pool.QueryRow(ctx,
+		`SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox`).
+		Scan(&s.Outbox.Backlog, &s.Outbox.OldestAgeSeconds)
+	if err != nil {
+		return s, fmt.Errorf("measure outbox: %w", err)
+	}
+	keys, err := o.streams(ctx)
+	if err != nil {
+		return s, err
+	}
+	for _, key := range keys {
+		st := StreamStatus{Name: key}
+		if st.Length, err = o.redis.Do(ctx, o.redis.B().Xlen().Key(key).Build()).AsInt64(); err != nil {
+			return s, fmt.Errorf("length of %s: %w", key, err)
+		}
+		if st.DeadLetters, err = o.redis.Do(ctx, o.redis.B().Xlen().Key(sendemail.DeadLetterStream(key)).Build()).AsInt64(); err != nil {
+			return s, fmt.Errorf("length of %s: %w", sendemail.DeadLetterStream(key), err)
+		}
+		groups, err := o.redis.Do(ctx, o.redis.B().XinfoGroups().Key(key).Build()).ToArray()
+		if err != nil {
+			return s, fmt.Errorf("groups of %s: %w", key, err)
+		}
+		for _, g := range groups {
+			info, err := g.AsMap()
+			if err != nil {
+				return s, fmt.Errorf("group of %s: %w", key, err)
+			}
+			gs := GroupStatus{Name: str(info["name"]), Pending: num(info["pending"]), Lag: -1}
+			if lag, ok := info["lag"]; ok && !lag.IsNil() {
+				gs.Lag = num(lag)
+			}
+			consumers, err := o.redis.Do(ctx, o.redis.B().XinfoConsumers().Key(key).Group(gs.Name).Build()).ToArray()
+			if err != nil {
+				return s, fmt.Errorf("consumers of %s/%s: %w", key, gs.Name, err)
+			}
+			for _, c := range consumers {
+				ci, err := c.AsMap()
+				if err != nil {
+					continue
+				}
+				gs.Consumers = append(gs.Consumers, ConsumerStatus{Name: str(ci["name"]), Pending: num(ci["pending"]),
+					IdleSeconds: float64(num(ci["idle"])) / 1000})
+			}
+			st.Groups = append(st.Groups, gs)
+		}
+		s.Streams = append(s.Streams, st)
+	}
+	return s, nil
+}
+
+// streams lists the streams under the prefix, dead-letter streams and the
+// relay's own keys left out.
+func (o *ops) streams(ctx context.Context) ([]string, error) {
+	var keys []string
+	var cursor uint64
+	for {
+		scan, err := o.redis.Do(ctx, o.redis.B().Scan().Cursor(cursor).Match(o.prefix+"*").Count(1000).Type("stream").Build()).AsScanEntry()
+		if err != nil {
+			return nil, fmt.Errorf("list streams: %w", err)
+		}
+		for _, k := range scan.Elements {
+			if !strings.HasSuffix(k, ":dead") {
+				keys = append(keys, k)
+			}
+		}
+		if scan.Cursor == 0 {
+			break
+		}
+		cursor = scan.Cursor
+	}
+	sort.Strings(keys)
+	return keys, nil
+}
+
+func str(m rueidis.RedisMessage) string {
+	s, _ := m.ToString()
+	return s
+}
+
+func num(m rueidis.RedisMessage) int64 {
+	n, _ := m.AsInt64()
+	return n
+}
+
+func printStatus(w io.Writer, s Status) {
+	fmt.Fprintf(w, "outbox: %d events waiting, oldest %.1fs old\n", s.Outbox.Backlog, s.Outbox.OldestAgeSeconds)
+	if len(s.Streams) == 0 {
+		fmt.Fprintln(w, "no streams yet")
+	}
+	for _, st := range s.Streams {
+		fmt.Fprintf(w, "stream %s: %d entries, %d dead letters\n", st.Name, st.Length, st.DeadLetters)
+		for _, g := range st.Groups {
+			lag := strconv.FormatInt(g.Lag, 10)
+			if g.Lag < 0 {
+				lag = "unknown"
+			}
+			fmt.Fprintf(w, "  group %s: %d pending, lag %s\n", g.Name, g.Pending, lag)
+			for _, c := range g.Consumers {
+				fmt.Fprintf(w, "    consumer %s: %d pending, idle %.1fs\n", c.Name, c.Pending, c.IdleSeconds)
+			}
+		}
+	}
+}
+
+// DeadLetter is one entry of the dead-letter stream.
+type DeadLetter struct {
+	ID         string            `json:"id"`
+	OriginalID string            `json:"original_id"`
+	EventID    string            `json:"event_id"`
+	EventType  string            `json:"event_type"`
+	Error      string            `json:"error"`
+	Deliveries string            `json:"deliveries"`
+	Consumer   string            `json:"consumer"`
+	FailedAt   string            `json:"failed_at"`
+	Fields     map[string]string `json:"fields"`
+}
+
+func (o *ops) dlqList(ctx context.Context, count int64) ([]DeadLetter, error) {
+	entries, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Count(count).Build()).AsXRange()
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", o.deadStream(), err)
+	}
+	out := make([]DeadLetter, len(entries))
+	for i, e := range entries {
+		f := e.FieldValues
+		out[i] = DeadLetter{ID: e.ID, OriginalID: f[sendemail.FieldDeadOriginalID], EventID: f[stream.FieldEventID],
+			EventType: f[stream.FieldEventType], Error: f[sendemail.FieldDeadError], Deliveries: f[sendemail.FieldDeadDeliveries],
+			Consumer: f[sendemail.FieldDeadConsumer], FailedAt: f[sendemail.FieldDeadFailedAt], Fields: f}
+	}
+	return out, nil
+}
+
+var errNoSuchEntry = errors.New("no such dead letter")
+
+// dlqRedrive moves dead letters (ids, or all when ids is empty) back to the
+// stream they came from. Each move is one MULTI/EXEC: the original fields
+// are added to the stream as a new entry and the dead letter is deleted, so
+// a crash can neither lose it nor leave it in both places.
+func (o *ops) dlqRedrive(ctx context.Context, ids []string) (int, error) {
+	return o.dlqEach(ctx, ids, func(e rueidis.XRangeEntry) rueidis.Commands {
+		target := e.FieldValues[sendemail.FieldDeadStream]
+		if target == "" {
+			target = o.userStream()
+		}
+		add := o.redis.B().Xadd().Key(target).Id("*").FieldValue()
+		keys := make([]string, 0, len(e.FieldValues))
+		for k := range e.FieldValues {
+			if !strings.HasPrefix(k, "dlq_") {
+				keys = append(keys, k)
+			}
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			add = add.FieldValue(k, e.FieldValues[k])
+		}
+		return rueidis.Commands{add.Build()}
+	})
+}
+
+// dlqDrop deletes dead letters (ids, or all when ids is empty).
+func (o *ops) dlqDrop(ctx context.Context, ids []string) (int, error) {
+	return o.dlqEach(ctx, ids, func(rueidis.XRangeEntry) rueidis.Commands { return nil })
+}
+
+// dlqEach runs, for each selected dead letter, before(e) and its deletion in
+// one MULTI/EXEC.
+func (o *ops) dlqEach(ctx context.Context, ids []string, before func(rueidis.XRangeEntry) rueidis.Commands) (int, error) {
+	var entries []rueidis.XRangeEntry
+	if len(ids) == 0 {
+		all, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Build()).AsXRange()
+		if err != nil {
+			return 0, fmt.Errorf("read %s: %w", o.deadStream(), err)
+		}
+		entries = all
+	}
+	for _, id := range ids {
+		got, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(o.deadStream()).Start(id).End(id).Build()).AsXRange()
+		if err != nil {
+			return 0, fmt.Errorf("read %s %s: %w", o.deadStream(), id, err)
+		}
+		if len(got) == 0 {
+			return 0, fmt.Errorf("%w: %s", errNoSuchEntry, id)
+		}
+		entries = append(entries, got[0])
+	}
+	done := 0
+	for _, e := range entries {
+		cmds := rueidis.Commands{o.redis.B().Multi().Build()}
+		cmds = append(cmds, before(e)...)
+		cmds = append(cmds, o.redis.B().Xdel().Key(o.deadStream()).Id(e.ID).Build(), o.redis.B().Exec().Build())
+		for _, r := range o.redis.DoMulti(ctx, cmds...) {
+			if err := r.Error(); err != nil {
+				return done, fmt.Errorf("move %s: %w", e.ID, err)
+			}
+		}
+		done++
+	}
+	return done, nil
+}
+
+// purgeBatch bounds the rows one purge statement deletes, so that no
+// statement holds locks or generates WAL for long.
+const purgeBatch = 1000
+
+// purge deletes send records and idempotency keys older than age, in small
+// batches. (Relayed outbox rows are deleted by the relay itself; none are
+// retained.)
+func (o *ops) purge(ctx context.Context, age time.Duration) (map[string]int64, error) {
+	deleted := map[string]int64{}
+	for _, t := range []struct{ table, key string }{{"email_sends", "key"}, {"idempotency_keys", "key"}} {
+		for {
+			tag, err := o.pool.Exec(ctx, `DELETE FROM `+t.table+` WHERE `+t.key+` IN (
+				SELECT `+t.key+` FROM `+t.table+` WHERE created_at < now() - $1::interval LIMIT $2)`, age, purgeBatch)
+			if err != nil {
+				return deleted, fmt.Errorf("purge %s: %w", t.table, err)
+			}
+			deleted[t.table] += tag.RowsAffected()
+			if tag.RowsAffected() < purgeBatch {
+				break
+			}
+		}
+	}
+	return deleted, nil
+}
