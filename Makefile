@@ -10,8 +10,6 @@ STATICCHECK := $(BIN)/staticcheck
 # Pinned so that a new release cannot fail a build that passed yesterday.
 STATICCHECK_VERSION := v0.8.2
 
-GCP_PROJECT ?=
-GCP_REGION  ?= europe-west1
 
 .PHONY: help
 help: ## List the targets.
@@ -52,6 +50,10 @@ $(STATICCHECK):
 .PHONY: build
 build: ## Build static binaries of every function and tool into bin/.
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o $(BIN)/ ./functions/... ./cmd/... ./local/...
+
+.PHONY: deploy
+deploy: ## Build in Cloud Build and deploy to Cloud Run: GCP_PROJECT=... [GCP_REGION= SQL_INSTANCE= NETWORK= SUBNET= MAIL_FROM=].
+	deploy/deploy.sh
 
 .PHONY: docs
 docs: ## Regenerate the configuration tables in README.md from the config structs.

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/redis/rueidis"
 	"github.com/sethvargo/go-retry"
 	gomail "github.com/wneessen/go-mail"
@@ -205,44 +206,69 @@ func (c *Consumer) deliveries(ctx context.Context, entries []rueidis.XRangeEntry
 	return counts, nil
 }
 
-// handle processes entries concurrently, then acknowledges the finished
-// ones in one command and dead-letters the failed ones. deliveries may be
-// nil for entries read for the first time.
+// handle processes entries, then acknowledges the finished ones in one
+// command and dead-letters the failed ones. deliveries may be nil for
+// entries read for the first time.
+//
+// Every email of the batch is claimed in one statement; the claimed ones are
+// sent concurrently, each marked sent as soon as the server accepted it
+// (marks that are ready at the same moment share one commit).
 func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry, deliveries map[string]int64) (Stats, error) {
 	var stats Stats
+	count := func(id string) int64 {
+		if deliveries == nil {
+			return 1
+		}
+		return max(deliveries[id], 1)
+	}
 	outcomes := make([]outcome, len(entries))
-	// A copy of an event in the same batch waits for the first one's
-	// outcome instead of racing it for the send claim.
+	jobs := make([]*job, len(entries))
+	// A second entry for the same email (the same event added twice) takes
+	// the first one's outcome instead of racing it for the claim.
 	firstOf := make(map[string]int, len(entries))
 	copyOf := make(map[int]int)
+	var keys, eventIDs []string
 	for i, e := range entries {
-		id := e.FieldValues[stream.FieldEventID]
-		if id == "" {
+		j, o := c.prepare(e, count(e.ID))
+		if j == nil {
+			outcomes[i] = o
 			continue
 		}
-		if first, ok := firstOf[id]; ok {
+		if first, ok := firstOf[j.key]; ok {
 			copyOf[i] = first
-		} else {
-			firstOf[id] = i
-		}
-	}
-	sem := make(chan struct{}, c.concurrency)
-	var wg sync.WaitGroup
-	for i := range entries {
-		if _, ok := copyOf[i]; ok {
 			continue
 		}
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			n := int64(1)
-			if deliveries != nil {
-				n = max(deliveries[entries[i].ID], 1)
-			}
-			outcomes[i] = c.process(ctx, entries[i], n)
-		})
+		firstOf[j.key] = i
+		jobs[i] = j
+		keys, eventIDs = append(keys, j.key), append(eventIDs, j.eventID)
 	}
-	wg.Wait()
+	if len(keys) > 0 {
+		claimCtx, cancel := context.WithTimeout(ctx, redisTimeout)
+		states, err := c.sends.Claim(claimCtx, keys, eventIDs, c.name)
+		cancel()
+		marks := c.startMarks(ctx)
+		sem := make(chan struct{}, c.concurrency)
+		var wg sync.WaitGroup
+		for i, j := range jobs {
+			switch {
+			case j == nil:
+			case err != nil:
+				outcomes[i] = outcome{outcomeRetry, err}
+			case states[j.key] == alreadySent:
+				outcomes[i] = outcome{kind: outcomeDuplicate}
+			case states[j.key] == leasedElsewhere:
+				outcomes[i] = outcome{outcomeRetry, errors.New("another consumer is sending this email")}
+			default:
+				sem <- struct{}{}
+				wg.Go(func() {
+					defer func() { <-sem }()
+					outcomes[i] = c.deliver(ctx, j, count(entries[i].ID), marks)
+				})
+			}
+		}
+		wg.Wait()
+		marks.close()
+	}
 	for i, first := range copyOf {
 		switch outcomes[first].kind {
 		case outcomeSent, outcomeDuplicate:
@@ -281,11 +307,7 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry, de
 			stats.Retried++
 			c.logger.WarnContext(ctx, "delivery failed; will retry", slog.String("entry_id", e.ID), slog.Any("error", o.err))
 		case outcomeDead:
-			n := int64(1)
-			if deliveries != nil {
-				n = deliveries[e.ID]
-			}
-			if err := c.deadLetterEntry(ctx, e, n, o.err); err != nil {
+			if err := c.deadLetterEntry(ctx, e, count(e.ID), o.err); err != nil {
 				firstErr = cmpErr(firstErr, err)
 				continue
 			}
@@ -309,53 +331,54 @@ func cmpErr(first, next error) error {
 	return next
 }
 
-// process handles one entry and says what became of it.
-func (c *Consumer) process(ctx context.Context, e rueidis.XRangeEntry, deliveries int64) outcome {
+// job is an entry that decoded into an email to send.
+type job struct {
+	key     string // the business fact: "welcome:<user id>"
+	eventID string
+	msg     *gomail.Msg
+}
+
+// prepare decodes e into a job, or says what became of it if there is
+// nothing to send.
+func (c *Consumer) prepare(e rueidis.XRangeEntry, deliveries int64) (*job, outcome) {
 	if e.FieldValues == nil {
-		return outcome{kind: outcomeVanished}
+		return nil, outcome{kind: outcomeVanished}
 	}
 	if deliveries > c.maxDeliveries {
-		return outcome{outcomeDead, fmt.Errorf("delivered %d times, more than the maximum of %d", deliveries, c.maxDeliveries)}
+		return nil, outcome{outcomeDead, fmt.Errorf("delivered %d times, more than the maximum of %d", deliveries, c.maxDeliveries)}
 	}
 	ev, err := stream.Decode(e.ID, e.FieldValues)
 	if err != nil {
-		return outcome{outcomeDead, err}
+		return nil, outcome{outcomeDead, err}
 	}
 	if ev.EventType != events.TypeUserCreated {
-		return outcome{kind: outcomeSkipped}
+		return nil, outcome{kind: outcomeSkipped}
+	}
+	if _, err := uuid.Parse(ev.EventID); err != nil {
+		return nil, outcome{outcomeDead, fmt.Errorf("%w: event_id %q is not a UUID", stream.ErrMalformed, ev.EventID)}
 	}
 	var user events.UserCreated
-	dec := json.NewDecoder(strings.NewReader(ev.Payload))
-	if err := dec.Decode(&user); err != nil {
-		return outcome{outcomeDead, fmt.Errorf("decode %s payload: %w", ev.EventType, err)}
+	if err := json.Unmarshal([]byte(ev.Payload), &user); err != nil {
+		return nil, outcome{outcomeDead, fmt.Errorf("decode %s payload: %w", ev.EventType, err)}
 	}
 	if user.UserID <= 0 {
-		return outcome{outcomeDead, fmt.Errorf("decode %s payload: user_id must be positive", ev.EventType)}
+		return nil, outcome{outcomeDead, fmt.Errorf("decode %s payload: user_id must be positive", ev.EventType)}
 	}
 	msg, err := c.mailer.Welcome(Recipient{UserID: user.UserID, Email: user.Email, Name: user.Name}, ev.EventID)
 	if err != nil {
-		return outcome{outcomeDead, err}
+		return nil, outcome{outcomeDead, err}
 	}
+	return &job{key: "welcome:" + strconv.FormatInt(user.UserID, 10), eventID: ev.EventID, msg: msg}, outcome{}
+}
 
-	key := "welcome:" + strconv.FormatInt(user.UserID, 10)
-	dbCtx, cancel := context.WithTimeout(ctx, redisTimeout)
-	state, err := c.sends.Claim(dbCtx, key, ev.EventID, c.name)
-	cancel()
-	switch {
-	case err != nil:
-		return outcome{outcomeRetry, err}
-	case state == alreadySent:
-		return outcome{kind: outcomeDuplicate}
-	case state == leasedElsewhere:
-		return outcome{outcomeRetry, errors.New("another consumer is sending this email")}
-	}
-
+// deliver sends a claimed job's email and marks it sent.
+func (c *Consumer) deliver(ctx context.Context, j *job, deliveries int64, marks *markBatcher) outcome {
 	// The send is ours: see it through even if shutdown begins.
 	ctx = context.WithoutCancel(ctx)
-	if err := c.send(ctx, msg); err != nil {
+	if err := c.send(ctx, j.msg); err != nil {
 		permanent := errors.Is(err, errPermanent)
 		relCtx, cancel := context.WithTimeout(ctx, redisTimeout)
-		if rerr := c.sends.Release(relCtx, key, c.name, permanent); rerr != nil {
+		if rerr := c.sends.Release(relCtx, j.key, c.name, permanent); rerr != nil {
 			c.logger.WarnContext(ctx, "release send claim", slog.Any("error", rerr))
 		}
 		cancel()
@@ -367,11 +390,11 @@ func (c *Consumer) process(ctx context.Context, e rueidis.XRangeEntry, deliverie
 		}
 		return outcome{outcomeRetry, err}
 	}
-	// The email is out. From here until the mark is written is the one
+	// The email is out. From here until the mark is committed is the one
 	// window in which a crash leads to a second email.
-	if err := c.markSent(ctx, key, strings.Join(msg.GetGenHeader(gomail.HeaderMessageID), "")); err != nil {
+	if err := marks.mark(j.key, strings.Join(j.msg.GetGenHeader(gomail.HeaderMessageID), "")); err != nil {
 		c.logger.ErrorContext(ctx, "email sent but not recorded; a redelivered duplicate event could send it again",
-			slog.String("key", key), slog.Any("error", err))
+			slog.String("key", j.key), slog.Any("error", err))
 	}
 	return outcome{kind: outcomeSent}
 }
@@ -391,15 +414,71 @@ func (c *Consumer) send(ctx context.Context, msg *gomail.Msg) error {
 	})
 }
 
-// markSent writes the mark, retrying briefly: failing here costs a
-// duplicate email, so it is worth a few seconds.
-func (c *Consumer) markSent(ctx context.Context, key, messageID string) error {
-	b := retry.WithMaxRetries(4, retry.NewExponential(100*time.Millisecond))
-	return retry.Do(ctx, b, func(ctx context.Context) error {
-		ctx, cancel := context.WithTimeout(ctx, redisTimeout)
-		defer cancel()
-		return retry.RetryableError(c.sends.MarkSent(ctx, key, messageID))
-	})
+// markBatcher writes send marks as soon as they are ready; marks that
+// arrive while a write is under way go together in the next one. No mark
+// waits for others: batching only happens when there is a queue.
+type markBatcher struct {
+	sends *Sends
+	reqs  chan markRequest
+	done  chan struct{}
+}
+
+type markRequest struct {
+	key, messageID string
+	result         chan error
+}
+
+func (c *Consumer) startMarks(ctx context.Context) *markBatcher {
+	m := &markBatcher{sends: c.sends, reqs: make(chan markRequest, c.concurrency), done: make(chan struct{})}
+	// Marks are written even during shutdown: failing here costs a
+	// duplicate email.
+	ctx = context.WithoutCancel(ctx)
+	go func() {
+		defer close(m.done)
+		for req := range m.reqs {
+			batch := []markRequest{req}
+		more:
+			for len(batch) < 256 {
+				select {
+				case r, ok := <-m.reqs:
+					if !ok {
+						break more
+					}
+					batch = append(batch, r)
+				default:
+					break more
+				}
+			}
+			keys, ids := make([]string, len(batch)), make([]string, len(batch))
+			for i, r := range batch {
+				keys[i], ids[i] = r.key, r.messageID
+			}
+			// Worth a few seconds of retries.
+			b := retry.WithMaxRetries(4, retry.NewExponential(100*time.Millisecond))
+			err := retry.Do(ctx, b, func(ctx context.Context) error {
+				ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+				defer cancel()
+				return retry.RetryableError(m.sends.MarkSent(ctx, keys, ids))
+			})
+			for _, r := range batch {
+				r.result <- err
+			}
+		}
+	}()
+	return m
+}
+
+// mark records key as sent and waits until that is committed.
+func (m *markBatcher) mark(key, messageID string) error {
+	r := markRequest{key: key, messageID: messageID, result: make(chan error, 1)}
+	m.reqs <- r
+	return <-r.result
+}
+
+// close stops the batcher once every queued mark is written.
+func (m *markBatcher) close() {
+	close(m.reqs)
+	<-m.done
 }
 
 // deadLetterEntry moves e to the dead-letter stream: one MULTI/EXEC adds it

@@ -384,6 +384,37 @@ func TestSendEmail(t *testing.T) {
 		require.Zero(t, b.pending(t))
 	})
 
+	t.Run("shares the stream between two consumers, sending each email once", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		// A copy that meets another consumer's lease is retried after the
+		// claim time; keep it short so that the retry happens here.
+		short := func(c *Config) { c.ClaimIdle, c.Lease, c.ClaimInterval = 500*time.Millisecond, 300*time.Millisecond, 100*time.Millisecond }
+		one, two := b.service(t, short), b.service(t, short)
+		require.NoError(t, one.Start(context.Background()))
+		require.NoError(t, two.Start(context.Background()))
+		e := stream.Event{EventID: uuid.NewString(), EventType: "user.created", AggregateType: "user", AggregateID: "0",
+			Payload: `{"user_id":1000,"email":"dup@example.com","name":"Dup"}`, OccurredAt: time.Now()}
+		for i := range 100 {
+			b.add(t, int64(i+1), fmt.Sprintf("u%d@example.com", i+1), "U")
+			if i%10 == 0 {
+				b.addEvent(t, e) // the same event, again and again
+			}
+		}
+		b.smtp.WaitFor(t, 101, 10*time.Second)
+		require.Eventually(t, func() bool { return b.pending(t) == 0 }, 10*time.Second, 10*time.Millisecond)
+		one.Stop()
+		two.Stop()
+		got := map[string]int{}
+		for _, m := range b.smtp.Messages() {
+			got[m.To[0]]++
+		}
+		require.Len(t, got, 101)
+		for to, n := range got {
+			require.Equal(t, 1, n, "%s got %d emails", to, n)
+		}
+	})
+
 	t.Run("writes .eml files into the mailbox when no SMTP server is set", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)

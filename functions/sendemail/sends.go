@@ -2,8 +2,9 @@ package sendemail
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -29,41 +30,69 @@ type Sends struct {
 	lease time.Duration
 }
 
-// Claim takes the send of key for consumer, unless it was sent already or
-// another consumer's lease on it is still running.
-func (s *Sends) Claim(ctx context.Context, key, eventID, consumer string) (claimState, error) {
-	var ok bool
-	err := s.pool.QueryRow(ctx, `
-		INSERT INTO email_sends AS s (key, event_id, claimed_by, lease_until)
-		VALUES ($1, $2, $3, now() + $4::interval)
-		ON CONFLICT (key) DO UPDATE
-		SET claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until,
-		    event_id = EXCLUDED.event_id, attempts = s.attempts + 1
-		WHERE s.sent_at IS NULL AND s.lease_until < now()
-		RETURNING true`, key, eventID, consumer, s.lease).Scan(&ok)
-	if err == nil {
-		return claimed, nil
+// Claim takes the sends of keys (with their event ids) for consumer, one
+// statement and one commit for a whole batch. A key is claimed unless it was
+// sent already or another consumer's lease on it is still running. Keys are
+// locked in sorted order, so two consumers claiming overlapping batches
+// cannot deadlock.
+func (s *Sends) Claim(ctx context.Context, keys, eventIDs []string, consumer string) (map[string]claimState, error) {
+	type pair struct{ key, eventID string }
+	pairs := make([]pair, len(keys))
+	for i := range keys {
+		pairs[i] = pair{keys[i], eventIDs[i]}
 	}
-	if !errors.Is(err, pgx.ErrNoRows) {
-		return 0, fmt.Errorf("claim send %s: %w", key, err)
+	slices.SortFunc(pairs, func(a, b pair) int { return strings.Compare(a.key, b.key) })
+	sortedKeys, sortedIDs := make([]string, len(pairs)), make([]string, len(pairs))
+	for i, p := range pairs {
+		sortedKeys[i], sortedIDs[i] = p.key, p.eventID
 	}
-	var sent bool
-	if err := s.pool.QueryRow(ctx, `SELECT sent_at IS NOT NULL FROM email_sends WHERE key = $1`, key).Scan(&sent); err != nil {
-		return 0, fmt.Errorf("read send %s: %w", key, err)
+	// Every part of the statement sees the table as it was before the
+	// INSERT, so "sent" describes the keys that were not claimed.
+	rows, err := s.pool.Query(ctx, `
+		WITH want AS (SELECT * FROM unnest($1::text[], $2::uuid[]) WITH ORDINALITY AS w(key, event_id, n)),
+		claimed AS (
+			INSERT INTO email_sends AS s (key, event_id, claimed_by, lease_until)
+			SELECT key, event_id, $3, now() + $4::interval FROM want ORDER BY n
+			ON CONFLICT (key) DO UPDATE
+			SET claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until,
+			    event_id = EXCLUDED.event_id, attempts = s.attempts + 1
+			WHERE s.sent_at IS NULL AND s.lease_until < now()
+			RETURNING s.key)
+		SELECT w.key, c.key IS NOT NULL, coalesce(e.sent_at IS NOT NULL, false)
+		FROM want w LEFT JOIN claimed c USING (key) LEFT JOIN email_sends e ON e.key = w.key`,
+		sortedKeys, sortedIDs, consumer, s.lease)
+	if err != nil {
+		return nil, fmt.Errorf("claim %d sends: %w", len(keys), err)
 	}
-	if sent {
-		return alreadySent, nil
+	states := make(map[string]claimState, len(keys))
+	var key string
+	var got, sent bool
+	_, err = pgx.ForEachRow(rows, []any{&key, &got, &sent}, func() error {
+		switch {
+		case got:
+			states[key] = claimed
+		case sent:
+			states[key] = alreadySent
+		default:
+			states[key] = leasedElsewhere
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim %d sends: %w", len(keys), err)
 	}
-	return leasedElsewhere, nil
+	return states, nil
 }
 
-// MarkSent records that the mail server accepted the message.
-func (s *Sends) MarkSent(ctx context.Context, key, messageID string) error {
+// MarkSent records that the mail server accepted the messages of keys (with
+// their Message-IDs), in one statement.
+func (s *Sends) MarkSent(ctx context.Context, keys, messageIDs []string) error {
 	_, err := s.pool.Exec(ctx, `
-		UPDATE email_sends SET sent_at = now(), message_id = $2, claimed_by = NULL, lease_until = NULL
-		WHERE key = $1 AND sent_at IS NULL`, key, messageID)
+		UPDATE email_sends AS s SET sent_at = now(), message_id = m.id, claimed_by = NULL, lease_until = NULL
+		FROM unnest($1::text[], $2::text[]) AS m(key, id)
+		WHERE s.key = m.key AND s.sent_at IS NULL`, keys, messageIDs)
 	if err != nil {
-		return fmt.Errorf("mark %s sent: %w", key, err)
+		return fmt.Errorf("mark %d sends sent: %w", len(keys), err)
 	}
 	return nil
 }

@@ -51,3 +51,12 @@ func Markdown(w io.Writer, spec any) error {
 	_, err := io.WriteString(w, b.String())
 	return err
 }
+
+// Variables returns the names of the environment variables spec reads.
+func Variables(spec any) ([]string, error) {
+	var b strings.Builder
+	if err := envconfig.Usagef("", spec, &b, "{{range .}}{{usage_key .}}\n{{end}}"); err != nil {
+		return nil, fmt.Errorf("list variables of %T: %w", spec, err)
+	}
+	return strings.Fields(b.String()), nil
+}
