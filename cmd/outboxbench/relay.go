@@ -92,9 +92,9 @@ func naiveRelayOnce(ctx context.Context, e *env, key string) (int, error) {
 		return 0, err
 	}
 	type row struct {
-		id                                  int64
+		id                                 int64
 		eventID, aggType, aggID, typ, body string
-		at                                  time.Time
+		at                                 time.Time
 	}
 	var batch []row
 	var r row

@@ -389,7 +389,9 @@ func TestSendEmail(t *testing.T) {
 		b := setup(t)
 		// A copy that meets another consumer's lease is retried after the
 		// claim time; keep it short so that the retry happens here.
-		short := func(c *Config) { c.ClaimIdle, c.Lease, c.ClaimInterval = 500*time.Millisecond, 300*time.Millisecond, 100*time.Millisecond }
+		short := func(c *Config) {
+			c.ClaimIdle, c.Lease, c.ClaimInterval = 500*time.Millisecond, 300*time.Millisecond, 100*time.Millisecond
+		}
 		one, two := b.service(t, short), b.service(t, short)
 		require.NoError(t, one.Start(context.Background()))
 		require.NoError(t, two.Start(context.Background()))
