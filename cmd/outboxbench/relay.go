@@ -35,7 +35,7 @@ func fill(ctx context.Context, e *env, table string, n int) error {
 }
 
 // rawDrain is the ceiling: the relay's claim statement in batches of 1000,
-// rows read into memory, no Redis.
+// in one transaction each, rows read into memory, no Redis.
 func rawDrain(ctx context.Context, e *env) (int, error) {
 	conn, err := e.pool.Acquire(ctx)
 	if err != nil {
@@ -48,7 +48,7 @@ func rawDrain(ctx context.Context, e *env) (int, error) {
 		if err != nil {
 			return total, err
 		}
-		rows, _ := tx.Query(ctx, `DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED)
+		rows, _ := tx.Query(ctx, `DELETE FROM outbox WHERE id = ANY (ARRAY (SELECT id FROM outbox ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED))
 			RETURNING id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at`)
 		n := 0
 		var id int64
@@ -217,7 +217,7 @@ func watch(ctx context.Context, client rueidis.Client, key string) *watcher {
 	w := &watcher{arrived: map[string]time.Time{}, cancel: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(w.done)
-		last := "$"
+		last := "0" // the stream is new; "$" would skip entries added between two reads
 		for ctx.Err() == nil {
 			res, err := client.Do(ctx, client.B().Xread().Count(1000).Block(200).Streams().Key(key).Id(last).Build()).AsXRead()
 			if err != nil {

@@ -34,9 +34,15 @@ var ErrBusy = errors.New("another relay is draining")
 
 // claimSQL takes the oldest rows and deletes them in the same statement; the
 // transaction that runs it commits only after the rows are in the stream.
+//
+// It says id = ANY(ARRAY(…)), not id IN (…): with IN, the planner joins the
+// claimed ids against a sequential scan of the whole table (measured: 54 ms
+// per batch of 1000 with 200k rows waiting, so a backlog drains in quadratic
+// time); ARRAY(…) runs once as an InitPlan and the delete is an index scan
+// (2.3 ms).
 const claimSQL = `
 DELETE FROM outbox
-WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+WHERE id = ANY (ARRAY (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
 RETURNING id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at`
 
 // row is one claimed outbox row.
@@ -95,7 +101,7 @@ type Drainer struct {
 	// error abandons the batch there, as a crash would.
 	afterPublish func() error
 
-	rows []row // reused between batches
+	rows [2][]row // reused between batches, one per connection
 }
 
 // NewDrainer returns a drainer; lockWait bounds the wait for the drain lock.
@@ -109,7 +115,7 @@ func NewDrainer(pool *pgxpool.Pool, publisher *Publisher, batchSize int, lockWai
 		lockWait:  lockWait,
 		busyPause: 2 * time.Millisecond,
 		finish:    5 * time.Second,
-		rows:      make([]row, 0, batchSize),
+		rows:      [2][]row{make([]row, 0, batchSize), make([]row, 0, batchSize)},
 	}
 }
 
@@ -249,14 +255,52 @@ func (d *Drainer) unlock(ctx context.Context, conn *pgxpool.Conn, lock string) {
 // drainBatches runs batches until one is short (complete) or stopBy
 // passed. With a pause, a short batch that was not empty is followed, after
 // the pause, by another, and only an empty batch ends the run.
+//
+// While a full batch is being published to Redis, the next one is claimed on
+// a second connection (SKIP LOCKED passes over the rows still locked by the
+// first), so the database and Redis work side by side. The next batch is
+// published only after the first has committed: stream order is claim
+// order, and at most one batch is ever in doubt, which the in-flight marker
+// covers. If publishing fails, the batch claimed ahead is rolled back.
 func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, inFlight map[eventID]struct{}, stopBy time.Time, pause time.Duration, res *Result) (complete bool, err error) {
+	conns := [2]*pgxpool.Conn{conn, nil}
+	defer func() {
+		if conns[1] != nil {
+			conns[1].Release()
+		}
+	}()
+	var next *claimed
+	defer func() {
+		if next != nil {
+			next.rollback(ctx)
+		}
+	}()
+	past := func() bool { return !stopBy.IsZero() && time.Now().After(stopBy) }
 	for {
-		if !stopBy.IsZero() && time.Now().After(stopBy) {
+		if past() {
 			return false, nil
 		}
-		n, err := d.batch(ctx, conn, inFlight, res)
-		if err != nil {
-			return false, err
+		cur := next
+		next = nil
+		if cur == nil {
+			if cur, err = d.claim(ctx, &conns, 0); err != nil {
+				return false, err
+			}
+		}
+		n := len(cur.rows)
+		if n == 0 {
+			cur.rollback(ctx)
+		} else {
+			var claimErr error
+			next, claimErr = d.publishAndCommit(ctx, cur, inFlight, res, func() (*claimed, error) {
+				if n < d.batchSize || past() {
+					return nil, nil
+				}
+				return d.claim(ctx, &conns, 1-cur.slot)
+			})
+			if claimErr != nil {
+				return false, claimErr
+			}
 		}
 		switch {
 		case n == d.batchSize:
@@ -272,29 +316,49 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, inFlight
 	}
 }
 
-// batch claims up to batchSize rows, publishes them, and commits the delete.
-func (d *Drainer) batch(ctx context.Context, conn *pgxpool.Conn, inFlight map[eventID]struct{}, res *Result) (int, error) {
+// claimed is a batch of rows claimed by an open transaction.
+type claimed struct {
+	conn *pgxpool.Conn
+	slot int // which of the drain's connections, and row buffers, it uses
+	rows []row
+	open bool
+}
+
+func (c *claimed) rollback(ctx context.Context) {
+	if c.open {
+		c.open = false
+		c.conn.Exec(context.WithoutCancel(ctx), "ROLLBACK") //nolint:errcheck // a broken connection is discarded by the pool
+	}
+}
+
+// claim begins a transaction on connection slot (acquiring it from the pool
+// the first time) and claims up to batchSize rows, sorted by id.
+func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) (*claimed, error) {
+	if conns[slot] == nil {
+		conn, err := d.pool.Acquire(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("acquire connection: %w", err)
+		}
+		conns[slot] = conn
+	}
+	c := &claimed{conn: conns[slot], slot: slot, open: true}
 	// BEGIN goes out with the claim, in one round trip.
 	b := &pgx.Batch{}
 	b.Queue("BEGIN")
 	b.Queue(claimSQL, d.batchSize)
-	results := conn.SendBatch(ctx, b)
-	committed := false
-	defer func() {
-		if !committed {
-			conn.Exec(context.WithoutCancel(ctx), "ROLLBACK") //nolint:errcheck // a broken connection is discarded by the pool
-		}
-	}()
+	results := c.conn.SendBatch(ctx, b)
 	if _, err := results.Exec(); err != nil {
 		results.Close()
-		return 0, fmt.Errorf("begin batch: %w", err)
+		c.rollback(ctx)
+		return nil, fmt.Errorf("begin batch: %w", err)
 	}
 	rows, err := results.Query()
 	if err != nil {
 		results.Close()
-		return 0, fmt.Errorf("claim batch: %w", err)
+		c.rollback(ctx)
+		return nil, fmt.Errorf("claim batch: %w", err)
 	}
-	batch := d.rows[:0]
+	batch := d.rows[slot][:0]
 	var r row
 	_, err = pgx.ForEachRow(rows, []any{&r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt}, func() error {
 		batch = append(batch, r)
@@ -305,45 +369,63 @@ func (d *Drainer) batch(ctx context.Context, conn *pgxpool.Conn, inFlight map[ev
 		err = results.Close()
 	}
 	if err != nil {
-		return 0, fmt.Errorf("claim batch: %w", err)
-	}
-	if len(batch) == 0 {
-		return 0, nil
+		c.rollback(ctx)
+		return nil, fmt.Errorf("claim batch: %w", err)
 	}
 	// DELETE … RETURNING does not promise an order.
 	slices.SortFunc(batch, func(a, b row) int { return cmp.Compare(a.ID, b.ID) })
+	c.rows, d.rows[slot] = batch, batch[:0]
+	return c, nil
+}
 
-	// The rows are claimed: from here on, finish the batch even if ctx is
-	// cancelled (SIGTERM), within a bound.
+// publishAndCommit publishes cur and commits its delete; while the publish
+// is under way it calls claimNext, whose batch it returns. It finishes cur
+// even if ctx is cancelled (SIGTERM), within d.finish: a claimed batch ends
+// committed or rolled back, never abandoned half-way.
+func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, inFlight map[eventID]struct{}, res *Result, claimNext func() (*claimed, error)) (*claimed, error) {
 	finishCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.finish)
 	defer cancel()
-	added, err := d.publisher.Publish(finishCtx, batch, inFlight)
-	if err != nil {
-		return 0, err
+	type published struct {
+		added int
+		err   error
 	}
-	if d.afterPublish != nil {
-		if err := d.afterPublish(); err != nil {
-			return 0, err
+	done := make(chan published, 1)
+	go func() {
+		added, err := d.publisher.Publish(finishCtx, cur.rows, inFlight)
+		done <- published{added, err}
+	}()
+	next, claimErr := claimNext()
+	p := <-done
+	if p.err == nil && d.afterPublish != nil {
+		p.err = d.afterPublish()
+	}
+	if p.err != nil {
+		cur.rollback(ctx)
+		if next != nil {
+			next.rollback(ctx)
 		}
+		return nil, p.err
 	}
-	tag, err := conn.Exec(finishCtx, "COMMIT")
+	tag, err := cur.conn.Exec(finishCtx, "COMMIT")
 	if err == nil && tag.String() != "COMMIT" {
 		err = fmt.Errorf("transaction was rolled back (%s)", tag)
 	}
+	cur.open = false
 	if err != nil {
 		// The rows may or may not be gone; they stay in inFlight, and the
 		// marker in Redis, so a re-claim does not publish them again.
-		return 0, fmt.Errorf("commit batch: %w", err)
+		if next != nil {
+			next.rollback(ctx)
+		}
+		return nil, fmt.Errorf("commit batch: %w", err)
 	}
-	committed = true
-	for i := range batch {
-		delete(inFlight, batch[i].EventID)
+	for i := range cur.rows {
+		delete(inFlight, cur.rows[i].EventID)
 	}
 	res.Batches++
-	res.Relayed += added
-	res.Duplicates += len(batch) - added
-	d.rows = batch[:0]
-	return len(batch), nil
+	res.Relayed += p.added
+	res.Duplicates += len(cur.rows) - p.added
+	return next, claimErr
 }
 
 // querier is the part of a connection or pool that stillOpen needs.

@@ -19,7 +19,7 @@
 // server accepted the message it marks it sent, then acknowledges. A
 // redelivered or duplicated event finds the mark and is acknowledged without
 // sending. The one window left is a crash between the server's acceptance
-// and the mark, a millisecond or so; the Message-ID, derived from the event
+// and the mark's commit, a few milliseconds; the Message-ID, derived from the event
 // id, lets the receiving side drop that duplicate too.
 package sendemail
 
