@@ -98,8 +98,10 @@ type Drainer struct {
 	finish time.Duration
 
 	// afterPublish, when set by a test, runs between XADD and COMMIT; an
-	// error abandons the batch there, as a crash would.
-	afterPublish func() error
+	// error abandons the batch there, as a crash would. beforePublish runs
+	// between the claim and XADD.
+	afterPublish  func() error
+	beforePublish func()
 
 	rows [2][]row // reused between batches, one per connection
 }
@@ -140,18 +142,6 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 	case <-ctx.Done():
 		return res, ctx.Err()
 	}
-	// The marker is read while the locks are taken: one round trip less
-	// before the first event goes out.
-	type marker struct {
-		inFlight map[eventID]struct{}
-		err      error
-	}
-	loaded := make(chan marker, 1)
-	go func() {
-		m, err := d.publisher.LoadInFlight(ctx)
-		loaded <- marker{m, err}
-	}()
-
 	conn, err := d.pool.Acquire(ctx)
 	if err != nil {
 		return res, fmt.Errorf("acquire connection: %w", err)
@@ -162,14 +152,11 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 		return res, err
 	}
 	defer d.unlock(ctx, conn, drainLock)
-	m := <-loaded
-	if m.err != nil {
-		if busy {
-			d.unlock(ctx, conn, busyLock)
-		}
-		return res, m.err
-	}
-	inFlight := m.inFlight
+	// Only now, holding the drain lock, may the relay take over the
+	// streams; the round trip to Redis runs while the first batch is
+	// claimed.
+	sess := d.publisher.open(ctx)
+	defer sess.close()
 
 	for {
 		if !busy {
@@ -177,7 +164,7 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 				return res, fmt.Errorf("take busy lock: %w", err)
 			}
 		}
-		complete, err := d.drainBatches(ctx, conn, inFlight, stopBy, d.busyPause, &res)
+		complete, err := d.drainBatches(ctx, conn, sess, stopBy, d.busyPause, &res)
 		d.unlock(ctx, conn, busyLock)
 		busy = false
 		if err != nil || !complete {
@@ -189,7 +176,7 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 			return res, fmt.Errorf("read open transactions: %w", err)
 		}
 		before := res.Relayed + res.Duplicates
-		complete, err = d.drainBatches(ctx, conn, inFlight, stopBy, 0, &res)
+		complete, err = d.drainBatches(ctx, conn, sess, stopBy, 0, &res)
 		if err != nil || !complete {
 			return res, err
 		}
@@ -262,7 +249,7 @@ func (d *Drainer) unlock(ctx context.Context, conn *pgxpool.Conn, lock string) {
 // published only after the first has committed: stream order is claim
 // order, and at most one batch is ever in doubt, which the in-flight marker
 // covers. If publishing fails, the batch claimed ahead is rolled back.
-func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, inFlight map[eventID]struct{}, stopBy time.Time, pause time.Duration, res *Result) (complete bool, err error) {
+func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, sess *session, stopBy time.Time, pause time.Duration, res *Result) (complete bool, err error) {
 	conns := [2]*pgxpool.Conn{conn, nil}
 	defer func() {
 		if conns[1] != nil {
@@ -292,7 +279,7 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, inFlight
 			cur.rollback(ctx)
 		} else {
 			var claimErr error
-			next, claimErr = d.publishAndCommit(ctx, cur, inFlight, res, func() (*claimed, error) {
+			next, claimErr = d.publishAndCommit(ctx, cur, sess, res, func() (*claimed, error) {
 				if n < d.batchSize || past() {
 					return nil, nil
 				}
@@ -382,7 +369,7 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) 
 // is under way it calls claimNext, whose batch it returns. It finishes cur
 // even if ctx is cancelled (SIGTERM), within d.finish: a claimed batch ends
 // committed or rolled back, never abandoned half-way.
-func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, inFlight map[eventID]struct{}, res *Result, claimNext func() (*claimed, error)) (*claimed, error) {
+func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *session, res *Result, claimNext func() (*claimed, error)) (*claimed, error) {
 	finishCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.finish)
 	defer cancel()
 	type published struct {
@@ -391,7 +378,10 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, inFlight m
 	}
 	done := make(chan published, 1)
 	go func() {
-		added, err := d.publisher.Publish(finishCtx, cur.rows, inFlight)
+		if d.beforePublish != nil {
+			d.beforePublish()
+		}
+		added, err := sess.publish(finishCtx, cur.rows)
 		done <- published{added, err}
 	}()
 	next, claimErr := claimNext()
@@ -412,16 +402,14 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, inFlight m
 	}
 	cur.open = false
 	if err != nil {
-		// The rows may or may not be gone; they stay in inFlight, and the
-		// marker in Redis, so a re-claim does not publish them again.
+		// The rows may or may not be gone; they stay in flight, in the
+		// session and in the marker in Redis, so a re-claim does not publish them again.
 		if next != nil {
 			next.rollback(ctx)
 		}
 		return nil, fmt.Errorf("commit batch: %w", err)
 	}
-	for i := range cur.rows {
-		delete(inFlight, cur.rows[i].EventID)
-	}
+	sess.committed(cur.rows)
 	res.Batches++
 	res.Relayed += p.added
 	res.Duplicates += len(cur.rows) - p.added

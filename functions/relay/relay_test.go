@@ -13,8 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/rueidis"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -284,6 +286,43 @@ func TestRelay(t *testing.T) {
 		require.Len(t, ids, 250, "no event is in the stream twice")
 	})
 
+	t.Run("refuses the batch of a relay that lost its lock without noticing", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		b.insertBulk(t, "item", 50)
+		ctx := context.Background()
+		zombie := b.relay(t)
+		var takeover struct {
+			res Result
+			err error
+		}
+		// Between the zombie's claim and its XADD, its connection dies (a
+		// network partition, say) and another relay drains everything.
+		zombie.drainer.beforePublish = func() {
+			_, err := b.pool.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_locks
+				WHERE locktype = 'advisory' AND pid <> pg_backend_pid()
+				  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`)
+			if err == nil {
+				takeover.res, takeover.err = b.relay(t).drainer.Drain(ctx, time.Time{})
+			} else {
+				takeover.err = err
+			}
+		}
+		_, err := zombie.drainer.Drain(ctx, time.Time{})
+		require.ErrorIs(t, err, ErrSuperseded)
+		require.NoError(t, takeover.err)
+		require.Equal(t, 50, takeover.res.Relayed)
+
+		entries := b.entries(t, "item")
+		ids := map[string]bool{}
+		for _, e := range entries {
+			ids[e.EventID] = true
+		}
+		require.Len(t, ids, 50, "every event is in the stream")
+		require.Equal(t, 50, len(entries), "and none twice")
+		require.Zero(t, b.outboxCount(t))
+	})
+
 	t.Run("republishes an interrupted batch when suppression is off", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
@@ -392,8 +431,9 @@ func TestRelay(t *testing.T) {
 	})
 }
 
+// TestNoLostWakeups does not run in parallel with the package's other
+// tests: it bounds latency, and they load the same two cores.
 func TestNoLostWakeups(t *testing.T) {
-	t.Parallel()
 	b := setup(t)
 	s := b.relay(t) // poll interval: one hour
 	start(t, s)
@@ -430,22 +470,37 @@ func TestNoLostWakeups(t *testing.T) {
 	})
 
 	// Bursts of concurrent inserts separated by pauses, so that the relay
-	// keeps switching between busy (doorbell off) and idle.
+	// keeps switching between busy (doorbell off) and idle. Each pause is
+	// longer than the bound: an event stranded at the end of a burst
+	// would wait at least that long for the next burst's doorbell.
 	committed := map[string]time.Time{}
 	var cmu sync.Mutex
 	total := 0
-	for burst := range 12 {
-		n := 10 + 40*(burst%3)
+	for burst := range 20 {
+		n := 5 + 20*(burst%3)
 		var wg sync.WaitGroup
 		for g := range 4 {
 			wg.Go(func() {
 				for i := range n {
+					// Between the trigger and the commit, a pause of up to
+					// 8 ms: the race a lost wake-up hides in is an insert
+					// that skipped the doorbell and commits after the
+					// relay's last look.
 					var id string
-					err := b.pool.QueryRow(ctx,
-						`INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-						 VALUES ('item', $1, 'x', json_build_object('seq', $2::int)) RETURNING event_id::text`,
-						fmt.Sprintf("%d-%d", burst, g), i).Scan(&id)
-					require.NoError(t, err)
+					err := pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
+						err := tx.QueryRow(ctx,
+							`INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+							 VALUES ('item', $1, 'x', json_build_object('seq', $2::int)) RETURNING event_id::text`,
+							fmt.Sprintf("%d-%d", burst, g), i).Scan(&id)
+						if err != nil {
+							return err
+						}
+						_, err = tx.Exec(ctx, `SELECT pg_sleep($1)`, float64((i*7+g*3)%9)/1000)
+						return err
+					})
+					if !assert.NoError(t, err) {
+						return
+					}
 					now := time.Now()
 					cmu.Lock()
 					committed[id] = now
@@ -455,7 +510,7 @@ func TestNoLostWakeups(t *testing.T) {
 		}
 		wg.Wait()
 		total += 4 * n
-		time.Sleep(time.Duration(5+burst*7%40) * time.Millisecond)
+		time.Sleep(time.Duration(110+burst*37%50) * time.Millisecond)
 	}
 	waitFor(t, 10*time.Second, "every event arrives", func() bool {
 		mu.Lock()
