@@ -155,7 +155,7 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 	// Only now, holding the drain lock, may the relay take over the
 	// streams; the round trip to Redis runs while the first batch is
 	// claimed.
-	sess := d.publisher.open(ctx)
+	sess := d.publisher.open(ctx, d.rowsExist)
 	defer sess.close()
 
 	for {
@@ -414,6 +414,14 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 	res.Relayed += p.added
 	res.Duplicates += len(cur.rows) - p.added
 	return next, claimErr
+}
+
+// rowsExist returns those of ids that are rows of the outbox, on a pooled
+// connection of its own: it runs beside the first claim of a drain.
+func (d *Drainer) rowsExist(ctx context.Context, ids []int64) ([]int64, error) {
+	var exist []int64
+	err := d.pool.QueryRow(ctx, `SELECT coalesce(array_agg(id), '{}') FROM outbox WHERE id = ANY ($1)`, ids).Scan(&exist)
+	return exist, err
 }
 
 // querier is the part of a connection or pool that stillOpen needs.

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"strconv"
@@ -24,14 +25,21 @@ var ErrSuperseded = errors.New("another relay has taken over the streams")
 // Publisher writes batches of events to their streams.
 //
 // Each batch goes out as one MULTI … EXEC in one round trip: the XADDs, and a
-// SET of the "in-flight marker", the ids of every event the batch holds. The
-// relay deletes the batch's rows only after EXEC succeeded; if it dies or
-// fails before its COMMIT, the rows are claimed again later, by it or by
-// another relay, and the marker says which of them are in the stream
-// already. Because one relay drains at a time and commits each batch before
-// publishing the next, only the last batch can ever be in doubt, so one key
-// suffices. The bookkeeping costs one SET per batch, not one command per
-// event.
+// SET of the "in-flight marker", the event and row ids of every event the
+// batch holds. The relay deletes the batch's rows only after EXEC succeeded;
+// if it dies or fails before its COMMIT, the rows are claimed again later, by
+// it or by another relay, and the marker says which of them are in the
+// stream already. Because one relay drains at a time and commits each batch
+// before publishing the next, only the last batch can ever be in doubt, so
+// one key suffices. The bookkeeping costs one SET per batch, not one command
+// per event.
+//
+// The marker a relay finds when it takes over usually describes a batch
+// that was committed: its rows are gone and it needs no protection. Carried
+// forward, such ids would pile up from one drain to the next, so a new
+// session keeps only the records whose rows still exist (one primary-key
+// lookup, while the first batch is claimed). The marker therefore never
+// holds more than the batch in doubt and the one being published.
 //
 // "One relay at a time" is the drain lock's promise, and a lock held by a
 // connection can be lost without its holder knowing until its next query.
@@ -82,31 +90,39 @@ type session struct {
 	// round trip runs while the first batch is claimed.
 	ready chan struct{}
 	epoch string
-	// inFlight holds the events that may be in a stream while their rows
-	// are still in the outbox: the marker's, then the batch being
-	// published until its rows are deleted.
-	inFlight map[eventID]struct{}
+	// inFlight maps the events that may be in a stream while their rows
+	// are still in the outbox to the ids of those rows: the marker's, then
+	// the batch being published until its rows are deleted.
+	inFlight map[eventID]int64
 	// err, once set, fails every later publish: the connection's WATCH
 	// state is unknown, or another relay took over.
 	err  error
 	cmds rueidis.Commands // reused between batches
 }
 
+// markerRecord is the size of one event in the marker: the outbox row id
+// (8 bytes, big-endian) and the event id (16 bytes).
+const markerRecord = 8 + 16
+
+// rowsExist returns those of ids that are still rows of the outbox.
+type rowsExist func(ctx context.Context, ids []int64) ([]int64, error)
+
 // open starts a session: it takes a new epoch, which from then on fails
 // the EXEC of any relay that held the lock before, and reads the marker
-// those relays left. It must be called only with the drain lock held, and
-// the session closed before the lock is let go.
-func (p *Publisher) open(ctx context.Context) *session {
+// those relays left, keeping the records whose rows exist. It must be
+// called only with the drain lock held, and the session closed before the
+// lock is let go.
+func (p *Publisher) open(ctx context.Context, exist rowsExist) *session {
 	conn, release := p.client.Dedicate()
 	s := &session{p: p, conn: conn, release: release, ready: make(chan struct{})}
 	go func() {
 		defer close(s.ready)
-		s.err = s.takeOver(ctx)
+		s.err = s.takeOver(ctx, exist)
 	}()
 	return s
 }
 
-func (s *session) takeOver(ctx context.Context) error {
+func (s *session) takeOver(ctx context.Context, exist rowsExist) error {
 	p, c := s.p, s.conn
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
@@ -137,13 +153,29 @@ func (s *session) takeOver(ctx context.Context) error {
 	if current, _ := results[4].ToString(); current != s.epoch {
 		return fmt.Errorf("take publishing epoch: %w", ErrSuperseded)
 	}
-	s.inFlight = make(map[eventID]struct{})
+	s.inFlight = make(map[eventID]int64)
 	if p.window == 0 {
 		return nil
 	}
 	marker, _ := results[2].AsBytes() // nil when there is none
-	for i := 0; i+16 <= len(marker); i += 16 {
-		s.inFlight[eventID(marker[i:i+16])] = struct{}{}
+	if len(marker) == 0 {
+		return nil
+	}
+	byRow := make(map[int64]eventID, len(marker)/markerRecord)
+	rows := make([]int64, 0, len(marker)/markerRecord)
+	for i := 0; i+markerRecord <= len(marker); i += markerRecord {
+		row := int64(binary.BigEndian.Uint64(marker[i:]))
+		byRow[row] = eventID(marker[i+8 : i+markerRecord])
+		rows = append(rows, row)
+	}
+	// A row that is gone was committed (deleted) by whoever published it;
+	// only the rows still there can be claimed, and published, again.
+	rows, err = exist(ctx, rows)
+	if err != nil {
+		return fmt.Errorf("check in-flight rows: %w", err)
+	}
+	for _, row := range rows {
+		s.inFlight[byRow[row]] = row
 	}
 	return nil
 }
@@ -178,10 +210,11 @@ func (s *session) publish(ctx context.Context, events []row) (int, error) {
 	}
 	if p.window > 0 {
 		for i := range events {
-			s.inFlight[events[i].EventID] = struct{}{}
+			s.inFlight[events[i].EventID] = events[i].ID
 		}
-		marker := make([]byte, 0, 16*len(s.inFlight))
-		for id := range s.inFlight {
+		marker := make([]byte, 0, markerRecord*len(s.inFlight))
+		for id, row := range s.inFlight {
+			marker = binary.BigEndian.AppendUint64(marker, uint64(row))
 			marker = append(marker, id[:]...)
 		}
 		cmds = append(cmds, c.B().Set().Key(p.markerKey).Value(rueidis.BinaryString(marker)).

@@ -323,6 +323,42 @@ func TestRelay(t *testing.T) {
 		require.Zero(t, b.outboxCount(t))
 	})
 
+	t.Run("keeps no more than the batch in doubt in its in-flight marker", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		records := func() int64 {
+			n, err := b.redis.Do(ctx, b.redis.B().Strlen().Key(b.prefix+"_relay:in-flight").Build()).AsInt64()
+			require.NoError(t, err)
+			return n / markerRecord
+		}
+		s := b.relay(t)
+		for i := range 30 {
+			b.insert(t, "item", "a", i, 1)
+			_, err := s.drainer.Drain(ctx, time.Time{})
+			require.NoError(t, err)
+			require.LessOrEqual(t, records(), int64(1), "drain %d carried committed batches forward", i)
+		}
+
+		// A crash leaves a batch in doubt: the next relay keeps it, skips
+		// it, and drops it from the marker once its rows are deleted.
+		b.insertBulk(t, "item", 150)
+		crashing := b.relay(t)
+		crashing.drainer.afterPublish = func() error { return errors.New("simulated crash") }
+		_, err := crashing.drainer.Drain(ctx, time.Time{})
+		require.Error(t, err)
+		require.EqualValues(t, 100, records())
+		res, err := b.relay(t).drainer.Drain(ctx, time.Time{})
+		require.NoError(t, err)
+		require.Equal(t, 100, res.Duplicates)
+		require.Equal(t, 50, res.Relayed)
+		b.insert(t, "item", "b", 0, 1)
+		_, err = s.drainer.Drain(ctx, time.Time{})
+		require.NoError(t, err)
+		require.LessOrEqual(t, records(), int64(1))
+		require.Len(t, b.entries(t, "item"), 181, "every event once")
+	})
+
 	t.Run("republishes an interrupted batch when suppression is off", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
