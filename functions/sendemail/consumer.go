@@ -228,6 +228,7 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry, de
 	firstOf := make(map[string]int, len(entries))
 	copyOf := make(map[int]int)
 	var keys, eventIDs []string
+	var firstErr error
 	for i, e := range entries {
 		j, o := c.prepare(e, count(e.ID))
 		if j == nil {
@@ -246,6 +247,9 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry, de
 		claimCtx, cancel := context.WithTimeout(ctx, redisTimeout)
 		states, err := c.sends.Claim(claimCtx, keys, eventIDs, c.name)
 		cancel()
+		// The entries stay pending; the caller hears of it so that it backs
+		// off (or answers 503) instead of reading more that cannot be sent.
+		firstErr = err
 		marks := c.startMarks(ctx)
 		sem := make(chan struct{}, c.concurrency)
 		var wg sync.WaitGroup
@@ -287,7 +291,6 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry, de
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
 	defer cancel()
 	var ack []string
-	var firstErr error
 	for i, o := range outcomes {
 		e := entries[i]
 		switch o.kind {
@@ -552,6 +555,16 @@ func (c *Consumer) Run(ctx context.Context, claimInterval time.Duration) {
 		}
 	})
 	for ctx.Err() == nil {
+		if health.failing() {
+			// Every entry read raises its delivery count: read none until
+			// the send records can be reached again.
+			if err := c.ping(ctx); err != nil {
+				if !health.failed(ctx, c.logger, err) {
+					return
+				}
+				continue
+			}
+		}
 		entries, err := c.read(ctx, ">", c.block)
 		if err == nil && len(entries) > 0 {
 			_, err = c.handle(ctx, entries, nil)
@@ -600,6 +613,12 @@ func (c *Consumer) Pass(ctx context.Context, stopBy time.Time) (Stats, error) {
 // cursor to its end, and processes them.
 func (c *Consumer) ClaimIdle(ctx context.Context, stopBy time.Time) (Stats, error) {
 	var stats Stats
+	// A claim raises each entry's delivery count. While PostgreSQL is down
+	// no delivery can succeed, and claiming anyway would push every pending
+	// entry toward the dead-letter stream during an outage.
+	if err := c.ping(ctx); err != nil {
+		return stats, err
+	}
 	cursor := "0-0"
 	for {
 		next, entries, deleted, err := c.claim(ctx, cursor)
@@ -624,6 +643,14 @@ func (c *Consumer) ClaimIdle(ctx context.Context, stopBy time.Time) (Stats, erro
 		}
 		cursor = next
 	}
+}
+
+// ping checks, within a Redis round trip's time, that the send records can
+// be reached.
+func (c *Consumer) ping(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
+	return c.sends.Ping(ctx)
 }
 
 // drainOwnPending processes the entries pending for this consumer's name.
@@ -674,6 +701,9 @@ func (h *healthLog) failed(ctx context.Context, logger *slog.Logger, err error) 
 		return true
 	}
 }
+
+// failing reports whether the last try failed.
+func (h *healthLog) failing() bool { return h.backoff != nil }
 
 func (h *healthLog) ok(ctx context.Context, logger *slog.Logger) {
 	if h.backoff != nil {

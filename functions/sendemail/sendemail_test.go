@@ -296,6 +296,46 @@ func TestSendEmail(t *testing.T) {
 		require.Zero(t, b.pending(t))
 	})
 
+	t.Run("answers 503 while PostgreSQL is down and claims nothing, so an outage dead-letters nothing", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		fast := func(c *Config) { c.ClaimIdle, c.Lease = 20*time.Millisecond, 10*time.Millisecond }
+		require.NoError(t, b.service(t, fast).consumer.EnsureGroup(ctx))
+		b.add(t, 1, "ada@example.com", "Ada")
+		b.add(t, 2, "bob@example.com", "Bob")
+		// A consumer read the first entry and crashed: it is pending, idle.
+		_, err := b.redis.Do(ctx, b.redis.B().Xreadgroup().Group("sendemail", "crashed").Count(1).
+			Streams().Key(b.stream).Id(">").Build()).AsXRead()
+		require.NoError(t, err)
+		time.Sleep(30 * time.Millisecond)
+
+		down := b.service(t, fast, func(c *Config) {
+			c.DatabaseURL = "postgres://postgres@127.0.0.1:1/none?sslmode=disable&connect_timeout=2"
+		})
+		for range 3 {
+			rec := httptest.NewRecorder()
+			down.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/", nil))
+			require.Equal(t, http.StatusServiceUnavailable, rec.Code, rec.Body.String())
+			require.Contains(t, rec.Body.String(), `"code":"unavailable"`)
+		}
+		detail, err := b.redis.Do(ctx, b.redis.B().Xpending().Key(b.stream).Group("sendemail").
+			Start("-").End("+").Count(10).Build()).ToArray()
+		require.NoError(t, err)
+		require.Len(t, detail, 1, "the second entry was not read")
+		fields, err := detail[0].ToArray()
+		require.NoError(t, err)
+		owner, _ := fields[1].ToString()
+		deliveries, _ := fields[3].AsInt64()
+		require.Equal(t, "crashed", owner, "the idle entry was not claimed")
+		require.EqualValues(t, 1, deliveries)
+
+		require.Equal(t, Stats{Claimed: 1, Sent: 2}, pass(t, b.service(t, fast)), "once PostgreSQL is back, both go out")
+		require.Equal(t, 2, b.smtp.Count())
+		require.Zero(t, b.pending(t))
+		require.Empty(t, b.deadLetters(t))
+	})
+
 	t.Run("dead-letters an entry after the maximum number of deliveries", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)

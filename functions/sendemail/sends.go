@@ -84,6 +84,14 @@ func (s *Sends) Claim(ctx context.Context, keys, eventIDs []string, consumer str
 	return states, nil
 }
 
+// Ping checks that the send records can be reached.
+func (s *Sends) Ping(ctx context.Context) error {
+	if err := s.pool.Ping(ctx); err != nil {
+		return fmt.Errorf("reach send records: %w", err)
+	}
+	return nil
+}
+
 // MarkSent records that the mail server accepted the messages of keys (with
 // their Message-IDs), in one statement.
 func (s *Sends) MarkSent(ctx context.Context, keys, messageIDs []string) error {
