@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -177,7 +178,12 @@ func Serve(ctx context.Context, ln net.Listener, cfg Config, logger *slog.Logger
 		}
 		mux.Handle(path, recoverPanic(logger, fn.Handler))
 	}
-	mux.Handle("GET /healthz", healthz(fns, services))
+	mux.Handle("/healthz", healthz(fns, services))
+	if cfg.FunctionTarget == "" {
+		// Go's own answer to an unknown path is plain text; every answer of
+		// this server is JSON.
+		mux.Handle("/", notFound(fns))
+	}
 
 	for i, s := range services {
 		if err := s.Start(ctx); err != nil {
@@ -233,8 +239,22 @@ func stopAll(services []Service) {
 	wg.Wait()
 }
 
+func notFound(fns []Function) http.Handler {
+	paths := make([]string, len(fns))
+	for i, fn := range fns {
+		paths[i] = "/" + fn.Name
+	}
+	msg := fmt.Sprintf("no such path; this server has %s and /healthz", strings.Join(paths, ", "))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		httpjson.WriteError(w, r, slog.Default(), httpjson.Errorf(http.StatusNotFound, "not_found", "%s", msg))
+	})
+}
+
 func healthz(fns []Function, services []Service) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !httpjson.Method(w, r, http.MethodGet, http.MethodHead) {
+			return
+		}
 		report := struct {
 			Status    string            `json:"status"`
 			Functions map[string]Health `json:"functions"`
