@@ -21,7 +21,7 @@ services: ## Make sure PostgreSQL and Redis answer (starts local ones that are i
 
 .PHONY: migrate
 migrate: services ## Apply pending migrations to DATABASE_URL.
-	@$(GO) run ./cmd/outboxctl migrate
+	@$(GO) run ./deploy/outboxctl migrate
 
 .PHONY: run
 run: migrate ## Run the whole pipeline locally on :8080 (PORT to change).
@@ -33,8 +33,8 @@ test: services vet lint ## Vet, lint and run every test (race detector on) again
 
 .PHONY: bench
 bench: services ## Measure the pipeline against same-run baselines (about 3 minutes); writes bench-results.json.
-	$(GO) build -o $(BIN)/outboxbench ./cmd/outboxbench
-	$(BIN)/outboxbench -out bench-results.json
+	$(GO) build -o $(BIN)/bench ./local/bench
+	$(BIN)/bench -out bench-results.json
 
 .PHONY: vet
 vet: ## go vet.
@@ -49,7 +49,7 @@ $(STATICCHECK):
 
 .PHONY: build
 build: ## Build static binaries of every function and tool into bin/.
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o $(BIN)/ ./functions/... ./cmd/... ./local/...
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o $(BIN)/ ./functions/... ./deploy/outboxctl ./local/...
 
 .PHONY: deploy
 deploy: ## Build in Cloud Build and deploy to Cloud Run: GCP_PROJECT=... [GCP_REGION= SQL_INSTANCE= NETWORK= SUBNET= MAIL_FROM=].
@@ -57,7 +57,7 @@ deploy: ## Build in Cloud Build and deploy to Cloud Run: GCP_PROJECT=... [GCP_RE
 
 .PHONY: docs
 docs: ## Regenerate the configuration tables in README.md from the config structs.
-	$(GO) run ./cmd/outboxctl envdoc README.md
+	$(GO) run ./deploy/outboxctl envdoc README.md
 
 .PHONY: clean
 clean: ## Remove build output and local mail.

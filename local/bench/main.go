@@ -1,9 +1,9 @@
-// Command outboxbench measures the pipeline on the local PostgreSQL and
+// Command bench measures the pipeline on the local PostgreSQL and
 // Redis, each figure against a baseline measured in the same run, because
 // absolute numbers on a shared machine drift. `make bench` runs it; it prints
 // one table and writes the same figures as JSON.
 //
-//	outboxbench [-out bench-results.json] [-smoke]
+//	bench [-out bench-results.json] [-smoke]
 //
 // -smoke runs every measurement on tiny sizes, to prove it still works; its
 // figures mean nothing.
@@ -33,7 +33,7 @@ func main() {
 	defer stop()
 	if *rssChild != "" {
 		if err := rssChildMain(ctx, *rssChild, *rssPrefix); err != nil {
-			fmt.Fprintln(os.Stderr, "outboxbench:", err)
+			fmt.Fprintln(os.Stderr, "bench:", err)
 			os.Exit(1)
 		}
 		return
@@ -44,7 +44,7 @@ func main() {
 			err = pprof.StartCPUProfile(f)
 		}
 		if err != nil {
-			fmt.Fprintln(os.Stderr, "outboxbench: cpu profile:", err)
+			fmt.Fprintln(os.Stderr, "bench: cpu profile:", err)
 			os.Exit(1)
 		}
 		defer pprof.StopCPUProfile()
@@ -55,7 +55,7 @@ func main() {
 	}
 	report, err := Run(ctx, settings, *only, os.Stdout)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "outboxbench:", err)
+		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 	b, err := json.MarshalIndent(report, "", "  ")
@@ -63,7 +63,7 @@ func main() {
 		err = os.WriteFile(*out, append(b, '\n'), 0o644)
 	}
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "outboxbench: write results:", err)
+		fmt.Fprintln(os.Stderr, "bench: write results:", err)
 		os.Exit(1)
 	}
 	fmt.Printf("\nfigures written to %s\n", *out)
