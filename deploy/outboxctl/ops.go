@@ -15,6 +15,7 @@ import (
 
 	"github.com/outboxfn/outbox/functions/sendemail"
 	"github.com/outboxfn/outbox/shared/events"
+	"github.com/outboxfn/outbox/shared/outbox"
 	"github.com/outboxfn/outbox/shared/stream"
 )
 
@@ -41,10 +42,7 @@ func (o *ops) deadStream() string { return sendemail.DeadLetterStream(o.userStre
 
 // Status is what `outboxctl status` reports.
 type Status struct {
-	Outbox struct {
-		Backlog          int64   `json:"backlog"`
-		OldestAgeSeconds float64 `json:"oldest_age_seconds"`
-	} `json:"outbox"`
+	Outbox  outbox.Backlog `json:"outbox"`
 	Streams []StreamStatus `json:"streams"`
 }
 
@@ -76,11 +74,9 @@ type ConsumerStatus struct {
 
 func (o *ops) status(ctx context.Context) (Status, error) {
 	var s Status
-	err := o.pool.QueryRow(ctx,
-		`SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox`).
-		Scan(&s.Outbox.Backlog, &s.Outbox.OldestAgeSeconds)
-	if err != nil {
-		return s, fmt.Errorf("measure outbox: %w", err)
+	var err error
+	if s.Outbox, err = outbox.MeasureBacklog(ctx, o.pool); err != nil {
+		return s, err
 	}
 	keys, err := o.streams(ctx)
 	if err != nil {
@@ -161,7 +157,7 @@ func num(m rueidis.RedisMessage) int64 {
 }
 
 func printStatus(w io.Writer, s Status) {
-	fmt.Fprintf(w, "outbox: %d events waiting, oldest %.1fs old\n", s.Outbox.Backlog, s.Outbox.OldestAgeSeconds)
+	fmt.Fprintf(w, "outbox: %d events waiting, oldest %.1fs old\n", s.Outbox.Events, s.Outbox.OldestAgeSeconds)
 	if len(s.Streams) == 0 {
 		fmt.Fprintln(w, "no streams yet")
 	}
@@ -221,14 +217,7 @@ func (o *ops) dlqRedrive(ctx context.Context, ids []string) (int, error) {
 			target = o.userStream()
 		}
 		add := o.redis.B().Xadd().Key(target).Id("*").FieldValue()
-		keys := make([]string, 0, len(e.FieldValues))
-		for k := range e.FieldValues {
-			if !strings.HasPrefix(k, "dlq_") {
-				keys = append(keys, k)
-			}
-		}
-		sort.Strings(keys)
-		for _, k := range keys {
+		for _, k := range sendemail.OriginalFields(e.FieldValues) {
 			add = add.FieldValue(k, e.FieldValues[k])
 		}
 		return rueidis.Commands{add.Build()}

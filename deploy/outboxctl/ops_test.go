@@ -92,7 +92,7 @@ func TestStatus(t *testing.T) {
 
 	s, err := b.ops.status(ctx)
 	require.NoError(t, err)
-	require.EqualValues(t, 2, s.Outbox.Backlog)
+	require.EqualValues(t, 2, s.Outbox.Events)
 	require.InDelta(t, 90, s.Outbox.OldestAgeSeconds, 5)
 	require.Len(t, s.Streams, 1, "the dead-letter stream is reported with its stream, not as one")
 	st := s.Streams[0]
@@ -113,7 +113,7 @@ func TestStatus(t *testing.T) {
 	require.NoError(t, b.ops.command(ctx, []string{"status", "-json"}))
 	var decoded Status
 	require.NoError(t, json.Unmarshal(b.out.Bytes(), &decoded))
-	require.Equal(t, s.Outbox.Backlog, decoded.Outbox.Backlog)
+	require.Equal(t, s.Outbox.Events, decoded.Outbox.Events)
 }
 
 func TestDeadLetters(t *testing.T) {

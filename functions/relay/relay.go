@@ -21,7 +21,6 @@ package relay
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -115,23 +114,9 @@ func (s *Service) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 	return s.drainer.Drain(ctx, stopBy)
 }
 
-// Backlog describes the rows waiting in the outbox.
-type Backlog struct {
-	Events int64 `json:"backlog"`
-	// OldestAgeSeconds is the age of the oldest unrelayed event.
-	OldestAgeSeconds float64 `json:"oldest_age_seconds"`
-}
-
-// Backlog counts the outbox.
-func (s *Service) Backlog(ctx context.Context) (Backlog, error) {
-	var b Backlog
-	err := s.pool.QueryRow(ctx,
-		`SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox`).
-		Scan(&b.Events, &b.OldestAgeSeconds)
-	if err != nil {
-		return b, fmt.Errorf("measure backlog: %w", err)
-	}
-	return b, nil
+// Backlog measures what waits in the outbox.
+func (s *Service) Backlog(ctx context.Context) (outbox.Backlog, error) {
+	return outbox.MeasureBacklog(ctx, s.pool)
 }
 
 // Health checks PostgreSQL and Redis and reports the backlog.
@@ -298,7 +283,7 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	httpjson.Write(w, http.StatusOK, struct {
 		Result
-		Backlog
+		outbox.Backlog
 		Busy       bool    `json:"busy"`
 		DurationMS float64 `json:"duration_ms"`
 	}{res, backlog, busy, float64(time.Since(start).Microseconds()) / 1000})

@@ -31,6 +31,20 @@ const (
 	FieldDeadFailedAt   = "dlq_failed_at"
 )
 
+// OriginalFields returns, sorted, the names of an entry's fields that are
+// not dead-letter bookkeeping: what to copy when an entry moves to the
+// dead-letter stream, or back from it.
+func OriginalFields(fields map[string]string) []string {
+	keys := make([]string, 0, len(fields))
+	for k := range fields {
+		if !strings.HasPrefix(k, "dlq_") {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	return keys
+}
+
 // Stats counts what the consumer did with the entries it handled.
 type Stats struct {
 	// Sent counts emails the mail server accepted.
@@ -489,14 +503,7 @@ func (m *markBatcher) close() {
 // lost and never left pending.
 func (c *Consumer) deadLetterEntry(ctx context.Context, e rueidis.XRangeEntry, deliveries int64, reason error) error {
 	add := c.client.B().Xadd().Key(c.deadLetter).Id("*").FieldValue()
-	keys := make([]string, 0, len(e.FieldValues))
-	for k := range e.FieldValues {
-		if !strings.HasPrefix(k, "dlq_") {
-			keys = append(keys, k)
-		}
-	}
-	slices.Sort(keys)
-	for _, k := range keys {
+	for _, k := range OriginalFields(e.FieldValues) {
 		add = add.FieldValue(k, e.FieldValues[k])
 	}
 	add = add.FieldValue(FieldDeadOriginalID, e.ID).

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
@@ -52,4 +53,31 @@ func Insert(ctx context.Context, tx Execer, e Event) error {
 		return fmt.Errorf("insert outbox event %s: %w", e.EventType, err)
 	}
 	return nil
+}
+
+// Backlog is what waits in the outbox for the relay.
+type Backlog struct {
+	// Events counts the rows not yet relayed.
+	Events int64 `json:"backlog"`
+	// OldestAgeSeconds is the age of the oldest of them; zero when none wait.
+	OldestAgeSeconds float64 `json:"oldest_age_seconds"`
+}
+
+// Querier is the part of a pool, connection or transaction that
+// MeasureBacklog needs.
+type Querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// MeasureBacklog counts the outbox. The relay deletes what it relays, so the
+// count stays cheap while the relay keeps up.
+func MeasureBacklog(ctx context.Context, q Querier) (Backlog, error) {
+	var b Backlog
+	err := q.QueryRow(ctx,
+		`SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM outbox`).
+		Scan(&b.Events, &b.OldestAgeSeconds)
+	if err != nil {
+		return b, fmt.Errorf("measure outbox backlog: %w", err)
+	}
+	return b, nil
 }
