@@ -134,14 +134,27 @@ func NewDrainer(pool *pgxpool.Pool, publisher *Publisher, batchSize int, lockWai
 // committed before the second phase reads, or it is in Result.Lingering,
 // which the caller watches and drains again for when it ends. Transactions
 // that start later ring the doorbell as usual.
+//
+// A drain with a deadline (the HTTP trigger's) that finds another drain of
+// this process under way returns ErrBusy at once: that drain goes on until
+// the outbox is empty, and waiting behind it would only end in a timeout.
+// A drain without one (the background loop's) waits its turn.
 func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 	var res Result
-	select {
-	case d.sem <- struct{}{}:
-		defer func() { <-d.sem }()
-	case <-ctx.Done():
-		return res, ctx.Err()
+	if !stopBy.IsZero() {
+		select {
+		case d.sem <- struct{}{}:
+		default:
+			return res, ErrBusy
+		}
+	} else {
+		select {
+		case d.sem <- struct{}{}:
+		case <-ctx.Done():
+			return res, ctx.Err()
+		}
 	}
+	defer func() { <-d.sem }()
 	conn, err := d.pool.Acquire(ctx)
 	if err != nil {
 		return res, fmt.Errorf("acquire connection: %w", err)

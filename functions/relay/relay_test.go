@@ -448,6 +448,21 @@ func TestRelay(t *testing.T) {
 		require.True(t, notified())
 	})
 
+	t.Run("answers busy at once while its own loop is draining", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		s := b.relay(t, func(c *Config) { c.DrainTimeout = 2 * time.Second })
+		b.insertBulk(t, "item", 5)
+		s.drainer.sem <- struct{}{} // the background loop is in a drain
+		began := time.Now()
+		status, body := trigger(t, s)
+		<-s.drainer.sem
+		require.Equal(t, http.StatusOK, status, body)
+		require.Equal(t, true, body["busy"])
+		require.EqualValues(t, 5, body["backlog"])
+		require.Less(t, time.Since(began), time.Second, "it did not wait for the drain to end")
+	})
+
 	t.Run("answers other methods with 405 and a missing token with 401", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
