@@ -96,15 +96,7 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // handle validates the request and creates the user, or finds the answer
 // already given to the same Idempotency-Key.
 func (s *Service) handle(r *http.Request) (status int, body json.RawMessage, replayed bool, err error) {
-	var req request
-	if err := httpjson.Decode(r, maxBodyBytes, &req); err != nil {
-		return 0, nil, false, err
-	}
-	u, err := req.validate()
-	if err != nil {
-		return 0, nil, false, err
-	}
-	key, err := idempotencyKey(r.Header)
+	u, key, err := parse(r)
 	if err != nil {
 		return 0, nil, false, err
 	}

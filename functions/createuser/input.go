@@ -29,6 +29,23 @@ type request struct {
 	Name  *string `json:"name"`
 }
 
+// parse reads and checks everything a request carries before it reaches
+// the database: the body and the Idempotency-Key. Every error is an
+// *httpjson.Error with a 4xx status.
+func parse(r *http.Request) (u newUser, idempotencyKey string, err error) {
+	var req request
+	if err := httpjson.Decode(r, maxBodyBytes, &req); err != nil {
+		return newUser{}, "", err
+	}
+	if u, err = req.validate(); err != nil {
+		return newUser{}, "", err
+	}
+	if idempotencyKey, err = readIdempotencyKey(r.Header); err != nil {
+		return newUser{}, "", err
+	}
+	return u, idempotencyKey, nil
+}
+
 // newUser is a request that passed validation.
 type newUser struct {
 	Email string
@@ -105,9 +122,9 @@ func hasControl(s string) bool {
 	}) >= 0
 }
 
-// idempotencyKey reads the Idempotency-Key header: absent is fine, present
-// must be 1 to 255 visible ASCII characters.
-func idempotencyKey(h http.Header) (string, error) {
+// readIdempotencyKey reads the Idempotency-Key header: absent is fine,
+// present must be 1 to 255 visible ASCII characters.
+func readIdempotencyKey(h http.Header) (string, error) {
 	values := h.Values("Idempotency-Key")
 	switch {
 	case len(values) == 0:
