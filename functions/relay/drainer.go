@@ -178,11 +178,24 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 			}
 		}
 		complete, err := d.drainBatches(ctx, conn, sess, stopBy, d.busyPause, &res)
-		d.unlock(ctx, conn, busyLock)
-		busy = false
 		if err != nil || !complete {
+			d.unlock(ctx, conn, busyLock)
 			return res, err
 		}
+		// A snapshot lists in xip only the transactions below its xmax,
+		// which is one past the latest xid to complete, not the next xid
+		// to be assigned. An inserter that skipped the doorbell may hold
+		// the newest xid of all, and no later one may have completed yet:
+		// it would be in progress without being listed, and its row would
+		// wait for the next wake-up. So the busy lock is released by a
+		// transaction that then takes an xid and commits (in one round
+		// trip, and without a WAL flush, as it writes nothing): that xid
+		// is above every skipper's, and once it has completed, xmax is too.
+		if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock("+busyLock+"); SELECT pg_current_xact_id()"); err != nil {
+			conn.Conn().Close(ctx) //nolint:errcheck // closing releases the lock; the pool discards the connection
+			return res, fmt.Errorf("release busy lock: %w", err)
+		}
+		busy = false
 		var open []int64
 		if err := conn.QueryRow(ctx,
 			`SELECT coalesce(array_agg(x::text::bigint), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x`).Scan(&open); err != nil {
