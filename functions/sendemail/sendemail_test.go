@@ -410,6 +410,26 @@ func TestSendEmail(t *testing.T) {
 		require.Zero(t, b.smtp.Count())
 	})
 
+	t.Run("reads nothing more in the background while PostgreSQL is down", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		s := b.service(t, func(c *Config) {
+			c.DatabaseURL = "postgres://postgres@127.0.0.1:1/none?sslmode=disable&connect_timeout=2"
+		})
+		require.NoError(t, s.consumer.EnsureGroup(context.Background()))
+		b.add(t, 1, "ada@example.com", "Ada")
+		require.NoError(t, s.Start(context.Background()))
+		// The first read cannot know; its claim fails and the entry stays
+		// pending, delivered once.
+		require.Eventually(t, func() bool { return b.pending(t) == 1 }, 10*time.Second, 5*time.Millisecond)
+		b.add(t, 2, "bob@example.com", "Bob")
+		// Several of the loop's backoff steps (100 ms, growing) pass.
+		time.Sleep(700 * time.Millisecond)
+		s.Stop()
+		require.EqualValues(t, 1, b.pending(t), "the second entry was not read, so its delivery count did not rise")
+		require.Zero(t, b.smtp.Count())
+	})
+
 	t.Run("sends in the background loop as entries arrive", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
