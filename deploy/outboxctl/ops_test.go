@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxfn/outbox/functions/sendemail"
@@ -32,10 +31,7 @@ type testBundle struct {
 
 func setup(t *testing.T) *testBundle {
 	t.Helper()
-	url := pgtest.New(t)
-	pool, err := pgxpool.New(context.Background(), url)
-	require.NoError(t, err)
-	t.Cleanup(pool.Close)
+	url, pool := pgtest.NewPool(t)
 	client, prefix := redistest.New(t)
 	out := &bytes.Buffer{}
 	return &testBundle{ops: &ops{pool: pool, redis: client, prefix: prefix, group: "sendemail", out: out}, out: out, url: url, smtp: smtptest.Start(t)}

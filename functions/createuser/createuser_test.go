@@ -30,7 +30,7 @@ type testBundle struct {
 
 func setup(t *testing.T, mutate ...func(*Config)) *testBundle {
 	t.Helper()
-	url := pgtest.New(t)
+	url, pool := pgtest.NewPool(t)
 	cfg := Config{
 		Config:         logging.Config{LogFormat: "text", LogLevel: "info"},
 		DatabaseURL:    url,
@@ -43,9 +43,6 @@ func setup(t *testing.T, mutate ...func(*Config)) *testBundle {
 	svc, err := New(context.Background(), cfg, logging.Discard())
 	require.NoError(t, err)
 	t.Cleanup(svc.Close)
-	pool, err := pgxpool.New(context.Background(), url)
-	require.NoError(t, err)
-	t.Cleanup(pool.Close)
 	return &testBundle{svc: svc, pool: pool}
 }
 

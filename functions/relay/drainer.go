@@ -135,24 +135,26 @@ func NewDrainer(pool *pgxpool.Pool, publisher *Publisher, batchSize int, lockWai
 // which the caller watches and drains again for when it ends. Transactions
 // that start later ring the doorbell as usual.
 //
-// A drain with a deadline (the HTTP trigger's) that finds another drain of
-// this process under way returns ErrBusy at once: that drain goes on until
-// the outbox is empty, and waiting behind it would only end in a timeout.
-// A drain without one (the background loop's) waits its turn.
+// A drain with a deadline (the HTTP trigger's) waits for another drain of
+// this process as it waits for another relay's drain lock: up to lockWait,
+// and never past stopBy, then it returns ErrBusy. A drain that keeps going
+// that long drains until the outbox is empty; one that is failing (Redis
+// down) ends at once and lets this one try, and fail, for itself. A drain
+// without a deadline (the background loop's) waits its turn.
 func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 	var res Result
+	var gaveUp <-chan time.Time
 	if !stopBy.IsZero() {
-		select {
-		case d.sem <- struct{}{}:
-		default:
-			return res, ErrBusy
-		}
-	} else {
-		select {
-		case d.sem <- struct{}{}:
-		case <-ctx.Done():
-			return res, ctx.Err()
-		}
+		t := time.NewTimer(min(d.lockWait, time.Until(stopBy)))
+		defer t.Stop()
+		gaveUp = t.C
+	}
+	select {
+	case d.sem <- struct{}{}:
+	case <-gaveUp:
+		return res, ErrBusy
+	case <-ctx.Done():
+		return res, ctx.Err()
 	}
 	defer func() { <-d.sem }()
 	conn, err := d.pool.Acquire(ctx)

@@ -40,10 +40,7 @@ type testBundle struct {
 
 func setup(t *testing.T) *testBundle {
 	t.Helper()
-	url := pgtest.New(t)
-	pool, err := pgxpool.New(context.Background(), url)
-	require.NoError(t, err)
-	t.Cleanup(pool.Close)
+	url, pool := pgtest.NewPool(t)
 	client, prefix := redistest.New(t)
 	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix}
 }
@@ -386,7 +383,11 @@ func TestRelay(t *testing.T) {
 			n, _ := client.Do(context.Background(), client.B().Xlen().Key(b.prefix+"item").Build()).AsInt64()
 			return n
 		}
-		waitFor(t, 10*time.Second, "3 entries arrive", func() bool { return count() == 3 })
+		// Rows are deleted once the EXEC's reply is in; stopping Redis before
+		// then would leave them to be published again.
+		waitFor(t, 10*time.Second, "3 entries arrive and their rows are deleted", func() bool {
+			return count() == 3 && b.outboxCount(t) == 0
+		})
 
 		server.Stop()
 		b.insert(t, "item", "a", 3, 5)
@@ -473,19 +474,17 @@ func TestRelay(t *testing.T) {
 		require.True(t, notified())
 	})
 
-	t.Run("answers busy at once while its own loop is draining", func(t *testing.T) {
+	t.Run("answers busy, not 503, while its own loop keeps draining", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
-		s := b.relay(t, func(c *Config) { c.DrainTimeout = 2 * time.Second })
+		s := b.relay(t, func(c *Config) { c.DrainTimeout = time.Second })
 		b.insertBulk(t, "item", 5)
-		s.drainer.sem <- struct{}{} // the background loop is in a drain
-		began := time.Now()
+		s.drainer.sem <- struct{}{} // the background loop is in a long drain
 		status, body := trigger(t, s)
 		<-s.drainer.sem
 		require.Equal(t, http.StatusOK, status, body)
 		require.Equal(t, true, body["busy"])
 		require.EqualValues(t, 5, body["backlog"])
-		require.Less(t, time.Since(began), time.Second, "it did not wait for the drain to end")
 	})
 
 	t.Run("answers other methods with 405 and a missing token with 401", func(t *testing.T) {

@@ -43,10 +43,7 @@ type testBundle struct {
 
 func setup(t *testing.T) *testBundle {
 	t.Helper()
-	url := pgtest.New(t)
-	pool, err := pgxpool.New(context.Background(), url)
-	require.NoError(t, err)
-	t.Cleanup(pool.Close)
+	url, pool := pgtest.NewPool(t)
 	client, prefix := redistest.New(t)
 	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, smtp: smtptest.Start(t), stream: prefix + "user"}
 }

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outboxfn/outbox/shared/logging"
 	"github.com/outboxfn/outbox/shared/pg"
@@ -58,6 +59,19 @@ func New(t testing.TB) string {
 		}
 	})
 	return url
+}
+
+// NewPool is New plus a pool on the new database, closed when t ends: what
+// most tests need to look at the rows the code under test wrote.
+func NewPool(t testing.TB) (string, *pgxpool.Pool) {
+	t.Helper()
+	url := New(t)
+	pool, err := pgxpool.New(context.Background(), url)
+	if err != nil {
+		t.Fatalf("pgtest: open pool: %v", err)
+	}
+	t.Cleanup(pool.Close)
+	return url, pool
 }
 
 // Create makes a migrated database called name (dropping any old one of
