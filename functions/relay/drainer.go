@@ -180,24 +180,14 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 			}
 		}
 		complete, err := d.drainBatches(ctx, conn, sess, stopBy, d.busyPause, &res)
+		releaseErr := d.releaseBusy(ctx, conn)
+		busy = false
 		if err != nil || !complete {
-			d.unlock(ctx, conn, busyLock)
 			return res, err
 		}
-		// A snapshot lists in xip only the transactions below its xmax,
-		// which is one past the latest xid to complete, not the next xid
-		// to be assigned. An inserter that skipped the doorbell may hold
-		// the newest xid of all, and no later one may have completed yet:
-		// it would be in progress without being listed, and its row would
-		// wait for the next wake-up. So the busy lock is released by a
-		// transaction that then takes an xid and commits (in one round
-		// trip, and without a WAL flush, as it writes nothing): that xid
-		// is above every skipper's, and once it has completed, xmax is too.
-		if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock("+busyLock+"); SELECT pg_current_xact_id()"); err != nil {
-			conn.Conn().Close(ctx) //nolint:errcheck // closing releases the lock; the pool discards the connection
-			return res, fmt.Errorf("release busy lock: %w", err)
+		if releaseErr != nil {
+			return res, releaseErr
 		}
-		busy = false
 		var open []int64
 		if err := conn.QueryRow(ctx,
 			`SELECT coalesce(array_agg(x::text::bigint), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x`).Scan(&open); err != nil {
@@ -253,6 +243,27 @@ func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn) error {
 	}
 	if err != nil {
 		return fmt.Errorf("wait for drain lock: %w", err)
+	}
+	return nil
+}
+
+// releaseBusy releases busyLock, turning the doorbell back on.
+//
+// A snapshot lists in xip only the transactions below its xmax, which is
+// one past the latest xid to complete, not the next xid to be assigned. An
+// inserter that skipped the doorbell may hold the newest xid of all, and no
+// later one may have completed yet: it would be in progress without being
+// listed, and its row would wait for the next wake-up. So the statement
+// that releases the lock then takes an xid and commits (one round trip, and
+// no WAL flush, as it writes nothing): that xid is above every skipper's,
+// and once it has completed, so is the xmax of any later snapshot. If it
+// fails, the connection is closed, which releases the lock too.
+func (d *Drainer) releaseBusy(ctx context.Context, conn *pgxpool.Conn) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock("+busyLock+"); SELECT pg_current_xact_id()"); err != nil {
+		conn.Conn().Close(ctx) //nolint:errcheck // the pool discards a closed connection
+		return fmt.Errorf("release busy lock: %w", err)
 	}
 	return nil
 }
