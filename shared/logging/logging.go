@@ -1,5 +1,6 @@
 // Package logging builds the structured logger every function uses: JSON with
-// Cloud Logging's field names when deployed, readable text on a terminal.
+// Cloud Logging's field names when deployed, readable text on a terminal,
+// and never a password (see [Redact]).
 package logging
 
 import (
@@ -33,7 +34,8 @@ func (c Config) Validate() error {
 }
 
 // New returns a logger writing to w as c says. An invalid level falls back to
-// info; call Validate first to reject it.
+// info; call Validate first to reject it. Every message, string and error it
+// writes is passed through [Redact].
 func New(w io.Writer, c Config) *slog.Logger {
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(c.LogLevel))
@@ -45,9 +47,11 @@ func New(w io.Writer, c Config) *slog.Logger {
 		}
 	}
 	if format == "json" {
-		return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: cloudLogging}))
+		return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+			return cloudLogging(groups, redactAttr(groups, a))
+		}}))
 	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: redactAttr}))
 }
 
 // cloudLogging renames slog's keys to the ones Cloud Logging reads from a
