@@ -71,7 +71,7 @@ func TestPipeline(t *testing.T) {
 
 	var health *http.Response
 	require.Eventually(t, func() bool {
-		health, err = http.Get(base + "/healthz")
+		health, err = http.Get(base + serve.HealthPath)
 		return err == nil
 	}, 5*time.Second, 20*time.Millisecond)
 	var report struct {
@@ -136,7 +136,7 @@ func TestPipeline(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("server did not stop")
 		}
-		_, err = http.Get(base + "/healthz")
+		_, err = http.Get(base + serve.HealthPath)
 		require.Error(t, err, "the listener is closed")
 	})
 }

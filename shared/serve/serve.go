@@ -1,6 +1,7 @@
 // Package serve runs the product's functions as one HTTP server with the
 // things the Functions Framework's own Start lacks: background loops,
-// /healthz, and a graceful shutdown on SIGTERM.
+// health and liveness endpoints safe to expose, timeouts that cut off slow
+// clients, and a graceful shutdown on SIGTERM.
 //
 // Every function registers itself with the Functions Framework
 // (functions.HTTP) so that funcframework.Start and Cloud Functions buildpacks
@@ -42,39 +43,6 @@ type Service interface {
 	Close()
 }
 
-// Health is what a function says about itself on /healthz.
-type Health struct {
-	// OK is false when a dependency the function needs is unreachable.
-	OK bool `json:"ok"`
-	// Checks maps each dependency ("postgres", "redis") to "ok" or the error.
-	Checks map[string]string `json:"checks"`
-	// Details carries figures worth seeing at a glance, such as a backlog.
-	Details any `json:"details,omitempty"`
-}
-
-// Check runs each named check with a short deadline and gathers a Health.
-func Check(ctx context.Context, checks map[string]func(context.Context) error) Health {
-	h := Health{OK: true, Checks: make(map[string]string, len(checks))}
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	for name, check := range checks {
-		wg.Go(func() {
-			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			defer cancel()
-			result := "ok"
-			if err := check(ctx); err != nil {
-				result = err.Error()
-			}
-			mu.Lock()
-			defer mu.Unlock()
-			h.Checks[name] = result
-			h.OK = h.OK && result == "ok"
-		})
-	}
-	wg.Wait()
-	return h
-}
-
 // Function is one of the product's functions as the server sees it.
 type Function struct {
 	// Name is the name registered with the Functions Framework.
@@ -96,6 +64,22 @@ type Config struct {
 	// ShutdownTimeout bounds the graceful shutdown after SIGTERM. Cloud Run
 	// kills the container 10 s after SIGTERM, so the default leaves a margin.
 	ShutdownTimeout time.Duration `envconfig:"SHUTDOWN_TIMEOUT" default:"8s" desc:"How long in-flight requests and background loops get to finish after SIGTERM (Cloud Run allows 10 s). Default 8s."`
+	// ReadTimeout bounds the arrival of a request's headers and body; it is
+	// what cuts off a client that trickles its request in (slowloris).
+	ReadTimeout time.Duration `envconfig:"HTTP_READ_TIMEOUT" default:"10s" desc:"A request's headers and body must arrive within this; a slower client gets 408 and its connection is closed. Default 10s."`
+	// WriteTimeout is the time a function's handler gets to answer unless
+	// its service says (see [HandlerTimeout]); the triggers run up to their
+	// drain timeout, so the default exceeds its default of 50 s.
+	WriteTimeout time.Duration `envconfig:"HTTP_WRITE_TIMEOUT" default:"60s" desc:"Time a function's request gets, after its body has arrived, to be handled and answered, unless the function sets its own (the triggers run up to their drain timeout). Health answers get 10s. Default 60s."`
+	// IdleTimeout closes keep-alive connections that carry no request.
+	IdleTimeout time.Duration `envconfig:"HTTP_IDLE_TIMEOUT" default:"60s" desc:"A keep-alive connection with no request for this long is closed. Default 60s."`
+}
+
+// HandlerTimeout is implemented by a service whose requests need a write
+// deadline other than Config.WriteTimeout: its handler's own bound (a
+// request timeout, a drain timeout) plus a margin to write the answer.
+type HandlerTimeout interface {
+	HandlerTimeout() time.Duration
 }
 
 // Validate checks the port and timeout.
@@ -106,10 +90,38 @@ func (c Config) Validate() error {
 	if _, err := net.LookupPort("tcp", c.Port); err != nil {
 		return fmt.Errorf("PORT must be a TCP port, not %q", c.Port)
 	}
-	if c.ShutdownTimeout <= 0 {
-		return fmt.Errorf("SHUTDOWN_TIMEOUT must be positive, not %s", c.ShutdownTimeout)
+	for _, d := range []struct {
+		name  string
+		value time.Duration
+	}{
+		{"SHUTDOWN_TIMEOUT", c.ShutdownTimeout},
+		{"HTTP_READ_TIMEOUT", c.ReadTimeout},
+		{"HTTP_WRITE_TIMEOUT", c.WriteTimeout},
+		{"HTTP_IDLE_TIMEOUT", c.IdleTimeout},
+	} {
+		if d.value <= 0 {
+			return fmt.Errorf("%s must be positive, not %s", d.name, d.value)
+		}
 	}
 	return nil
+}
+
+// withDefaults fills zero timeouts with the defaults envconfig would give.
+func (c Config) withDefaults() Config {
+	for _, d := range []struct {
+		value *time.Duration
+		def   time.Duration
+	}{
+		{&c.ShutdownTimeout, 8 * time.Second},
+		{&c.ReadTimeout, 10 * time.Second},
+		{&c.WriteTimeout, 60 * time.Second},
+		{&c.IdleTimeout, 60 * time.Second},
+	} {
+		if *d.value <= 0 {
+			*d.value = d.def
+		}
+	}
+	return c
 }
 
 // Main runs fns until SIGTERM or SIGINT and exits the process; it is the
@@ -117,7 +129,7 @@ func (c Config) Validate() error {
 func Main(fns ...Function) {
 	var cfg Config
 	if err := config.Load(&cfg); err != nil {
-		fmt.Fprintln(os.Stderr, err)
+		fmt.Fprintln(os.Stderr, logging.Redact(err.Error()))
 		os.Exit(2)
 	}
 	logger := logging.New(os.Stderr, cfg.Config)
@@ -142,8 +154,10 @@ func Run(ctx context.Context, cfg Config, logger *slog.Logger, fns ...Function) 
 	return Serve(ctx, ln, cfg, logger, fns...)
 }
 
-// Serve is Run on a listener the caller opened, for tests.
+// Serve is Run on a listener the caller opened, for tests. A zero timeout
+// in cfg means its default.
 func Serve(ctx context.Context, ln net.Listener, cfg Config, logger *slog.Logger, fns ...Function) error {
+	cfg = cfg.withDefaults()
 	if cfg.FunctionTarget != "" {
 		var target []Function
 		for _, fn := range fns {
@@ -176,13 +190,20 @@ func Serve(ctx context.Context, ln net.Listener, cfg Config, logger *slog.Logger
 		if cfg.FunctionTarget != "" {
 			path = "/"
 		}
-		mux.Handle(path, recoverPanic(logger, fn.Handler))
+		timeout := cfg.WriteTimeout
+		if ht, ok := s.(HandlerTimeout); ok && ht.HandlerTimeout() > 0 {
+			timeout = ht.HandlerTimeout()
+		}
+		mux.Handle(path, guard(logger, timeout, recoverPanic(logger, fn.Handler)))
 	}
-	mux.Handle("/healthz", healthz(fns, services))
+	health := guard(logger, healthTimeout, &healthHandler{fns: fns, services: services, logger: logger, failing: map[string]bool{}})
+	mux.Handle(HealthPath, health)
+	mux.Handle(legacyHealthPath, health)
+	mux.Handle(LivePath, guard(logger, healthTimeout, liveHandler(fns, services, logger)))
 	if cfg.FunctionTarget == "" {
 		// Go's own answer to an unknown path is plain text; every answer of
 		// this server is JSON.
-		mux.Handle("/", notFound(fns))
+		mux.Handle("/", guard(logger, healthTimeout, notFound(fns)))
 	}
 
 	for i, s := range services {
@@ -194,8 +215,15 @@ func Serve(ctx context.Context, ln net.Listener, cfg Config, logger *slog.Logger
 	}
 
 	srv := &http.Server{
-		Handler:           mux,
-		ReadHeaderTimeout: 10 * time.Second,
+		Handler: mux,
+		// ReadTimeout bounds headers and body together; net/http lifts it
+		// once guard has read the body.
+		ReadHeaderTimeout: cfg.ReadTimeout,
+		ReadTimeout:       cfg.ReadTimeout,
+		// guard sets each endpoint's own write deadline; this one covers
+		// what the server answers by itself (a malformed request).
+		WriteTimeout: cfg.ReadTimeout + healthTimeout,
+		IdleTimeout:  cfg.IdleTimeout,
 		// Derive request contexts from ctx's values but not its cancellation:
 		// a SIGTERM must let in-flight requests finish, not cancel them.
 		BaseContext: func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
@@ -244,30 +272,9 @@ func notFound(fns []Function) http.Handler {
 	for i, fn := range fns {
 		paths[i] = "/" + fn.Name
 	}
-	msg := fmt.Sprintf("no such path; this server has %s and /healthz", strings.Join(paths, ", "))
+	msg := fmt.Sprintf("no such path; this server has %s and %s", strings.Join(paths, ", "), HealthPath)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		httpjson.WriteError(w, r, slog.Default(), httpjson.Errorf(http.StatusNotFound, "not_found", "%s", msg))
-	})
-}
-
-func healthz(fns []Function, services []Service) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !httpjson.Method(w, r, http.MethodGet, http.MethodHead) {
-			return
-		}
-		report := struct {
-			Status    string            `json:"status"`
-			Functions map[string]Health `json:"functions"`
-		}{Status: "ok", Functions: make(map[string]Health, len(services))}
-		status := http.StatusOK
-		for i, s := range services {
-			h := s.Health(r.Context())
-			report.Functions[fns[i].Name] = h
-			if !h.OK {
-				report.Status, status = "unavailable", http.StatusServiceUnavailable
-			}
-		}
-		httpjson.Write(w, status, report)
 	})
 }
 
@@ -299,6 +306,9 @@ func Define[C any, S interface {
 	Service
 	http.Handler
 }](name string, build func(context.Context, C, *slog.Logger) (S, error)) Function {
+	// Until the service is built there is no configured logger; this one
+	// redacts credentials as every logger of this product does.
+	fallback := logging.New(os.Stderr, logging.Config{})
 	lazy := sync.OnceValues(func() (Service, error) {
 		var cfg C
 		if err := config.Load(&cfg); err != nil {
@@ -319,7 +329,7 @@ func Define[C any, S interface {
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			s, err := lazy()
 			if err != nil {
-				httpjson.WriteError(w, r, slog.Default(), fmt.Errorf("build %s: %w", name, err))
+				httpjson.WriteError(w, r, fallback, fmt.Errorf("build %s: %w", name, err))
 				return
 			}
 			s.(http.Handler).ServeHTTP(w, r)
