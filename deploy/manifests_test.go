@@ -35,6 +35,7 @@ type manifest struct {
 				// A Job nests one more template.
 				Template struct {
 					Spec struct {
+						MaxRetries *int        `yaml:"maxRetries"`
 						Containers []container `yaml:"containers"`
 					} `yaml:"spec"`
 				} `yaml:"template"`
@@ -44,19 +45,31 @@ type manifest struct {
 }
 
 type container struct {
-	Env []struct {
+	Image         string `yaml:"image"`
+	StartupProbe  *probe `yaml:"startupProbe"`
+	LivenessProbe *probe `yaml:"livenessProbe"`
+	Env           []struct {
 		Name  string `yaml:"name"`
 		Value string `yaml:"value"`
 	} `yaml:"env"`
 }
 
-func (m manifest) env() map[string]string {
-	containers := m.Spec.Template.Spec.Containers
+type probe struct {
+	HTTPGet *struct {
+		Path string `yaml:"path"`
+	} `yaml:"httpGet"`
+}
+
+func (m manifest) containers() []container {
 	if m.Kind == "Job" {
-		containers = m.Spec.Template.Spec.Template.Spec.Containers
+		return m.Spec.Template.Spec.Template.Spec.Containers
 	}
+	return m.Spec.Template.Spec.Containers
+}
+
+func (m manifest) env() map[string]string {
 	env := map[string]string{}
-	for _, c := range containers {
+	for _, c := range m.containers() {
 		for _, e := range c.Env {
 			env[e.Name] = e.Value
 		}
@@ -99,13 +112,29 @@ func TestManifests(t *testing.T) {
 				require.NotContains(t, env, reserved, "Cloud Run sets %s itself", reserved)
 			}
 
+			for _, c := range m.containers() {
+				require.Equal(t, "${IMAGE}", c.Image, "deploy.sh fills in the image by digest")
+			}
 			if m.Kind == "Job" {
+				retries := m.Spec.Template.Spec.Template.Spec.MaxRetries
+				require.NotNil(t, retries)
+				require.GreaterOrEqual(t, *retries, 3, "Cloud Run can mark a task that succeeded as retried; Google recommends 3 or more")
 				require.Contains(t, env, "DATABASE_URL", "the migration job needs the database")
 				known := variables(t, &createuser.Config{})
 				for name := range env {
 					require.Contains(t, known, name, "%s sets %s, which nothing reads", file, name)
 				}
 				return
+			}
+
+			for _, c := range m.containers() {
+				for kind, p := range map[string]*probe{"startup": c.StartupProbe, "liveness": c.LivenessProbe} {
+					require.NotNil(t, p, "%s declares a %s probe", file, kind)
+					require.NotNil(t, p.HTTPGet, "%s: the %s probe asks HTTP", file, kind)
+					require.Equal(t, serve.LivePath, p.HTTPGet.Path, "%s: the %s probe asks the liveness path, which ignores PostgreSQL and Redis", file, kind)
+					require.False(t, strings.HasSuffix(p.HTTPGet.Path, "z") || strings.HasPrefix(p.HTTPGet.Path, "/_ah/") || p.HTTPGet.Path == "/eventlog",
+						"Cloud Run reserves %s", p.HTTPGet.Path)
+				}
 			}
 
 			target := env["FUNCTION_TARGET"]

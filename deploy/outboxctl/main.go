@@ -9,6 +9,11 @@
 //	outboxctl dlq drop (ID... | -all)       delete dead letters
 //	outboxctl purge [-older-than 720h]      delete old send records and idempotency keys
 //	outboxctl envdoc README.md              regenerate the README's configuration tables
+//	outboxctl render [-set|-text N=V]... F  fill a Cloud Run manifest's ${N} placeholders, quoted
+//	outboxctl budget [-max-connections N] F...  PostgreSQL connections of the services at full scale
+//	outboxctl help                          this list
+//
+// It exits 2 for a usage error, 1 when the command failed.
 package main
 
 import (
@@ -43,6 +48,15 @@ commands:
   purge [-older-than 720h]     delete send records and idempotency keys older than that,
                                1000 rows per statement
   envdoc FILE                  regenerate the configuration tables in FILE (README.md)
+  render [-set NAME=VALUE]... [-text NAME=VALUE]... FILE
+                               print a Cloud Run manifest with its ${NAME} placeholders filled
+                               and quoted (-set: plain names and images; -text: one line of text)
+  budget [-max-connections 100] [-reserve 10] FILE...
+                               PostgreSQL connections of the services at full scale; fails
+                               when they exceed max_connections
+  help                         this text
+
+Exit status: 0 done, 1 failed, 2 usage error.
 `
 
 var errUsage = errors.New("usage")
@@ -50,20 +64,40 @@ var errUsage = errors.New("usage")
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	err := run(ctx, os.Args[1:], os.Stdout)
-	if errors.Is(err, errUsage) {
-		fmt.Fprint(os.Stderr, usage)
-	}
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "outboxctl:", err)
-		stop()
-		os.Exit(2)
+	code := exit(run(ctx, os.Args[1:], os.Stdout), os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// exit reports err on stderr (credentials redacted) and returns the exit
+// status: 2 for a usage error, as Go's own tools do, 1 for a failure.
+func exit(err error, stderr io.Writer) int {
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, errUsage):
+		fmt.Fprintln(stderr, "outboxctl:", logging.Redact(err.Error()))
+		fmt.Fprint(stderr, usage)
+		return 2
+	default:
+		fmt.Fprintln(stderr, "outboxctl:", logging.Redact(err.Error()))
+		return 1
 	}
 }
 
 func run(ctx context.Context, args []string, out io.Writer) error {
 	if len(args) == 0 {
 		return fmt.Errorf("%w: no command given", errUsage)
+	}
+	// Commands that work on files only, and need no configuration.
+	switch args[0] {
+	case "help", "-h", "-help", "--help":
+		_, err := io.WriteString(out, usage)
+		return err
+	case "render":
+		return runRender(args[1:], out)
+	case "budget":
+		return runBudget(args[1:], out)
 	}
 	var cfg Config
 	if err := config.Load(&cfg); err != nil {
