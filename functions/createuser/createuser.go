@@ -128,7 +128,7 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent string
 		// A concurrent request with the same key blocks here until the first
 		// one ends; then the key exists (it committed) or not (it failed).
 		tag, err := tx.Exec(ctx,
-			`INSERT INTO idempotency_keys (key, request_hash, status, response) VALUES ($1, $2, 0, 'null')
+			`INSERT INTO idempotency_keys (key, request_hash, status, response) VALUES ($1, $2, 0, '')
 			 ON CONFLICT (key) DO NOTHING`, key, hash[:])
 		if err != nil {
 			return 0, nil, false, fmt.Errorf("reserve idempotency key: %w", err)
@@ -182,7 +182,7 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent string
 func (s *Service) replay(ctx context.Context, tx pgx.Tx, key string, hash [sha256.Size]byte) (int, json.RawMessage, bool, error) {
 	var stored []byte
 	var status int
-	var body json.RawMessage
+	var body []byte // exactly the bytes first sent (a bytea column, not jsonb)
 	err := tx.QueryRow(ctx, `SELECT request_hash, status, response FROM idempotency_keys WHERE key = $1`, key).
 		Scan(&stored, &status, &body)
 	if errors.Is(err, pgx.ErrNoRows) {

@@ -101,7 +101,7 @@ func TestCreateUser(t *testing.T) {
 		tp := "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 		res := b.post(t, `{"email":"Ada@Example.com","name":"  Ada Lovelace "}`, "Traceparent", tp)
 		require.Equal(t, http.StatusCreated, res.Status, res.Raw)
-		require.Equal(t, "Ada@Example.com", res.Body["email"])
+		require.Equal(t, "Ada@example.com", res.Body["email"], "the domain is stored in its canonical lower-case form")
 		require.Equal(t, "Ada Lovelace", res.Body["name"], "surrounding space is trimmed")
 		id := int64(res.Body["id"].(float64))
 		require.Positive(t, id)
@@ -118,7 +118,7 @@ func TestCreateUser(t *testing.T) {
 		require.Equal(t, "user", aggType)
 		require.Equal(t, fmt.Sprint(id), aggID)
 		require.Equal(t, "user.created", eventType)
-		require.JSONEq(t, fmt.Sprintf(`{"user_id":%d,"email":"Ada@Example.com","name":"Ada Lovelace"}`, id), payload)
+		require.JSONEq(t, fmt.Sprintf(`{"user_id":%d,"email":"Ada@example.com","name":"Ada Lovelace"}`, id), payload)
 		require.Equal(t, tp, traceparent)
 		require.Equal(t, [3]int{1, 1, 0}, b.counts(t))
 	})
@@ -137,6 +137,10 @@ func TestCreateUser(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
 		long := strings.Repeat("a", 250) + "@example.com"
+		// 254 bytes as sent; each label grows by "xn--" and more as punycode.
+		label := strings.Repeat("b", 50) + "ä"
+		punyLong := strings.Repeat("a", 38) + "@" + strings.Repeat(label+".", 4) + "com"
+		require.Len(t, punyLong, 254)
 		tests := []struct {
 			name        string
 			body        string
@@ -159,6 +163,23 @@ func TestCreateUser(t *testing.T) {
 			{"an address without a domain", `{"email":"ada","name":"A"}`, "", nil, 400, "invalid_email"},
 			{"an address with CRLF", `{"email":"a@example.com\r\nBcc: x@evil.com","name":"A"}`, "", nil, 400, "invalid_email"},
 			{"an address over 254 bytes", `{"email":"` + long + `","name":"A"}`, "", nil, 400, "invalid_email"},
+			{"an address literal for a domain", `{"email":"x@[10.0.0.5]","name":"A"}`, "", nil, 400, "invalid_email"},
+			{"an IPv6 address literal", `{"email":"x@[IPv6:::1]","name":"A"}`, "", nil, 400, "invalid_email"},
+			{"a domain without a dot", `{"email":"x@localhost","name":"A"}`, "", nil, 400, "invalid_email"},
+			{"an IP address for a domain", `{"email":"x@10.0.0.5","name":"A"}`, "", nil, 400, "invalid_email"},
+			{"a special-use domain", `{"email":"x@metadata.google.internal","name":"A"}`, "", nil, 400, "invalid_email"},
+			{"an underscore in the domain", `{"email":"x@exa_mple.com","name":"A"}`, "", nil, 400, "invalid_email"},
+			{"a bad punycode label", `{"email":"x@xn--a.com","name":"A"}`, "", nil, 400, "invalid_email"},
+			{"an address over 254 bytes once its domain is punycode", `{"email":"` + punyLong + `","name":"A"}`, "", nil, 400, "invalid_email"},
+			{"a repeated field", `{"email":"a@example.com","name":"A","email":"evil@example.com"}`, "", nil, 400, "duplicate_field"},
+			{"a field name in another letter case", `{"email":"a@example.com","EMAIL":"evil@example.com","name":"A"}`, "", nil, 400, "unknown_field"},
+			{"a field name matched only by Unicode case folding", `{"email":"a@example.com","name":"A","\u017fame":"B"}`, "", nil, 400, "unknown_field"},
+			{"invalid UTF-8 in the email", "{\"email\":\"inv2@exa\xffmple.com\",\"name\":\"A\"}", "", nil, 415, "unsupported_media_type"},
+			{"invalid UTF-8 in the name", "{\"email\":\"a@example.com\",\"name\":\"A\xc3\"}", "", nil, 415, "unsupported_media_type"},
+			{"invalid UTF-8 between fields", "{\"email\":\"a@example.com\",\xff\"name\":\"A\"}", "", nil, 400, "malformed_json"},
+			{"an escaped lone high surrogate", `{"email":"a@example.com","name":"A\ud800"}`, "", nil, 400, "malformed_json"},
+			{"an escaped lone low surrogate", `{"email":"a@example.com","name":"A\udc00B"}`, "", nil, 400, "malformed_json"},
+			{"an escaped surrogate pair in the wrong order", `{"email":"a@example.com","name":"\udc00\ud800"}`, "", nil, 400, "malformed_json"},
 			{"an empty name", `{"email":"a@example.com","name":""}`, "", nil, 400, "invalid_name"},
 			{"a blank name", `{"email":"a@example.com","name":"   "}`, "", nil, 400, "invalid_name"},
 			{"a name of 201 characters", `{"email":"a@example.com","name":"` + strings.Repeat("é", 201) + `"}`, "", nil, 400, "invalid_name"},
@@ -201,6 +222,39 @@ func TestCreateUser(t *testing.T) {
 		body += strings.Repeat(" ", 64<<10-len(body))
 		res = b.post(t, body)
 		require.Equal(t, http.StatusCreated, res.Status, res.Raw)
+	})
+
+	t.Run("accepts escapes of whole characters, and an escaped backslash before u", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		res := b.post(t, `{"email":"a@example.com","name":"A \ud83d\ude00 \\ud800 \u00e9"}`)
+		require.Equal(t, http.StatusCreated, res.Status, res.Raw)
+		require.Equal(t, `A 😀 \ud800 é`, res.Body["name"])
+	})
+
+	t.Run("treats a domain in Unicode and in punycode as one user and stores the punycode", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		res := b.post(t, `{"email":"ada@exämple.com","name":"Ada"}`)
+		require.Equal(t, http.StatusCreated, res.Status, res.Raw)
+		require.Equal(t, "ada@xn--exmple-cua.com", res.Body["email"])
+		for _, email := range []string{
+			"ada@xn--exmple-cua.com",
+			"ada@XN--EXMPLE-CUA.COM",
+			"ada@EXÄMPLE.com",
+			"ada@exa\u0308mple.com", // a combining diaeresis: NFC makes it ä
+			"ada@ｅｘäｍｐｌｅ.com",       // full-width letters map to ASCII
+		} {
+			res := b.post(t, fmt.Sprintf(`{"email":%q,"name":"Other"}`, email))
+			require.Equal(t, http.StatusConflict, res.Status, "%s: %s", email, res.Raw)
+			require.Equal(t, "email_taken", errorCode(t, res))
+		}
+		var stored, payload string
+		require.NoError(t, b.pool.QueryRow(context.Background(),
+			`SELECT (SELECT email FROM users), (SELECT payload::text FROM outbox)`).Scan(&stored, &payload))
+		require.Equal(t, "ada@xn--exmple-cua.com", stored)
+		require.Contains(t, payload, `"email":"ada@xn--exmple-cua.com"`, "the welcome email goes to the stored form")
+		require.Equal(t, [3]int{1, 1, 0}, b.counts(t))
 	})
 
 	t.Run("answers other methods with 405 and an Allow header", func(t *testing.T) {
@@ -257,7 +311,7 @@ func TestCreateUser(t *testing.T) {
 		require.Equal(t, http.StatusCreated, first.Status)
 		again := b.post(t, `{"name":"Ada", "email":"ada@example.com"}`, "Idempotency-Key", "req-1")
 		require.Equal(t, http.StatusCreated, again.Status, "not 409: %s", again.Raw)
-		require.Equal(t, first.Body, again.Body)
+		require.Equal(t, first.Raw, again.Raw, "the replay is the first answer byte for byte")
 		require.Equal(t, "true", again.Header.Get("Idempotent-Replayed"))
 		require.Equal(t, [3]int{1, 1, 1}, b.counts(t), "no second user and no second event")
 

@@ -7,6 +7,7 @@ import (
 	"net/mail"
 	"strings"
 	"testing"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/outboxfn/outbox/shared/httpjson"
@@ -25,6 +26,15 @@ func FuzzRequest(f *testing.F) {
 		{`[{"email":null}]`, "text/json", ""},
 		{`{"email":"\"a\"@example.com","name":"  x  "}`, "application/json", strings.Repeat("k", 300)},
 		{"\xff\xfe{", "application/json", "\x00"},
+		{"{\"email\":\"inv2@exa\xffmple.com\",\"name\":\"A\"}", "application/json", ""},
+		{`{"email":"a@example.com","name":"A","email":"evil@example.com"}`, "application/json", ""},
+		{`{"email":"a@example.com","EMAIL":"evil@example.com","name":"A"}`, "application/json", ""},
+		{`{"email":"a@example.com","name":"A\ud800 \\ud800 \ud83d\ude00"}`, "application/json", ""},
+		{`{"email":"ada@exämple.com","name":"Ada"}`, "application/json", ""},
+		{`{"email":"ada@XN--EXMPLE-CUA.COM","name":"Ada"}`, "application/json", ""},
+		{`{"email":"x@[10.0.0.5]","name":"A"}`, "application/json", ""},
+		{`{"email":"x@localhost","name":"A"}`, "application/json", ""},
+		{`{"email":"x@10.0.0.5","name":"A"}`, "application/json", ""},
 	} {
 		f.Add(seed.body, seed.contentType, seed.key)
 	}
@@ -50,6 +60,18 @@ func FuzzRequest(f *testing.F) {
 		}
 		if hasControl(u.Email) || hasControl(u.Name) {
 			t.Fatalf("accepted control characters in %q %q", u.Email, u.Name)
+		}
+		if !utf8.ValidString(body) || strings.ContainsRune(u.Email+u.Name, utf8.RuneError) && !strings.Contains(body, "\uFFFD") &&
+			!strings.Contains(strings.ToLower(body), `\ufffd`) {
+			t.Fatalf("accepted a body that was not valid Unicode: %q", body)
+		}
+		local, domain, _ := strings.Cut(u.Email, "@")
+		if again, err := validEmail(u.Email); err != nil || again != u.Email {
+			t.Fatalf("canonical email %q is not its own canonical form (%q, %v)", u.Email, again, err)
+		}
+		if domain != u.Domain || strings.ContainsFunc(domain, func(r rune) bool { return r > unicode.MaxASCII || unicode.IsUpper(r) }) ||
+			!strings.Contains(domain, ".") || local == "" {
+			t.Fatalf("accepted email %q has domain %q, not lower-case ASCII with a dot", u.Email, u.Domain)
 		}
 	})
 }
