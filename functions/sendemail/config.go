@@ -3,7 +3,6 @@ package sendemail
 import (
 	"fmt"
 	"net/mail"
-	"net/url"
 	"text/template"
 	"time"
 
@@ -37,17 +36,19 @@ type Config struct {
 	ClaimIdle time.Duration `envconfig:"SENDEMAIL_CLAIM_IDLE" default:"60s" desc:"An entry pending this long (its consumer crashed, or it failed transiently) is claimed by another consumer (XAUTOCLAIM) and retried. Default 60s."`
 	// ClaimInterval is how often the claim loop runs.
 	ClaimInterval time.Duration `envconfig:"SENDEMAIL_CLAIM_INTERVAL" default:"15s" desc:"How often the background loop looks for idle entries to claim. Default 15s."`
-	// MaxDeliveries is the delivery count past which an entry is
-	// dead-lettered.
-	MaxDeliveries int64 `envconfig:"SENDEMAIL_MAX_DELIVERIES" default:"5" desc:"An entry that failed this many deliveries goes to the dead-letter stream. Default 5."`
+	// MaxDeliveries is the number of failed deliveries, counted in the send
+	// record, after which an entry is dead-lettered.
+	MaxDeliveries int64 `envconfig:"SENDEMAIL_MAX_DELIVERIES" default:"5" desc:"An email whose deliveries failed this many times (counted in its send record, not by Redis, so an outage or a lost claim never counts) goes to the dead-letter stream. Default 5."`
 	// SendAttempts is how often one delivery tries a transient SMTP failure.
 	SendAttempts int `envconfig:"SENDEMAIL_SEND_ATTEMPTS" default:"3" desc:"Tries per delivery on a transient SMTP failure (4xx, network), with exponential backoff from 200ms, before the entry is left pending. Default 3."`
 	// Lease is how long a send claim keeps other consumers off one email.
-	Lease time.Duration `envconfig:"SENDEMAIL_LEASE" default:"45s" desc:"How long a consumer's claim on one email keeps others from sending it; must exceed a whole delivery (attempts × SMTP_TIMEOUT) and be below SENDEMAIL_CLAIM_IDLE. Default 45s."`
+	Lease time.Duration `envconfig:"SENDEMAIL_LEASE" default:"15m" desc:"How long a consumer's claim on one email, taken right before each send, keeps others from sending it; must exceed one whole conversation (2 × SMTP_TIMEOUT + SMTP_DATA_TIMEOUT). A send whose answer never came is retried only after it. Default 15m."`
 	// SMTPURL is the mail server; empty writes .eml files to MailboxDir.
-	SMTPURL string `envconfig:"SMTP_URL" desc:"Mail server, smtp://user:pass@host:port (STARTTLS when offered, required with ?tls=required) or smtps://… (TLS from the start). Empty writes each email as an .eml file into MAILBOX_DIR. Default empty."`
-	// SMTPTimeout bounds one SMTP conversation.
-	SMTPTimeout time.Duration `envconfig:"SMTP_TIMEOUT" default:"10s" desc:"Timeout of one SMTP conversation (connect, send, quit). Default 10s."`
+	SMTPURL string `envconfig:"SMTP_URL" desc:"Mail server, smtp://user:pass@host:port (STARTTLS required; ?tls=none for a local catcher without TLS and without credentials) or smtps://… (TLS from the start). Any other tls= value is refused. Empty writes each email as an .eml file into MAILBOX_DIR. Default empty."`
+	// SMTPTimeout bounds an SMTP conversation up to the end of the data.
+	SMTPTimeout time.Duration `envconfig:"SMTP_TIMEOUT" default:"10s" desc:"Longest an SMTP conversation may take up to the end of the message data (connect, TLS, AUTH, MAIL, RCPT, DATA, the data), and again for QUIT. Default 10s."`
+	// SMTPDataTimeout bounds the wait for the answer to the message data.
+	SMTPDataTimeout time.Duration `envconfig:"SMTP_DATA_TIMEOUT" default:"10m" desc:"Longest wait for the server's answer to the end of the message data (RFC 5321 asks for 10 minutes); a send without that answer is ambiguous and retried only after SENDEMAIL_LEASE. Default 10m."`
 	// MailboxDir receives .eml files when SMTPURL is empty.
 	MailboxDir string `envconfig:"MAILBOX_DIR" default:"local/mailbox" desc:"Directory that receives one .eml file per email when SMTP_URL is empty. Default local/mailbox."`
 	// From is the sender of the welcome email.
@@ -56,6 +57,8 @@ type Config struct {
 	Subject string `envconfig:"MAIL_SUBJECT" default:"Welcome, {{.Name}}!" desc:"Subject of the welcome email, a Go text/template over .Name, .Email and .UserID. Default Welcome, {{.Name}}!."`
 	// DrainTimeout bounds one HTTP-triggered pass.
 	DrainTimeout time.Duration `envconfig:"SENDEMAIL_DRAIN_TIMEOUT" default:"50s" desc:"Longest an HTTP-triggered pass runs (it also stops 1s before the request's own deadline). Default 50s."`
+	// ShutdownTimeout is the server's; sendemail fits its stop into it.
+	ShutdownTimeout time.Duration `envconfig:"SHUTDOWN_TIMEOUT" default:"8s" desc:"The server's shutdown time (see Every server): after SIGTERM no send starts, and a send under way gets this less 2s (at least half of it) to finish before it is cut. Default 8s."`
 	// Background runs the read and claim loops.
 	Background bool `envconfig:"BACKGROUND" default:"true" desc:"Run the background read and claim loops while the process lives; false leaves only the HTTP trigger. Default true."`
 	// TriggerToken, when set, is required as a bearer token on the trigger.
@@ -88,17 +91,21 @@ func (c Config) Validate() error {
 		return fmt.Errorf("SENDEMAIL_SEND_ATTEMPTS must be at least 1, not %d", c.SendAttempts)
 	case c.SMTPTimeout <= 0:
 		return fmt.Errorf("SMTP_TIMEOUT must be positive, not %s", c.SMTPTimeout)
-	case c.Lease <= 0 || c.Lease >= c.ClaimIdle:
-		return fmt.Errorf("SENDEMAIL_LEASE (%s) must be positive and below SENDEMAIL_CLAIM_IDLE (%s), or a consumer taking over a crashed one's entry would find the email still claimed", c.Lease, c.ClaimIdle)
+	case c.SMTPDataTimeout <= 0:
+		return fmt.Errorf("SMTP_DATA_TIMEOUT must be positive, not %s", c.SMTPDataTimeout)
+	case c.ClaimIdle <= 0:
+		return fmt.Errorf("SENDEMAIL_CLAIM_IDLE must be positive, not %s", c.ClaimIdle)
+	case c.Lease <= SendLimit(c.SMTPTimeout, c.SMTPDataTimeout):
+		return fmt.Errorf("SENDEMAIL_LEASE (%s) must exceed one whole SMTP conversation, 2 × SMTP_TIMEOUT + SMTP_DATA_TIMEOUT (%s), or another consumer could take over an email still being sent",
+			c.Lease, SendLimit(c.SMTPTimeout, c.SMTPDataTimeout))
 	case c.DrainTimeout <= 0:
 		return fmt.Errorf("SENDEMAIL_DRAIN_TIMEOUT must be positive, not %s", c.DrainTimeout)
 	case c.SMTPURL == "" && c.MailboxDir == "":
 		return fmt.Errorf("set SMTP_URL, or MAILBOX_DIR to write emails to files")
 	}
 	if c.SMTPURL != "" {
-		u, err := url.Parse(c.SMTPURL)
-		if err != nil || (u.Scheme != "smtp" && u.Scheme != "smtps") || u.Hostname() == "" {
-			return fmt.Errorf("SMTP_URL must look like smtp://user:pass@host:587 or smtps://host:465")
+		if _, err := ParseSMTPURL(c.SMTPURL); err != nil {
+			return err
 		}
 	}
 	if _, err := mail.ParseAddress(c.From); err != nil {
@@ -108,4 +115,16 @@ func (c Config) Validate() error {
 		return fmt.Errorf("MAIL_SUBJECT is not a valid template: %v", err)
 	}
 	return nil
+}
+
+// withDefaults fills the settings added after callers that build a Config
+// in code (tests, the benchmark) were written: zero means the default.
+func (c Config) withDefaults() Config {
+	if c.SMTPDataTimeout <= 0 {
+		c.SMTPDataTimeout = 10 * time.Minute
+	}
+	if c.ShutdownTimeout <= 0 {
+		c.ShutdownTimeout = 8 * time.Second
+	}
+	return c
 }

@@ -63,6 +63,10 @@ type Stats struct {
 	// Vanished counts pending entries that were trimmed from the stream
 	// before anyone processed them.
 	Vanished int64 `json:"trimmed_before_processing"`
+	// Ambiguous counts sends whose message data went out but whose answer
+	// never came: each may have reached the recipient, and is retried once
+	// after the lease.
+	Ambiguous int64 `json:"ambiguous_sends"`
 }
 
 func (s *Stats) add(o Stats) {
@@ -73,6 +77,7 @@ func (s *Stats) add(o Stats) {
 	s.DeadLettered += o.DeadLettered
 	s.Claimed += o.Claimed
 	s.Vanished += o.Vanished
+	s.Ambiguous += o.Ambiguous
 }
 
 func (s Stats) handled() int64 {
@@ -93,6 +98,9 @@ const (
 type outcome struct {
 	kind outcomeKind
 	err  error
+	// failures is the email's failed deliveries, as counted in its record.
+	failures  int64
+	ambiguous bool
 }
 
 // Consumer reads the user stream through a consumer group and sends one
@@ -110,12 +118,19 @@ type Consumer struct {
 	claimIdle     time.Duration
 	maxDeliveries int64
 	sendAttempts  int
-	smtpTimeout   time.Duration
+	// sendLimit bounds one conversation; stopGrace is how long a send
+	// under way may go on after shutdown began.
+	sendLimit time.Duration
+	stopGrace time.Duration
 
 	sends  *Sends
 	mailer *Mailer
 	sender Sender
 	logger *slog.Logger
+
+	// unrecorded holds, by key, the marks of emails sent whose record
+	// could not be committed yet.
+	unrecorded sync.Map
 
 	// beforeAck, when set by a test, runs after a batch was processed and
 	// before it is acknowledged; an error stops there, as a crash would.
@@ -195,56 +210,23 @@ func (c *Consumer) claim(ctx context.Context, cursor string) (next string, entri
 	return next, entries, deleted, nil
 }
 
-// deliveries reads the delivery counts of this consumer's pending entries.
-func (c *Consumer) deliveries(ctx context.Context, entries []rueidis.XRangeEntry) (map[string]int64, error) {
-	counts := make(map[string]int64, len(entries))
-	if len(entries) == 0 {
-		return counts, nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
-	defer cancel()
-	rows, err := c.client.Do(ctx, c.client.B().Xpending().Key(c.stream).Group(c.group).
-		Start(entries[0].ID).End(entries[len(entries)-1].ID).Count(int64(len(entries))*4+64).Consumer(c.name).Build()).ToArray()
-	if err != nil {
-		return nil, fmt.Errorf("read delivery counts: %w", err)
-	}
-	for _, r := range rows {
-		fields, err := r.ToArray()
-		if err != nil || len(fields) < 4 {
-			continue
-		}
-		id, _ := fields[0].ToString()
-		n, _ := fields[3].AsInt64()
-		counts[id] = n
-	}
-	return counts, nil
-}
-
 // handle processes entries, then acknowledges the finished ones in one
-// command and dead-letters the failed ones. deliveries may be nil for
-// entries read for the first time.
+// command and dead-letters the failed ones.
 //
-// Every email of the batch is claimed in one statement; the claimed ones are
-// sent concurrently, each marked sent as soon as the server accepted it
-// (marks that are ready at the same moment share one commit).
-func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry, deliveries map[string]int64) (Stats, error) {
+// Each email is claimed right before its own send (see deliver), never for
+// a whole batch: a claim lasts one conversation, however long the batch
+// takes. Once ctx ends no further send starts; the entries not started stay
+// pending, unclaimed, for whoever comes next.
+func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry) (Stats, error) {
 	var stats Stats
-	count := func(id string) int64 {
-		if deliveries == nil {
-			return 1
-		}
-		return max(deliveries[id], 1)
-	}
 	outcomes := make([]outcome, len(entries))
 	jobs := make([]*job, len(entries))
 	// A second entry for the same email (the same event added twice) takes
 	// the first one's outcome instead of racing it for the claim.
 	firstOf := make(map[string]int, len(entries))
 	copyOf := make(map[int]int)
-	var keys, eventIDs []string
-	var firstErr error
 	for i, e := range entries {
-		j, o := c.prepare(e, count(e.ID))
+		j, o := c.prepare(e)
 		if j == nil {
 			outcomes[i] = o
 			continue
@@ -255,38 +237,36 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry, de
 		}
 		firstOf[j.key] = i
 		jobs[i] = j
-		keys, eventIDs = append(keys, j.key), append(eventIDs, j.eventID)
 	}
-	if len(keys) > 0 {
-		claimCtx, cancel := context.WithTimeout(ctx, redisTimeout)
-		states, err := c.sends.Claim(claimCtx, keys, eventIDs, c.name)
-		cancel()
-		// The entries stay pending; the caller hears of it so that it backs
-		// off (or answers 503) instead of reading more that cannot be sent.
-		firstErr = err
-		marks := c.startMarks(ctx)
-		sem := make(chan struct{}, c.concurrency)
-		var wg sync.WaitGroup
-		for i, j := range jobs {
-			switch {
-			case j == nil:
-			case err != nil:
-				outcomes[i] = outcome{outcomeRetry, err}
-			case states[j.key] == alreadySent:
-				outcomes[i] = outcome{kind: outcomeDuplicate}
-			case states[j.key] == leasedElsewhere:
-				outcomes[i] = outcome{outcomeRetry, errors.New("another consumer is sending this email")}
-			default:
-				sem <- struct{}{}
-				wg.Go(func() {
-					defer func() { <-sem }()
-					outcomes[i] = c.deliver(ctx, j, count(entries[i].ID), marks)
-				})
-			}
+	var dbErr errOnce
+	marks := c.startMarks(ctx)
+	sem := make(chan struct{}, c.concurrency)
+	var wg sync.WaitGroup
+dispatch:
+	for i, j := range jobs {
+		if j == nil {
+			continue
 		}
-		wg.Wait()
-		marks.close()
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil || dbErr.get() != nil {
+			// Not started, not claimed: the entry stays pending.
+			for k := i; k < len(jobs); k++ {
+				if jobs[k] != nil {
+					outcomes[k] = outcome{kind: outcomeRetry, err: cmpErr(dbErr.get(), errors.New("not started: shutting down"))}
+				}
+			}
+			break dispatch
+		}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			outcomes[i] = c.deliver(ctx, j, marks, &dbErr)
+		})
 	}
+	wg.Wait()
+	marks.close()
 	for i, first := range copyOf {
 		switch outcomes[first].kind {
 		case outcomeSent, outcomeDuplicate:
@@ -304,6 +284,9 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry, de
 	// Acknowledge even during shutdown: the work is done.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
 	defer cancel()
+	// The entries go on to wait when the database failed them: the caller
+	// backs off (or answers 503) instead of reading more that cannot be sent.
+	firstErr := dbErr.get()
 	var ack []string
 	for i, o := range outcomes {
 		e := entries[i]
@@ -322,9 +305,15 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry, de
 			ack = append(ack, e.ID)
 		case outcomeRetry:
 			stats.Retried++
+			if o.ambiguous {
+				stats.Ambiguous++
+			}
 			c.logger.WarnContext(ctx, "delivery failed; will retry", slog.String("entry_id", e.ID), slog.Any("error", o.err))
 		case outcomeDead:
-			if err := c.deadLetterEntry(ctx, e, count(e.ID), o.err); err != nil {
+			if o.ambiguous {
+				stats.Ambiguous++
+			}
+			if err := c.deadLetterEntry(ctx, e, max(o.failures, 1), o.err); err != nil {
 				firstErr = cmpErr(firstErr, err)
 				continue
 			}
@@ -348,6 +337,26 @@ func cmpErr(first, next error) error {
 	return next
 }
 
+// errOnce keeps the first error reported by concurrent deliveries.
+type errOnce struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (e *errOnce) set(err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.err == nil {
+		e.err = err
+	}
+}
+
+func (e *errOnce) get() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.err
+}
+
 // job is an entry that decoded into an email to send.
 type job struct {
 	key     string // the business fact: "welcome:<user id>"
@@ -355,79 +364,187 @@ type job struct {
 	msg     *gomail.Msg
 }
 
-// prepare decodes e into a job, or says what became of it if there is
-// nothing to send.
-func (c *Consumer) prepare(e rueidis.XRangeEntry, deliveries int64) (*job, outcome) {
-	if e.FieldValues == nil {
-		return nil, outcome{kind: outcomeVanished}
-	}
-	if deliveries > c.maxDeliveries {
-		return nil, outcome{outcomeDead, fmt.Errorf("delivered %d times, more than the maximum of %d", deliveries, c.maxDeliveries)}
-	}
-	ev, err := stream.Decode(e.ID, e.FieldValues)
+// Decode reads a user.created entry into the send key ("welcome:<user id>"),
+// the canonical event id and the recipient. skip is true for other event
+// types; an error means the entry can never be sent.
+func Decode(id string, fields map[string]string) (key, eventID string, r Recipient, skip bool, err error) {
+	ev, err := stream.Decode(id, fields)
 	if err != nil {
-		return nil, outcome{outcomeDead, err}
+		return "", "", r, false, err
 	}
 	if ev.EventType != events.TypeUserCreated {
-		return nil, outcome{kind: outcomeSkipped}
+		return "", "", r, true, nil
 	}
-	if _, err := uuid.Parse(ev.EventID); err != nil {
-		return nil, outcome{outcomeDead, fmt.Errorf("%w: event_id %q is not a UUID", stream.ErrMalformed, ev.EventID)}
+	u, err := uuid.Parse(ev.EventID)
+	if err != nil {
+		return "", "", r, false, fmt.Errorf("%w: event_id %q is not a UUID", stream.ErrMalformed, ev.EventID)
 	}
 	var user events.UserCreated
 	if err := json.Unmarshal([]byte(ev.Payload), &user); err != nil {
-		return nil, outcome{outcomeDead, fmt.Errorf("decode %s payload: %w", ev.EventType, err)}
+		return "", "", r, false, fmt.Errorf("decode %s payload: %w", ev.EventType, err)
 	}
 	if user.UserID <= 0 {
-		return nil, outcome{outcomeDead, fmt.Errorf("decode %s payload: user_id must be positive", ev.EventType)}
+		return "", "", r, false, fmt.Errorf("decode %s payload: user_id must be positive", ev.EventType)
 	}
-	msg, err := c.mailer.Welcome(Recipient{UserID: user.UserID, Email: user.Email, Name: user.Name}, ev.EventID)
-	if err != nil {
-		return nil, outcome{outcomeDead, err}
-	}
-	return &job{key: "welcome:" + strconv.FormatInt(user.UserID, 10), eventID: ev.EventID, msg: msg}, outcome{}
+	// The canonical form: uuid.Parse also takes urn:uuid:… and braces,
+	// which PostgreSQL refuses.
+	return "welcome:" + strconv.FormatInt(user.UserID, 10), u.String(),
+		Recipient{UserID: user.UserID, Email: user.Email, Name: user.Name}, false, nil
 }
 
-// deliver sends a claimed job's email and marks it sent.
-func (c *Consumer) deliver(ctx context.Context, j *job, deliveries int64, marks *markBatcher) outcome {
-	// The send is ours: see it through even if shutdown begins.
-	ctx = context.WithoutCancel(ctx)
-	if err := c.send(ctx, j.msg); err != nil {
-		permanent := errors.Is(err, errPermanent)
-		relCtx, cancel := context.WithTimeout(ctx, redisTimeout)
-		if rerr := c.sends.Release(relCtx, j.key, c.name, permanent); rerr != nil {
-			c.logger.WarnContext(ctx, "release send claim", slog.Any("error", rerr))
-		}
-		cancel()
-		if permanent {
-			return outcome{outcomeDead, err}
-		}
-		if deliveries >= c.maxDeliveries {
-			return outcome{outcomeDead, fmt.Errorf("gave up after %d deliveries: %w", deliveries, err)}
-		}
-		return outcome{outcomeRetry, err}
+// prepare decodes e into a job, or says what became of it if there is
+// nothing to send.
+func (c *Consumer) prepare(e rueidis.XRangeEntry) (*job, outcome) {
+	if e.FieldValues == nil {
+		return nil, outcome{kind: outcomeVanished}
 	}
-	// The email is out. From here until the mark is committed is the one
-	// window in which a crash leads to a second email.
-	if err := marks.mark(j.key, strings.Join(j.msg.GetGenHeader(gomail.HeaderMessageID), "")); err != nil {
-		c.logger.ErrorContext(ctx, "email sent but not recorded; a redelivered duplicate event could send it again",
+	key, eventID, r, skip, err := Decode(e.ID, e.FieldValues)
+	switch {
+	case err != nil:
+		return nil, outcome{kind: outcomeDead, err: err}
+	case skip:
+		return nil, outcome{kind: outcomeSkipped}
+	}
+	msg, err := c.mailer.Welcome(r, eventID)
+	if err != nil {
+		return nil, outcome{kind: outcomeDead, err: err}
+	}
+	return &job{key: key, eventID: eventID, msg: msg}, outcome{}
+}
+
+// deliver sees one email through: up to sendAttempts conversations, each
+// right after its own claim. A send the server answered 250 to is sent,
+// whatever fails after; a send whose answer never came keeps its claim, so
+// that it is retried only once the lease has run out.
+func (c *Consumer) deliver(ctx context.Context, j *job, marks *markBatcher, dbErr *errOnce) outcome {
+	if o, ok := c.recordUnrecorded(ctx, j.key); ok {
+		return o
+	}
+	// A send that has started is seen through for up to stopGrace after
+	// shutdown begins, then cut.
+	sendCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	stopCut := context.AfterFunc(ctx, func() {
+		t := time.AfterFunc(c.stopGrace, cancel)
+		context.AfterFunc(sendCtx, func() { t.Stop() })
+	})
+	defer stopCut()
+	dbCtx := context.WithoutCancel(ctx)
+	backoff := retry.WithJitterPercent(20, retry.NewExponential(200*time.Millisecond))
+	for try := 1; ; try++ {
+		token := newToken(c.name)
+		claimCtx, cancelClaim := context.WithTimeout(dbCtx, redisTimeout)
+		state, _, err := c.sends.Claim(claimCtx, j.key, j.eventID, token)
+		cancelClaim()
+		switch {
+		case err != nil && entryFault(err):
+			return outcome{kind: outcomeDead, err: err}
+		case err != nil:
+			dbErr.set(err)
+			return outcome{kind: outcomeRetry, err: err}
+		case state == alreadySent:
+			return outcome{kind: outcomeDuplicate}
+		case state == leasedElsewhere:
+			// Not a failure of this email: nothing is counted.
+			return outcome{kind: outcomeRetry, err: errors.New("another claim on this email is still running")}
+		}
+
+		err = c.sendOnce(sendCtx, j.msg)
+		if err == nil {
+			return c.recordSent(dbCtx, j, token, marks)
+		}
+		ambiguous := errors.Is(err, errAmbiguous)
+		opCtx, cancelOp := context.WithTimeout(dbCtx, redisTimeout)
+		if errors.Is(err, errPermanent) {
+			if ferr := c.sends.Forget(opCtx, j.key, token); ferr != nil {
+				c.logger.WarnContext(ctx, "forget send claim", slog.Any("error", ferr))
+			}
+			cancelOp()
+			return outcome{kind: outcomeDead, err: err}
+		}
+		if !ambiguous && try < c.sendAttempts && sendCtx.Err() == nil && ctx.Err() == nil {
+			if rerr := c.sends.Release(opCtx, j.key, token); rerr != nil {
+				c.logger.WarnContext(ctx, "release send claim", slog.Any("error", rerr))
+			}
+			cancelOp()
+			delay, _ := backoff.Next()
+			select {
+			case <-time.After(delay):
+				continue
+			case <-ctx.Done():
+				return outcome{kind: outcomeRetry, err: err}
+			}
+		}
+		if ambiguous {
+			c.logger.WarnContext(ctx, "no answer to the message data; the email may have gone out, and is retried once after the lease",
+				slog.String("key", j.key), slog.Duration("lease", c.sends.lease), slog.Any("error", err))
+		}
+		failures, held, ferr := c.sends.Fail(opCtx, j.key, token, ambiguous)
+		cancelOp()
+		switch {
+		case ferr != nil:
+			dbErr.set(ferr)
+			return outcome{kind: outcomeRetry, err: err, ambiguous: ambiguous}
+		case held && failures >= c.maxDeliveries:
+			fctx, cancelF := context.WithTimeout(dbCtx, redisTimeout)
+			if ferr := c.sends.Forget(fctx, j.key, token); ferr != nil {
+				c.logger.WarnContext(ctx, "forget send claim", slog.Any("error", ferr))
+			}
+			cancelF()
+			return outcome{kind: outcomeDead, err: fmt.Errorf("gave up after %d deliveries: %w", failures, err), failures: failures, ambiguous: ambiguous}
+		}
+		return outcome{kind: outcomeRetry, err: err, failures: failures, ambiguous: ambiguous}
+	}
+}
+
+// sendOnce has one conversation about msg, bounded by the sender's limit.
+func (c *Consumer) sendOnce(ctx context.Context, msg *gomail.Msg) error {
+	ctx, cancel := context.WithTimeout(ctx, c.sendLimit)
+	defer cancel()
+	return c.sender.Send(ctx, msg)
+}
+
+// recordSent marks a sent email. If the mark cannot be committed the fact
+// is kept in memory, the claim is kept (never released), the entry stays
+// pending, and the mark is tried again before anything else is done with
+// that email here.
+func (c *Consumer) recordSent(ctx context.Context, j *job, token string, marks *markBatcher) outcome {
+	m := mark{key: j.key, token: token, messageID: strings.Join(j.msg.GetGenHeader(gomail.HeaderMessageID), "")}
+	lost, err := marks.mark(m)
+	if err != nil {
+		c.unrecorded.Store(j.key, m)
+		c.logger.ErrorContext(ctx, "email sent but not yet recorded; the entry stays pending and the mark is retried",
 			slog.String("key", j.key), slog.Any("error", err))
+		return outcome{kind: outcomeRetry, err: err}
+	}
+	if lost {
+		c.logger.ErrorContext(ctx, "email sent after its claim had run out; another consumer may have sent it too",
+			slog.String("key", j.key))
 	}
 	return outcome{kind: outcomeSent}
 }
 
-// send tries msg up to sendAttempts times while failures are transient,
-// backing off exponentially from 200ms.
-func (c *Consumer) send(ctx context.Context, msg *gomail.Msg) error {
-	b := retry.WithMaxRetries(uint64(c.sendAttempts-1), retry.WithJitterPercent(20, retry.NewExponential(200*time.Millisecond)))
-	return retry.Do(ctx, b, func(ctx context.Context) error {
-		ctx, cancel := context.WithTimeout(ctx, c.smtpTimeout)
-		defer cancel()
-		err := c.sender.Send(ctx, msg)
-		if err != nil && !errors.Is(err, errPermanent) {
-			return retry.RetryableError(err)
-		}
-		return err
+// recordUnrecorded retries the mark of an email this process sent but could
+// not record; ok says there was one.
+func (c *Consumer) recordUnrecorded(ctx context.Context, key string) (outcome, bool) {
+	v, ok := c.unrecorded.Load(key)
+	if !ok {
+		return outcome{}, false
+	}
+	mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
+	defer cancel()
+	if _, err := c.sends.MarkSent(mctx, []mark{v.(mark)}); err != nil {
+		return outcome{kind: outcomeRetry, err: fmt.Errorf("email sent, mark still failing: %w", err)}, true
+	}
+	c.unrecorded.Delete(key)
+	return outcome{kind: outcomeSent}, true
+}
+
+// flushUnrecorded retries every mark this process still owes.
+func (c *Consumer) flushUnrecorded(ctx context.Context) {
+	c.unrecorded.Range(func(k, _ any) bool {
+		c.recordUnrecorded(ctx, k.(string))
+		return ctx.Err() == nil
 	})
 }
 
@@ -441,8 +558,13 @@ type markBatcher struct {
 }
 
 type markRequest struct {
-	key, messageID string
-	result         chan error
+	mark
+	result chan markResult
+}
+
+type markResult struct {
+	lost bool
+	err  error
 }
 
 func (c *Consumer) startMarks(ctx context.Context) *markBatcher {
@@ -466,30 +588,35 @@ func (c *Consumer) startMarks(ctx context.Context) *markBatcher {
 					break more
 				}
 			}
-			keys, ids := make([]string, len(batch)), make([]string, len(batch))
+			marks := make([]mark, len(batch))
 			for i, r := range batch {
-				keys[i], ids[i] = r.key, r.messageID
+				marks[i] = r.mark
 			}
-			// Worth a few seconds of retries.
+			// Worth a few seconds of retries; after that the fact is kept
+			// in memory (recordSent).
+			var lost []string
 			b := retry.WithMaxRetries(4, retry.NewExponential(100*time.Millisecond))
 			err := retry.Do(ctx, b, func(ctx context.Context) error {
 				ctx, cancel := context.WithTimeout(ctx, redisTimeout)
 				defer cancel()
-				return retry.RetryableError(m.sends.MarkSent(ctx, keys, ids))
+				var err error
+				lost, err = m.sends.MarkSent(ctx, marks)
+				return retry.RetryableError(err)
 			})
 			for _, r := range batch {
-				r.result <- err
+				r.result <- markResult{lost: slices.Contains(lost, r.key), err: err}
 			}
 		}
 	}()
 	return m
 }
 
-// mark records key as sent and waits until that is committed.
-func (m *markBatcher) mark(key, messageID string) error {
-	r := markRequest{key: key, messageID: messageID, result: make(chan error, 1)}
+// mark records m as sent and waits until that is committed.
+func (m *markBatcher) mark(mk mark) (lost bool, err error) {
+	r := markRequest{mark: mk, result: make(chan markResult, 1)}
 	m.reqs <- r
-	return <-r.result
+	res := <-r.result
+	return res.lost, res.err
 }
 
 // close stops the batcher once every queued mark is written.
@@ -517,17 +644,40 @@ func (c *Consumer) deadLetterEntry(ctx context.Context, e rueidis.XRangeEntry, d
 		add.Build(),
 		c.client.B().Xack().Key(c.stream).Group(c.group).Id(e.ID).Build(),
 		c.client.B().Exec().Build())
+	if err := ExecErr(results); err != nil {
+		return fmt.Errorf("dead-letter %s: %w", e.ID, err)
+	}
+	return nil
+}
+
+// ExecErr is the first error of a MULTI … EXEC sent with DoMulti: of a
+// command while queueing, of EXEC itself, or of any command inside the
+// EXEC's reply. A runtime error (WRONGTYPE) fails only its own command and
+// the others run, so every element of the reply is checked.
+func ExecErr(results []rueidis.RedisResult) error {
 	for _, r := range results {
 		if err := r.Error(); err != nil {
-			return fmt.Errorf("dead-letter %s: %w", e.ID, err)
+			return err
+		}
+	}
+	if len(results) == 0 {
+		return nil
+	}
+	replies, err := results[len(results)-1].ToArray()
+	if err != nil {
+		return fmt.Errorf("EXEC: %w", err)
+	}
+	for i, r := range replies {
+		if err := r.Error(); err != nil {
+			return fmt.Errorf("command %d of the transaction: %w", i+1, err)
 		}
 	}
 	return nil
 }
 
-// Run is the background loop: this consumer's own pending entries first
-// (left by an earlier life of the same name), then new entries as they
-// arrive, with the claim loop beside it. It returns when ctx is done.
+// Run is the background loop: new entries as they arrive, with the claim
+// loop beside it (which also takes over entries an earlier life of this
+// process left, whatever its name). It returns when ctx is done.
 func (c *Consumer) Run(ctx context.Context, claimInterval time.Duration) {
 	var health healthLog
 	for {
@@ -538,9 +688,6 @@ func (c *Consumer) Run(ctx context.Context, claimInterval time.Duration) {
 		if !health.failed(ctx, c.logger, err) {
 			return
 		}
-	}
-	if _, err := c.drainOwnPending(ctx); err != nil && ctx.Err() == nil {
-		c.logger.WarnContext(ctx, "re-read own pending entries", slog.Any("error", err))
 	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -555,9 +702,8 @@ func (c *Consumer) Run(ctx context.Context, claimInterval time.Duration) {
 			}
 			if stats, err := c.ClaimIdle(ctx, time.Time{}); err != nil && ctx.Err() == nil {
 				c.logger.WarnContext(ctx, "claim idle entries", slog.Any("error", err))
-			} else if stats.Claimed > 0 || stats.Vanished > 0 {
-				c.logger.InfoContext(ctx, "claimed idle entries", slog.Int64("claimed", stats.Claimed),
-					slog.Int64("trimmed_before_processing", stats.Vanished))
+			} else if stats.Claimed > 0 {
+				c.logger.InfoContext(ctx, "claimed idle entries", slog.Int64("claimed", stats.Claimed))
 			}
 		}
 	})
@@ -572,9 +718,10 @@ func (c *Consumer) Run(ctx context.Context, claimInterval time.Duration) {
 				continue
 			}
 		}
+		c.flushUnrecorded(ctx)
 		entries, err := c.read(ctx, ">", c.block)
 		if err == nil && len(entries) > 0 {
-			_, err = c.handle(ctx, entries, nil)
+			_, err = c.handle(ctx, entries)
 		}
 		if err != nil {
 			if !health.failed(ctx, c.logger, err) {
@@ -606,7 +753,7 @@ func (c *Consumer) Pass(ctx context.Context, stopBy time.Time) (Stats, error) {
 		if len(entries) == 0 {
 			return stats, nil
 		}
-		s, err := c.handle(ctx, entries, nil)
+		s, err := c.handle(ctx, entries)
 		stats.add(s)
 		if err != nil {
 			return stats, err
@@ -632,14 +779,16 @@ func (c *Consumer) ClaimIdle(ctx context.Context, stopBy time.Time) (Stats, erro
 		if err != nil {
 			return stats, err
 		}
+		if deleted > 0 {
+			// Pending entries trimmed away: events whose email may never
+			// have been sent.
+			c.logger.WarnContext(ctx, "pending entries were trimmed from the stream before they were processed",
+				slog.Int("count", deleted), slog.String("stream", c.stream))
+		}
 		stats.Vanished += int64(deleted)
 		stats.Claimed += int64(len(entries))
 		if len(entries) > 0 {
-			counts, err := c.deliveries(ctx, entries)
-			if err != nil {
-				return stats, err
-			}
-			s, err := c.handle(ctx, entries, counts)
+			s, err := c.handle(ctx, entries)
 			stats.add(s)
 			if err != nil {
 				return stats, err
@@ -658,28 +807,6 @@ func (c *Consumer) ping(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
 	defer cancel()
 	return c.sends.Ping(ctx)
-}
-
-// drainOwnPending processes the entries pending for this consumer's name.
-func (c *Consumer) drainOwnPending(ctx context.Context) (Stats, error) {
-	var stats Stats
-	after := "0"
-	for {
-		entries, err := c.read(ctx, after, 0)
-		if err != nil || len(entries) == 0 {
-			return stats, err
-		}
-		counts, err := c.deliveries(ctx, entries)
-		if err != nil {
-			return stats, err
-		}
-		s, err := c.handle(ctx, entries, counts)
-		stats.add(s)
-		if err != nil {
-			return stats, err
-		}
-		after = entries[len(entries)-1].ID
-	}
 }
 
 // healthLog logs a failing dependency once when it starts failing and once

@@ -7,12 +7,9 @@ import (
 	"errors"
 	"fmt"
 	htmltemplate "html/template"
-	"net"
 	"net/mail"
-	"net/url"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	texttemplate "text/template"
 	"time"
@@ -125,73 +122,10 @@ type Sender interface {
 // 5xx answer to the recipient.
 var errPermanent = errors.New("permanent delivery failure")
 
-// SMTPSender sends over SMTP with go-mail, one connection per message.
-type SMTPSender struct {
-	host string
-	opts []gomail.Option
-}
-
-// NewSMTPSender reads smtp://user:pass@host:port (STARTTLS when offered;
-// ?tls=required insists, ?tls=none never tries) or smtps://user:pass@host:port
-// (implicit TLS).
-func NewSMTPSender(rawURL string, timeout time.Duration) (*SMTPSender, error) {
-	u, err := url.Parse(rawURL)
-	if err != nil {
-		return nil, fmt.Errorf("parse SMTP_URL: %w", err)
-	}
-	opts := []gomail.Option{gomail.WithTimeout(timeout)}
-	port := 587
-	if u.Scheme == "smtps" {
-		port = 465
-		opts = append(opts, gomail.WithSSL())
-	} else {
-		switch u.Query().Get("tls") {
-		case "required":
-			opts = append(opts, gomail.WithTLSPolicy(gomail.TLSMandatory))
-		case "none":
-			opts = append(opts, gomail.WithTLSPolicy(gomail.NoTLS))
-		default:
-			opts = append(opts, gomail.WithTLSPolicy(gomail.TLSOpportunistic))
-		}
-	}
-	if p := u.Port(); p != "" {
-		if port, err = strconv.Atoi(p); err != nil {
-			return nil, fmt.Errorf("SMTP_URL port %q: %w", p, err)
-		}
-	}
-	opts = append(opts, gomail.WithPort(port))
-	if u.User != nil {
-		pass, _ := u.User.Password()
-		opts = append(opts, gomail.WithSMTPAuth(gomail.SMTPAuthAutoDiscover),
-			gomail.WithUsername(u.User.Username()), gomail.WithPassword(pass))
-	}
-	return &SMTPSender{host: u.Hostname(), opts: opts}, nil
-}
-
-// Send dials, sends msg and quits.
-func (s *SMTPSender) Send(ctx context.Context, msg *gomail.Msg) error {
-	client, err := gomail.NewClient(s.host, s.opts...)
-	if err != nil {
-		return fmt.Errorf("configure smtp client: %w", err)
-	}
-	err = client.DialAndSendWithContext(ctx, msg)
-	if err == nil {
-		return nil
-	}
-	// Only an answer about this message's recipient or content is
-	// permanent. A 5xx elsewhere (MAIL FROM, AUTH) is our configuration:
-	// retrying after it is fixed must still work.
-	var sendErr *gomail.SendError
-	if errors.As(err, &sendErr) && !sendErr.IsTemp() && sendErr.ErrorCode() >= 500 &&
-		(sendErr.Reason == gomail.ErrSMTPRcptTo || sendErr.Reason == gomail.ErrSMTPData || sendErr.Reason == gomail.ErrSMTPDataClose) {
-		return fmt.Errorf("%w: %v", errPermanent, err)
-	}
-	var netErr net.Error
-	if errors.As(err, &netErr) {
-		return fmt.Errorf("smtp connection: %w", err)
-	}
-	return fmt.Errorf("smtp: %w", err)
-}
+// errAmbiguous marks a send whose message data went out but whose answer
+// never came (a timeout or a dropped connection while waiting for it): the
+// server may have accepted the message. Retrying may send it twice.
+var errAmbiguous = errors.New("no answer to the message data; the server may have accepted it")
 
 // MailboxSender writes each message as an .eml file, for running locally
 // without a mail server.

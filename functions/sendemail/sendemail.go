@@ -68,10 +68,11 @@ type Service struct {
 
 // New builds the service from cfg. Nothing connects until it is used.
 func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error) {
+	cfg = cfg.withDefaults()
 	var sender Sender
 	var err error
 	if cfg.SMTPURL != "" {
-		sender, err = NewSMTPSender(cfg.SMTPURL, cfg.SMTPTimeout)
+		sender, err = NewSMTPSender(cfg.SMTPURL, cfg.SMTPTimeout, cfg.SMTPDataTimeout)
 	} else {
 		sender, err = NewMailboxSender(cfg.MailboxDir)
 	}
@@ -84,6 +85,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 // NewWithSender is New with the delivery of messages replaced, for tests
 // and benchmarks that measure everything but the mail server.
 func NewWithSender(ctx context.Context, cfg Config, sender Sender, logger *slog.Logger) (*Service, error) {
+	cfg = cfg.withDefaults()
 	mailer, err := NewMailer(cfg.From, cfg.Subject)
 	if err != nil {
 		return nil, err
@@ -107,11 +109,19 @@ func NewWithSender(ctx context.Context, cfg Config, sender Sender, logger *slog.
 		consumer: &Consumer{
 			client: client, stream: key, deadLetter: DeadLetterStream(key), group: cfg.Group, name: name,
 			batchSize: cfg.BatchSize, concurrency: cfg.Concurrency, block: cfg.Block, claimIdle: cfg.ClaimIdle,
-			maxDeliveries: cfg.MaxDeliveries, sendAttempts: cfg.SendAttempts, smtpTimeout: cfg.SMTPTimeout,
+			maxDeliveries: cfg.MaxDeliveries, sendAttempts: cfg.SendAttempts,
+			sendLimit: SendLimit(cfg.SMTPTimeout, cfg.SMTPDataTimeout), stopGrace: stopGrace(cfg.ShutdownTimeout),
 			sends: &Sends{pool: pool, lease: cfg.Lease}, mailer: mailer, sender: sender,
 			logger: logger.With(slog.String("consumer", name)),
 		},
 	}, nil
+}
+
+// stopGrace is how long a send under way may go on after shutdown began:
+// the shutdown time less 2s for its mark and acknowledgement (at least half
+// of it).
+func stopGrace(shutdown time.Duration) time.Duration {
+	return max(shutdown-2*time.Second, shutdown/2)
 }
 
 // defaultConsumerName is unique per process and fixed for its life.

@@ -239,7 +239,7 @@ func TestSendEmail(t *testing.T) {
 		require.NoError(t, killed.consumer.EnsureGroup(context.Background()))
 		entries, err := killed.consumer.read(context.Background(), ">", 0)
 		require.NoError(t, err)
-		_, err = killed.consumer.handle(context.Background(), entries, nil)
+		_, err = killed.consumer.handle(context.Background(), entries)
 		require.ErrorContains(t, err, "killed")
 		require.Equal(t, 5, b.smtp.Count())
 		// It had also read the other five and never got to them.

@@ -1,20 +1,32 @@
 // Package smtptest runs a real SMTP server (emersion/go-smtp) inside a test
-// or benchmark process. It records every message it accepts and can be told
-// to refuse recipients or messages, so tests exercise the product's real
-// SMTP client against real protocol answers.
+// or benchmark process. It records every message it accepts and misbehaves
+// on command (see [Server.Inject]): slow replies, 4xx/5xx at any stage, the
+// connection dropped before or after the reply to the message, on QUIT or
+// RSET; with [WithStartTLS] it offers STARTTLS (a self-signed certificate,
+// trusted through [Server.RootCAs]) and with [WithAuth] it asks for AUTH.
+// Tests exercise the product's real SMTP client against real protocol
+// answers.
 package smtptest
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/mail"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 )
 
@@ -30,6 +42,10 @@ type Message struct {
 	Body []byte
 	// At is when the server accepted the message.
 	At time.Time
+	// TLS says whether the message came over TLS.
+	TLS bool
+	// AuthUser is the user the client authenticated as, or empty.
+	AuthUser string
 }
 
 // Server is a running SMTP server.
@@ -45,12 +61,50 @@ type Server struct {
 	rcpt func(to string) error
 	// data, if set, answers each DATA with the attempt number (1-based).
 	data func(attempt int) error
+
+	faults             map[string]*faultState
+	delay              time.Duration
+	commands           []string
+	dropAfterNextReply map[*faultConn]bool
+	roots              *x509.CertPool
+	auth               bool
 }
 
+// Option configures a server at start.
+type Option func(*Server, *smtp.Server) error
+
+// WithStartTLS makes the server offer STARTTLS with a self-signed
+// certificate for 127.0.0.1 and localhost; clients trust it through
+// RootCAs.
+func WithStartTLS() Option {
+	return func(s *Server, srv *smtp.Server) error {
+		cert, roots, err := selfSigned()
+		if err != nil {
+			return err
+		}
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		s.roots = roots
+		return nil
+	}
+}
+
+// WithAuth makes the server offer AUTH PLAIN and CRAM-MD5, in clear text
+// too (as a careless or hostile server would), accepting any credentials.
+func WithAuth() Option {
+	return func(s *Server, srv *smtp.Server) error {
+		s.auth = true
+		srv.AllowInsecureAuth = true
+		return nil
+	}
+}
+
+// RootCAs trusts the server's certificate (WithStartTLS).
+func (s *Server) RootCAs() *x509.CertPool { return s.roots }
+
 // Start starts a server on a free loopback port, closed when t ends.
-func Start(t testing.TB) *Server {
+func Start(t testing.TB, opts ...Option) *Server {
 	t.Helper()
-	s, err := Listen()
+	s, err := Listen(opts...)
 	if err != nil {
 		t.Fatalf("smtptest: %v", err)
 	}
@@ -59,19 +113,52 @@ func Start(t testing.TB) *Server {
 }
 
 // Listen starts a server on a free loopback port; Close stops it.
-func Listen() (*Server, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, fmt.Errorf("listen: %w", err)
-	}
-	s := &Server{ln: ln, changed: make(chan struct{})}
+func Listen(opts ...Option) (*Server, error) {
+	s := &Server{changed: make(chan struct{}), faults: map[string]*faultState{}, dropAfterNextReply: map[*faultConn]bool{}}
 	s.srv = smtp.NewServer(backend{s})
 	s.srv.Domain = "localhost"
 	s.srv.ReadTimeout = 10 * time.Second
 	s.srv.WriteTimeout = 10 * time.Second
 	s.srv.MaxMessageBytes = 1 << 20
-	go s.srv.Serve(ln) //nolint:errcheck // ends with Close
+	for _, o := range opts {
+		if err := o(s, s.srv); err != nil {
+			return nil, err
+		}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("listen: %w", err)
+	}
+	s.ln = ln
+	go s.srv.Serve(faultListener{Listener: ln, s: s}) //nolint:errcheck // ends with Close
 	return s, nil
+}
+
+// selfSigned makes a certificate for 127.0.0.1 and localhost and a pool
+// that trusts it.
+func selfSigned() (tls.Certificate, *x509.CertPool, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("generate key: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "smtptest"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, DNSNames: []string{"localhost"},
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IsCA: true, BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("create certificate: %w", err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("parse certificate: %w", err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(leaf)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, roots, nil
 }
 
 // Close stops the server.
@@ -79,6 +166,9 @@ func (s *Server) Close() { _ = s.srv.Close() }
 
 // URL is the server's address as an SMTP_URL (plain text, no TLS).
 func (s *Server) URL() string { return "smtp://" + s.ln.Addr().String() + "?tls=none" }
+
+// Addr is the server's host:port.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
 
 // RefuseRecipients makes RCPT TO fail with err for addresses where refuse
 // returns true.
@@ -146,12 +236,53 @@ func (s *Server) WaitFor(t testing.TB, n int, timeout time.Duration) []Message {
 
 type backend struct{ s *Server }
 
-func (b backend) NewSession(*smtp.Conn) (smtp.Session, error) { return &session{s: b.s}, nil }
+func (b backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
+	ss := &session{s: b.s, c: c}
+	ss.fc, _ = c.Conn().(*faultConn)
+	if b.s.auth {
+		return &authSession{ss}, nil
+	}
+	return ss, nil
+}
 
 type session struct {
 	s    *Server
+	c    *smtp.Conn
+	fc   *faultConn
 	from string
 	to   []string
+	user string
+}
+
+// authSession is a session that offers AUTH.
+type authSession struct{ *session }
+
+func (as *authSession) AuthMechanisms() []string { return []string{sasl.Plain, "CRAM-MD5"} }
+
+func (as *authSession) Auth(mech string) (sasl.Server, error) {
+	if mech == "CRAM-MD5" {
+		return &cramServer{ss: as.session}, nil
+	}
+	return sasl.NewPlainServer(func(_, user, _ string) error {
+		as.user = user
+		return nil
+	}), nil
+}
+
+// cramServer accepts any CRAM-MD5 response and records the user it names.
+type cramServer struct {
+	ss   *session
+	sent bool
+}
+
+func (c *cramServer) Next(response []byte) ([]byte, bool, error) {
+	if !c.sent {
+		c.sent = true
+		return []byte("<1.1@localhost>"), false, nil
+	}
+	user, _, _ := bytes.Cut(response, []byte(" "))
+	c.ss.user = string(user)
+	return nil, true, nil
 }
 
 func (ss *session) Reset()        { ss.from, ss.to = "", nil }
@@ -180,6 +311,11 @@ func (ss *session) Data(r io.Reader) error {
 	if err != nil {
 		return err
 	}
+	if ss.fc != nil {
+		if refuse := ss.fc.endReply(); refuse != nil {
+			return refuse
+		}
+	}
 	ss.s.mu.Lock()
 	defer ss.s.mu.Unlock()
 	ss.s.attempts++
@@ -193,8 +329,13 @@ func (ss *session) Data(r io.Reader) error {
 		return errors.New("unparseable message")
 	}
 	body, _ := io.ReadAll(msg.Body)
-	ss.s.messages = append(ss.s.messages, Message{From: ss.from, To: ss.to, Raw: raw, Header: msg.Header, Body: body, At: time.Now()})
+	ss.s.messages = append(ss.s.messages, Message{From: ss.from, To: ss.to, Raw: raw, Header: msg.Header, Body: body, At: time.Now(), TLS: isTLS(ss.c), AuthUser: ss.user})
 	close(ss.s.changed)
 	ss.s.changed = make(chan struct{})
 	return nil
+}
+
+func isTLS(c *smtp.Conn) bool {
+	_, ok := c.TLSConnectionState()
+	return ok
 }

@@ -1,0 +1,246 @@
+package sendemail
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/textproto"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	gomail "github.com/wneessen/go-mail"
+	"github.com/wneessen/go-mail/smtp"
+)
+
+// SMTPSender sends over SMTP, one connection per message, with go-mail's
+// protocol client driven step by step so that this file decides the three
+// things that matter for sending once:
+//
+//   - The message is sent once the server answered 250 to its data.
+//     Whatever fails after that (QUIT, the connection) changes nothing.
+//   - Only a failure while waiting for that answer is ambiguous
+//     ([errAmbiguous]); that wait gets SMTP_DATA_TIMEOUT (RFC 5321 §4.5.3.2.6
+//     asks for 10 minutes).
+//   - The whole conversation is bounded: every step but that wait shares one
+//     SMTP_TIMEOUT, QUIT gets at most another; see [SMTPSender.Limit].
+//
+// TLS cannot be downgraded: without tls=none in the URL, a server that does
+// not offer STARTTLS gets nothing, and credentials never travel in clear.
+type SMTPSender struct {
+	addr        string
+	host        string
+	implicitTLS bool
+	plain       bool // tls=none
+	user, pass  string
+	timeout     time.Duration
+	dataTimeout time.Duration
+	tlsConfig   *tls.Config
+}
+
+// ParseSMTPURL checks an SMTP_URL: smtp://[user:pass@]host[:port][?tls=none|required]
+// or smtps://[user:pass@]host[:port]. tls=required is the default; tls=none
+// turns TLS off and is refused together with credentials.
+func ParseSMTPURL(rawURL string) (*url.URL, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil || (u.Scheme != "smtp" && u.Scheme != "smtps") || u.Hostname() == "" {
+		return nil, errors.New("SMTP_URL must look like smtp://user:pass@host:587 or smtps://user:pass@host:465")
+	}
+	for k := range u.Query() {
+		if k != "tls" {
+			return nil, fmt.Errorf("SMTP_URL: unknown parameter %q (only tls=none or tls=required)", k)
+		}
+	}
+	switch mode := u.Query().Get("tls"); {
+	case !u.Query().Has("tls"), mode == "required":
+	case mode == "none" && u.Scheme == "smtps":
+		return nil, errors.New("SMTP_URL: smtps:// is TLS from the start; tls=none contradicts it")
+	case mode == "none" && u.User != nil:
+		return nil, errors.New("SMTP_URL: tls=none with credentials would send them in clear text; remove one")
+	case mode == "none":
+	default:
+		return nil, fmt.Errorf("SMTP_URL: tls=%q is not a known value (tls=none, or tls=required, the default)", mode)
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return nil, fmt.Errorf("SMTP_URL: port %q is not a port", p)
+		}
+	}
+	return u, nil
+}
+
+// NewSMTPSender reads an SMTP_URL (see [ParseSMTPURL]). timeout bounds the
+// conversation up to the end of the message data, dataTimeout the wait for
+// the answer to it.
+func NewSMTPSender(rawURL string, timeout, dataTimeout time.Duration) (*SMTPSender, error) {
+	u, err := ParseSMTPURL(rawURL)
+	if err != nil {
+		return nil, err
+	}
+	s := &SMTPSender{
+		host: u.Hostname(), implicitTLS: u.Scheme == "smtps", plain: u.Query().Get("tls") == "none",
+		timeout: timeout, dataTimeout: dataTimeout,
+		tlsConfig: &tls.Config{ServerName: u.Hostname(), MinVersion: tls.VersionTLS12},
+	}
+	port := u.Port()
+	if port == "" {
+		port = "587"
+		if s.implicitTLS {
+			port = "465"
+		}
+	}
+	s.addr = net.JoinHostPort(s.host, port)
+	if u.User != nil {
+		s.user = u.User.Username()
+		s.pass, _ = u.User.Password()
+	}
+	return s, nil
+}
+
+// Limit is the longest one conversation can last: SMTP_TIMEOUT up to the
+// end of the data, SMTP_DATA_TIMEOUT for the answer, SMTP_TIMEOUT for QUIT.
+func (s *SMTPSender) Limit() time.Duration { return SendLimit(s.timeout, s.dataTimeout) }
+
+// SendLimit is [SMTPSender.Limit] for these settings.
+func SendLimit(timeout, dataTimeout time.Duration) time.Duration {
+	return 2*timeout + dataTimeout
+}
+
+// Send has one conversation about msg. nil means the server answered 250
+// to the data. ctx ending cuts the conversation at once.
+func (s *SMTPSender) Send(ctx context.Context, msg *gomail.Msg) error {
+	from, err := msg.GetSender(false)
+	if err != nil {
+		return fmt.Errorf("%w: sender: %v", errPermanent, err)
+	}
+	rcpts, err := msg.GetRecipients()
+	if err != nil {
+		return fmt.Errorf("%w: recipients: %v", errPermanent, err)
+	}
+	start := time.Now()
+	stepsBy := start.Add(s.timeout)
+	dialer := net.Dialer{Deadline: stepsBy}
+	conn, err := dialer.DialContext(ctx, "tcp", s.addr)
+	if err != nil {
+		return fmt.Errorf("smtp connect %s: %w", s.addr, err)
+	}
+	// Every deadline is set on the TCP connection (TLS passes it down); a
+	// cancelled ctx closes it.
+	defer conn.Close() //nolint:errcheck // the answer that mattered came earlier
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	setDeadline := func(t time.Time) error {
+		if err := conn.SetDeadline(t); err != nil {
+			return fmt.Errorf("smtp: %w", err)
+		}
+		if ctx.Err() != nil { // cancelled before this deadline replaced the cut
+			_ = conn.SetDeadline(time.Unix(1, 0))
+		}
+		return nil
+	}
+	if err := setDeadline(stepsBy); err != nil {
+		return err
+	}
+	var c net.Conn = conn
+	if s.implicitTLS {
+		tc := tls.Client(conn, s.tlsConfig)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return fmt.Errorf("smtp tls handshake: %w", err)
+		}
+		c = tc
+	}
+	client, err := smtp.NewClient(c, s.host)
+	if err != nil {
+		return classify("greeting", err)
+	}
+	if err := client.Hello("localhost"); err != nil {
+		return classify("EHLO", err)
+	}
+	if !s.implicitTLS && !s.plain {
+		if ok, _ := client.Extension("STARTTLS"); !ok {
+			// A man in the middle strips STARTTLS: send nothing.
+			return errors.New("smtp: the server does not offer STARTTLS and SMTP_URL does not say tls=none; nothing was sent")
+		}
+		if err := client.StartTLS(s.tlsConfig); err != nil {
+			return classify("STARTTLS", err)
+		}
+	}
+	if s.user != "" {
+		if err := client.Auth(s.auth(client)); err != nil {
+			return classify("AUTH", err)
+		}
+	}
+	if err := client.Mail(from); err != nil {
+		return classify("MAIL FROM", err)
+	}
+	for _, r := range rcpts {
+		if err := client.Rcpt(r); err != nil {
+			return permanentIf5xx("RCPT TO", err)
+		}
+	}
+	w, err := client.Data()
+	if err != nil {
+		return permanentIf5xx("DATA", err)
+	}
+	if _, err := msg.WriteTo(w); err != nil {
+		// The final dot never went out: the server discards what it got.
+		return fmt.Errorf("smtp write data: %w", err)
+	}
+	if err := setDeadline(time.Now().Add(s.dataTimeout)); err != nil {
+		return err
+	}
+	if err := w.Close(); err != nil {
+		var tpErr *textproto.Error
+		if errors.As(err, &tpErr) {
+			return permanentIf5xx("end of data", err)
+		}
+		return fmt.Errorf("%w: %v", errAmbiguous, err)
+	}
+	// 250: sent. QUIT is a courtesy.
+	_ = setDeadline(time.Now().Add(s.timeout))
+	_ = client.Quit()
+	return nil
+}
+
+// auth picks PLAIN (the connection is encrypted: Send never gets here
+// otherwise), or CRAM-MD5 or LOGIN when PLAIN is not offered.
+func (s *SMTPSender) auth(client *smtp.Client) smtp.Auth {
+	_, mechs := client.Extension("AUTH")
+	offered := strings.Fields(strings.ToUpper(mechs))
+	has := func(m string) bool {
+		for _, o := range offered {
+			if o == m {
+				return true
+			}
+		}
+		return false
+	}
+	switch {
+	case has("PLAIN"):
+		return smtp.PlainAuth("", s.user, s.pass, s.host, false)
+	case has("CRAM-MD5"):
+		return smtp.CRAMMD5Auth(s.user, s.pass)
+	default:
+		return smtp.LoginAuth(s.user, s.pass, s.host, false)
+	}
+}
+
+// classify wraps an error of a step before the recipient: never permanent
+// for the message (a 5xx there is our configuration; retrying after it is
+// fixed must work).
+func classify(step string, err error) error {
+	return fmt.Errorf("smtp %s: %w", step, err)
+}
+
+// permanentIf5xx makes a 5xx answer about the recipient or the message
+// permanent; anything else can be retried.
+func permanentIf5xx(step string, err error) error {
+	var tpErr *textproto.Error
+	if errors.As(err, &tpErr) && tpErr.Code >= 500 {
+		return fmt.Errorf("%w: smtp %s: %v", errPermanent, step, err)
+	}
+	return fmt.Errorf("smtp %s: %w", step, err)
+}
