@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
@@ -48,9 +49,10 @@ type User struct {
 
 // Service creates users. It is safe for concurrent use.
 type Service struct {
-	cfg    Config
-	pool   *pgxpool.Pool
-	logger *slog.Logger
+	cfg     Config
+	pool    *pgxpool.Pool
+	limiter *limiter // nil when both limits are off
+	logger  *slog.Logger
 }
 
 // New returns a service using a pool built from cfg. It does not connect
@@ -60,7 +62,12 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 	if err != nil {
 		return nil, err
 	}
-	return &Service{cfg: cfg, pool: pool, logger: logger}, nil
+	s := &Service{cfg: cfg, pool: pool, logger: logger}
+	if (cfg.RateLimitPerAddress > 0 || cfg.RateLimitPerDomain > 0) && cfg.RateLimitWindow > 0 {
+		s.limiter = &limiter{pool: pool, window: cfg.RateLimitWindow,
+			perAddress: cfg.RateLimitPerAddress, perDomain: cfg.RateLimitPerDomain}
+	}
+	return s, nil
 }
 
 // Start does nothing: createuser has no background work.
@@ -83,6 +90,9 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	status, body, replayed, err := s.handle(r)
+	if limited := (*rateLimitedError)(nil); errors.As(err, &limited) {
+		w.Header().Set("Retry-After", strconv.Itoa(seconds(limited.retryAfter)))
+	}
 	if err != nil {
 		httpjson.WriteError(w, r, s.logger, err)
 		return
@@ -102,7 +112,12 @@ func (s *Service) handle(r *http.Request) (status int, body json.RawMessage, rep
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.RequestTimeout)
 	defer cancel()
-	status, body, replayed, err = s.create(ctx, u, key, traceparent(r.Header))
+	if s.limiter != nil {
+		err = s.limiter.allow(ctx, clientAddress(r, s.cfg.ForwardedHops), u.Domain)
+	}
+	if err == nil {
+		status, body, replayed, err = s.create(ctx, u, key, traceparent(r.Header))
+	}
 	if err != nil && (pg.IsUnavailable(err) || errors.Is(err, context.Canceled)) {
 		s.logger.WarnContext(ctx, "database unavailable", slog.Any("error", err))
 		return 0, nil, false, httpjson.Errorf(http.StatusServiceUnavailable, "unavailable",
@@ -148,7 +163,11 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent string
 	if err != nil {
 		return 0, nil, false, fmt.Errorf("insert user: %w", err)
 	}
-	payload, err := json.Marshal(events.UserCreated{UserID: user.ID, Email: user.Email, Name: user.Name})
+	ev := events.UserCreated{UserID: user.ID, Email: user.Email, Name: user.Name}
+	if s.cfg.OmitNameFromEvent {
+		ev.Name = ""
+	}
+	payload, err := json.Marshal(ev)
 	if err != nil {
 		return 0, nil, false, fmt.Errorf("encode event: %w", err)
 	}

@@ -25,6 +25,7 @@ func TestMain(m *testing.M) {
 
 type testBundle struct {
 	svc  *Service
+	cfg  Config
 	pool *pgxpool.Pool // a separate pool for the test's own queries
 }
 
@@ -43,7 +44,7 @@ func setup(t *testing.T, mutate ...func(*Config)) *testBundle {
 	svc, err := New(context.Background(), cfg, logging.Discard())
 	require.NoError(t, err)
 	t.Cleanup(svc.Close)
-	return &testBundle{svc: svc, pool: pool}
+	return &testBundle{svc: svc, cfg: cfg, pool: pool}
 }
 
 type response struct {
@@ -121,6 +122,19 @@ func TestCreateUser(t *testing.T) {
 		require.JSONEq(t, fmt.Sprintf(`{"user_id":%d,"email":"Ada@example.com","name":"Ada Lovelace"}`, id), payload)
 		require.Equal(t, tp, traceparent)
 		require.Equal(t, [3]int{1, 1, 0}, b.counts(t))
+	})
+
+	t.Run("keeps the name out of the event when told to, and stores it with the user", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, func(c *Config) { c.OmitNameFromEvent = true })
+		res := b.post(t, `{"email":"ada@example.com","name":"Click https://evil.example now"}`)
+		require.Equal(t, http.StatusCreated, res.Status, res.Raw)
+		require.Equal(t, "Click https://evil.example now", res.Body["name"])
+		var payload, name string
+		require.NoError(t, b.pool.QueryRow(context.Background(),
+			`SELECT (SELECT payload::text FROM outbox), (SELECT name FROM users)`).Scan(&payload, &name))
+		require.JSONEq(t, fmt.Sprintf(`{"user_id":%d,"email":"ada@example.com","name":""}`, int64(res.Body["id"].(float64))), payload)
+		require.Equal(t, "Click https://evil.example now", name)
 	})
 
 	t.Run("drops a malformed traceparent instead of refusing the user", func(t *testing.T) {
