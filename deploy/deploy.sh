@@ -7,8 +7,8 @@
 # stand-in gcloud.
 #
 # Manifests are rendered by `outboxctl render`, which quotes every value
-# (MAIL_FROM may hold &, |, #, quotes and colons); OUTBOXCTL overrides the
-# command that runs it.
+# (MAIL_FROM may hold &, |, #, quotes and colons); it is built from this tree
+# unless OUTBOXCTL names a binary.
 set -euo pipefail
 
 : "${GCP_PROJECT:?set GCP_PROJECT (see README: Deploy to Cloud Run)}"
@@ -21,16 +21,20 @@ SUBNET=${SUBNET:-default}
 MAIL_FROM=${MAIL_FROM:-Outbox <welcome@example.com>}
 
 cd "$(dirname "$0")/.."
-read -r -a outboxctl <<<"${OUTBOXCTL:-go run ./deploy/outboxctl}"
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+if [[ -n ${OUTBOXCTL:-} ]]; then
+  outboxctl=("$OUTBOXCTL")
+else
+  go build -o "$out/outboxctl" ./deploy/outboxctl
+  outboxctl=("$out/outboxctl")
+fi
 if [[ -z ${TAG:-} ]]; then
   # The tag only names the build; what runs is chosen by digest below, so a
   # redeploy of uncommitted changes still rolls out exactly what was built.
   TAG=$(git rev-parse --short HEAD)
   [[ -z $(git status --porcelain) ]] || TAG="$TAG-dirty-$(date -u +%Y%m%d%H%M%S)"
 fi
-
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
 
 # gc runs gcloud in the project. On failure it says which call failed and,
 # for a permission error, which roles the README lists, then stops.

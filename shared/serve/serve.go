@@ -3,12 +3,11 @@
 // health and liveness endpoints safe to expose, timeouts that cut off slow
 // clients, and a graceful shutdown on SIGTERM.
 //
-// Every function registers itself with the Functions Framework
-// (functions.HTTP) so that funcframework.Start and Cloud Functions buildpacks
-// serve it unchanged. The mains in this repository serve the same handlers
+// Every function also registers itself with the Functions Framework
+// (functions.HTTP), by name. The mains in this repository serve the handlers
 // through [Run], which follows the Framework's routing: with FUNCTION_TARGET
 // set only that function is served, at "/"; without it every function is
-// served at "/<Name>".
+// served at "/<Name>". Health is at [HealthPath], liveness at [LivePath].
 package serve
 
 import (
