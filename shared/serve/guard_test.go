@@ -21,6 +21,7 @@ import (
 
 // probe is a Service whose health, liveness and handler a test sets.
 type probe struct {
+	timeout time.Duration
 	health  func() Health
 	live    func() error
 	handler http.HandlerFunc
@@ -32,6 +33,7 @@ func (p *probe) Stop()                                            {}
 func (p *probe) Close()                                           {}
 func (p *probe) Health(context.Context) Health                    { return p.health() }
 func (p *probe) Live(context.Context) error                       { return p.live() }
+func (p *probe) HandlerTimeout() time.Duration                    { return p.timeout }
 
 type serveBundle struct {
 	base   string
@@ -58,13 +60,17 @@ func (b *syncBuffer) String() string {
 	return b.buf.String()
 }
 
-// setup serves one probe function "P" with cfg's timeouts (1 s where unset).
-func setup(t *testing.T, cfg Config) *serveBundle {
+// setup serves one probe function "P" with cfg's timeouts (1 s where unset)
+// and the handler timeout p says (cfg.WriteTimeout when zero).
+func setup(t *testing.T, cfg Config, opts ...func(*probe)) *serveBundle {
 	t.Helper()
 	p := &probe{
 		health:  func() Health { return Health{OK: true, Checks: map[string]string{"postgres": "ok"}} },
 		live:    func() error { return nil },
 		handler: func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "P") },
+	}
+	for _, o := range opts {
+		o(p)
 	}
 	for _, d := range []*time.Duration{&cfg.ShutdownTimeout, &cfg.ReadTimeout, &cfg.WriteTimeout, &cfg.IdleTimeout} {
 		if *d == 0 {
@@ -224,6 +230,32 @@ func TestTimeouts(t *testing.T) {
 		res.Body.Close()
 		require.Equal(t, "drained", string(body))
 		require.False(t, canceled.Load(), "the request's context outlives the read timeout")
+	})
+}
+
+func TestHandlerTimeout(t *testing.T) {
+	t.Parallel()
+	slow := func(w http.ResponseWriter, _ *http.Request) {
+		time.Sleep(600 * time.Millisecond) // a handler that overruns its bound
+		_, _ = io.WriteString(w, "late")
+	}
+
+	t.Run("a function's own timeout bounds its answer", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, Config{WriteTimeout: 10 * time.Second}, func(p *probe) { p.timeout = 200 * time.Millisecond; p.handler = slow })
+		res, err := http.Post(b.base+"/P", "application/json", nil)
+		if err == nil {
+			res.Body.Close()
+		}
+		require.Error(t, err, "the answer past the function's deadline is not written")
+	})
+
+	t.Run("HTTP_WRITE_TIMEOUT applies when the function sets none", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, Config{WriteTimeout: 5 * time.Second}, func(p *probe) { p.handler = slow })
+		status, body := get(t, b.base+"/P")
+		require.Equal(t, http.StatusOK, status)
+		require.Equal(t, "late", body)
 	})
 }
 
