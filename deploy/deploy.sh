@@ -68,25 +68,27 @@ echo "== build images ($TAG)"
 gc builds submit --config deploy/cloudbuild.yaml --substitutions="_REGION=$GCP_REGION,_TAG=$TAG" .
 
 repo="$GCP_REGION-docker.pkg.dev/$GCP_PROJECT/outbox"
-declare -A image
+# image FN prints FN's image by digest (files, not an associative array: the
+# bash 3.2 of macOS has none).
+image() { cat "$out/image.$1"; }
 for fn in createuser relay sendemail; do
   digest=$(gc artifacts docker images describe "$repo/$fn:$TAG" --format 'value(image_summary.digest)')
   if [[ ! $digest =~ ^sha256:[0-9a-f]{64}$ ]]; then
     echo "deploy: no digest for $repo/$fn:$TAG (got '$digest')" >&2
     exit 1
   fi
-  image[$fn]="$repo/$fn@$digest"
-  echo "   $fn: ${image[$fn]}"
+  echo "$repo/$fn@$digest" >"$out/image.$fn"
+  echo "   $fn: $(image "$fn")"
 done
 
 echo "== migrate"
-render deploy/cloudrun/migrate.yaml "${image[relay]}" >"$out/migrate.yaml"
+render deploy/cloudrun/migrate.yaml "$(image relay)" >"$out/migrate.yaml"
 gc run jobs replace "$out/migrate.yaml" --region "$GCP_REGION"
 gc run jobs execute outbox-migrate --region "$GCP_REGION" --wait
 
 for fn in createuser relay sendemail; do
   echo "== deploy $fn"
-  render "deploy/cloudrun/$fn.yaml" "${image[$fn]}" >"$out/$fn.yaml"
+  render "deploy/cloudrun/$fn.yaml" "$(image "$fn")" >"$out/$fn.yaml"
   gc run services replace "$out/$fn.yaml" --region "$GCP_REGION"
 done
 gc run services add-iam-policy-binding createuser --region "$GCP_REGION" \
