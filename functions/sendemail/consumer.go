@@ -625,26 +625,32 @@ func (m *markBatcher) close() {
 	<-m.done
 }
 
-// deadLetterEntry moves e to the dead-letter stream: one MULTI/EXEC adds it
-// there, with why it failed, and acknowledges it here, so it is never both
-// lost and never left pending.
+// deadLetterScript adds an entry to the dead-letter stream, then
+// acknowledges it, atomically. In a script a failing command (the
+// dead-letter key of the wrong type, out of memory) stops it before the
+// acknowledgement, which MULTI … EXEC does not: there the XACK runs
+// whatever became of the XADD.
+//
+// KEYS: dead-letter stream, stream. ARGV: group, entry id, field, value, …
+var deadLetterScript = rueidis.NewLuaScript(`
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+return redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])`)
+
+// deadLetterEntry moves e to the dead-letter stream, with why it failed,
+// and acknowledges it only once it is there.
 func (c *Consumer) deadLetterEntry(ctx context.Context, e rueidis.XRangeEntry, deliveries int64, reason error) error {
-	add := c.client.B().Xadd().Key(c.deadLetter).Id("*").FieldValue()
+	args := []string{c.group, e.ID}
 	for _, k := range OriginalFields(e.FieldValues) {
-		add = add.FieldValue(k, e.FieldValues[k])
+		args = append(args, k, e.FieldValues[k])
 	}
-	add = add.FieldValue(FieldDeadOriginalID, e.ID).
-		FieldValue(FieldDeadStream, c.stream).
-		FieldValue(FieldDeadError, reason.Error()).
-		FieldValue(FieldDeadDeliveries, strconv.FormatInt(deliveries, 10)).
-		FieldValue(FieldDeadConsumer, c.name).
-		FieldValue(FieldDeadFailedAt, time.Now().UTC().Format(time.RFC3339Nano))
-	results := c.client.DoMulti(ctx,
-		c.client.B().Multi().Build(),
-		add.Build(),
-		c.client.B().Xack().Key(c.stream).Group(c.group).Id(e.ID).Build(),
-		c.client.B().Exec().Build())
-	if err := ExecErr(results); err != nil {
+	args = append(args,
+		FieldDeadOriginalID, e.ID,
+		FieldDeadStream, c.stream,
+		FieldDeadError, reason.Error(),
+		FieldDeadDeliveries, strconv.FormatInt(deliveries, 10),
+		FieldDeadConsumer, c.name,
+		FieldDeadFailedAt, time.Now().UTC().Format(time.RFC3339Nano))
+	if err := deadLetterScript.Exec(ctx, c.client, []string{c.deadLetter, c.stream}, args).Error(); err != nil {
 		return fmt.Errorf("dead-letter %s: %w", e.ID, err)
 	}
 	return nil

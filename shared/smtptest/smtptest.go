@@ -62,6 +62,7 @@ type Server struct {
 	// data, if set, answers each DATA with the attempt number (1-based).
 	data func(attempt int) error
 
+	onAccept           func(Message)
 	faults             map[string]*faultState
 	delay              time.Duration
 	commands           []string
@@ -162,7 +163,11 @@ func selfSigned() (tls.Certificate, *x509.CertPool, error) {
 }
 
 // Close stops the server.
-func (s *Server) Close() { _ = s.srv.Close() }
+func (s *Server) Close() {
+	_ = s.srv.Close()
+	// Serve may not have registered the listener with srv yet.
+	_ = s.ln.Close()
+}
 
 // URL is the server's address as an SMTP_URL (plain text, no TLS).
 func (s *Server) URL() string { return "smtp://" + s.ln.Addr().String() + "?tls=none" }
@@ -181,6 +186,14 @@ func (s *Server) RefuseRecipients(refuse func(to string) bool, err *smtp.SMTPErr
 		}
 		return nil
 	}
+}
+
+// OnAccept calls f with each message the server accepts, before it
+// answers: the moment to break something else, such as the database.
+func (s *Server) OnAccept(f func(Message)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onAccept = f
 }
 
 // FailData makes DATA fail with err for the first n attempts.
@@ -329,9 +342,15 @@ func (ss *session) Data(r io.Reader) error {
 		return errors.New("unparseable message")
 	}
 	body, _ := io.ReadAll(msg.Body)
-	ss.s.messages = append(ss.s.messages, Message{From: ss.from, To: ss.to, Raw: raw, Header: msg.Header, Body: body, At: time.Now(), TLS: isTLS(ss.c), AuthUser: ss.user})
+	m := Message{From: ss.from, To: ss.to, Raw: raw, Header: msg.Header, Body: body, At: time.Now(), TLS: isTLS(ss.c), AuthUser: ss.user}
+	ss.s.messages = append(ss.s.messages, m)
 	close(ss.s.changed)
 	ss.s.changed = make(chan struct{})
+	if f := ss.s.onAccept; f != nil {
+		ss.s.mu.Unlock()
+		f(m)
+		ss.s.mu.Lock()
+	}
 	return nil
 }
 
