@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/emersion/go-smtp"
 	"github.com/google/uuid"
 	"github.com/stretchr/testify/require"
 
@@ -31,7 +30,9 @@ func passes(t *testing.T, s *Service, n int, idle time.Duration) Stats {
 
 func TestAMessageTheServerAcceptedIsSentOnce(t *testing.T) {
 	t.Parallel()
-	short := func(c *Config) { c.ClaimIdle, c.Lease, c.SendAttempts, c.MaxDeliveries = 100*time.Millisecond, 50*time.Millisecond, 3, 5 }
+	short := func(c *Config) {
+		c.ClaimIdle, c.Lease, c.SendAttempts, c.MaxDeliveries = 100*time.Millisecond, 50*time.Millisecond, 3, 5
+	}
 	for _, tc := range []struct {
 		name  string
 		stage string
@@ -235,5 +236,3 @@ func TestAnEntryIsAcknowledgedOnlyWhenItIsSafeSomewhere(t *testing.T) {
 	require.Zero(t, stats.DeadLettered)
 	require.EqualValues(t, 1, b.pending(t), "the entry stays pending")
 }
-
-var _ = smtp.SMTPError{}
