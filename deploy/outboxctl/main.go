@@ -138,7 +138,7 @@ func openOps(ctx context.Context, cfg Config, out io.Writer) (*ops, func(), erro
 		pool.Close()
 		return nil, nil, err
 	}
-	o := &ops{pool: pool, redis: client, prefix: cfg.StreamPrefix, group: cfg.Group, out: out}
+	o := &ops{pool: pool, redis: client, prefix: cfg.StreamPrefix, group: cfg.Group, out: out, dedupeWindow: cfg.DedupeWindow}
 	return o, func() { client.Close(); pool.Close() }, nil
 }
 

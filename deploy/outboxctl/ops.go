@@ -26,6 +26,8 @@ type Config struct {
 	RedisURL     string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL. Default the local server."`
 	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the functions. Default outbox:."`
 	Group        string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"sendemail's consumer group, whose dead letters dlq works on. Default sendemail."`
+	// DedupeWindow is the relay's; purge never goes below it.
+	DedupeWindow time.Duration `envconfig:"RELAY_DEDUPE_WINDOW" default:"24h" desc:"The relay's dedupe window: purge refuses -older-than below it (and below 24h). Default 24h."`
 }
 
 // ops holds the connections the operating commands work with.
@@ -35,6 +37,8 @@ type ops struct {
 	prefix string
 	group  string
 	out    io.Writer
+	// dedupeWindow raises the smallest age purge accepts.
+	dedupeWindow time.Duration
 }
 
 func (o *ops) userStream() string { return stream.Name(o.prefix, events.AggregateUser) }
@@ -189,8 +193,14 @@ type DeadLetter struct {
 	Fields     map[string]string `json:"fields"`
 }
 
+// dlqList lists up to count dead letters, oldest first; count 0 or less
+// lists them all.
 func (o *ops) dlqList(ctx context.Context, count int64) ([]DeadLetter, error) {
-	entries, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Count(count).Build()).AsXRange()
+	cmd := o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Build()
+	if count > 0 {
+		cmd = o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Count(count).Build()
+	}
+	entries, err := o.redis.Do(ctx, cmd).AsXRange()
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", o.deadStream(), err)
 	}
@@ -206,32 +216,49 @@ func (o *ops) dlqList(ctx context.Context, count int64) ([]DeadLetter, error) {
 
 var errNoSuchEntry = errors.New("no such dead letter")
 
+// redriveScript moves one dead letter back to its stream, if it is still
+// there: two redrives of the same letter at once move it once. A failing
+// XADD stops the script before the XDEL, so a letter is never lost.
+//
+// KEYS: dead-letter stream, target stream. ARGV: letter id, field, value, …
+var redriveScript = rueidis.NewLuaScript(`
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1`)
+
+// dropScript deletes one dead letter; it answers 0 if it was gone.
+var dropScript = rueidis.NewLuaScript(`return redis.call('XDEL', KEYS[1], ARGV[1])`)
+
 // dlqRedrive moves dead letters (ids, or all when ids is empty) back to the
-// stream they came from. Each move is one MULTI/EXEC: the original fields
-// are added to the stream as a new entry and the dead letter is deleted, so
-// a crash can neither lose it nor leave it in both places.
+// stream they came from, each as a new entry with its original fields, in
+// one script per letter: atomic, and safe to run twice at once (each
+// letter is moved by whichever redrive gets to it first).
 func (o *ops) dlqRedrive(ctx context.Context, ids []string) (int, error) {
-	return o.dlqEach(ctx, ids, func(e rueidis.XRangeEntry) rueidis.Commands {
+	return o.dlqEach(ctx, ids, func(e rueidis.XRangeEntry) (bool, error) {
 		target := e.FieldValues[sendemail.FieldDeadStream]
 		if target == "" {
 			target = o.userStream()
 		}
-		add := o.redis.B().Xadd().Key(target).Id("*").FieldValue()
+		args := []string{e.ID}
 		for _, k := range sendemail.OriginalFields(e.FieldValues) {
-			add = add.FieldValue(k, e.FieldValues[k])
+			args = append(args, k, e.FieldValues[k])
 		}
-		return rueidis.Commands{add.Build()}
+		n, err := redriveScript.Exec(ctx, o.redis, []string{o.deadStream(), target}, args).AsInt64()
+		return n == 1, err
 	})
 }
 
 // dlqDrop deletes dead letters (ids, or all when ids is empty).
 func (o *ops) dlqDrop(ctx context.Context, ids []string) (int, error) {
-	return o.dlqEach(ctx, ids, func(rueidis.XRangeEntry) rueidis.Commands { return nil })
+	return o.dlqEach(ctx, ids, func(e rueidis.XRangeEntry) (bool, error) {
+		n, err := dropScript.Exec(ctx, o.redis, []string{o.deadStream()}, []string{e.ID}).AsInt64()
+		return n == 1, err
+	})
 }
 
-// dlqEach runs, for each selected dead letter, before(e) and its deletion in
-// one MULTI/EXEC.
-func (o *ops) dlqEach(ctx context.Context, ids []string, before func(rueidis.XRangeEntry) rueidis.Commands) (int, error) {
+// dlqEach runs act on each selected dead letter and counts those it moved.
+func (o *ops) dlqEach(ctx context.Context, ids []string, act func(rueidis.XRangeEntry) (bool, error)) (int, error) {
 	var entries []rueidis.XRangeEntry
 	if len(ids) == 0 {
 		all, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Build()).AsXRange()
@@ -252,15 +279,13 @@ func (o *ops) dlqEach(ctx context.Context, ids []string, before func(rueidis.XRa
 	}
 	done := 0
 	for _, e := range entries {
-		cmds := rueidis.Commands{o.redis.B().Multi().Build()}
-		cmds = append(cmds, before(e)...)
-		cmds = append(cmds, o.redis.B().Xdel().Key(o.deadStream()).Id(e.ID).Build(), o.redis.B().Exec().Build())
-		for _, r := range o.redis.DoMulti(ctx, cmds...) {
-			if err := r.Error(); err != nil {
-				return done, fmt.Errorf("move %s: %w", e.ID, err)
-			}
+		moved, err := act(e)
+		if err != nil {
+			return done, fmt.Errorf("move %s: %w", e.ID, err)
 		}
-		done++
+		if moved {
+			done++
+		}
 	}
 	return done, nil
 }
@@ -269,15 +294,31 @@ func (o *ops) dlqEach(ctx context.Context, ids []string, before func(rueidis.XRa
 // statement holds locks or generates WAL for long.
 const purgeBatch = 1000
 
-// purge deletes send records and idempotency keys older than age, in small
-// batches. (Relayed outbox rows are deleted by the relay itself; none are
-// retained.)
+// minPurgeAge is the smallest age purge accepts whatever the relay's
+// dedupe window: a day, well past any lease or claim time.
+const minPurgeAge = 24 * time.Hour
+
+var errPurgeTooYoung = errors.New("purge age too small")
+
+// purge deletes send records of emails that were sent, and idempotency
+// keys, older than age, in small batches. A send record that is not
+// finished (a claim, an email still being retried) is never deleted: that
+// would let a second consumer send the same email. A record of an email
+// that went to the dead-letter stream is deleted when it gets there.
+// Relayed outbox rows are deleted by the relay itself; none are retained.
 func (o *ops) purge(ctx context.Context, age time.Duration) (map[string]int64, error) {
+	if least := max(minPurgeAge, o.dedupeWindow); age < least {
+		return nil, fmt.Errorf("%w: -older-than %s is below %s (the larger of a day and RELAY_DEDUPE_WINDOW); younger records still guard against duplicates",
+			errPurgeTooYoung, age, least)
+	}
 	deleted := map[string]int64{}
-	for _, t := range []struct{ table, key string }{{"email_sends", "key"}, {"idempotency_keys", "key"}} {
+	for _, t := range []struct{ table, key, finished string }{
+		{"email_sends", "key", " AND sent_at IS NOT NULL"},
+		{"idempotency_keys", "key", ""},
+	} {
 		for {
 			tag, err := o.pool.Exec(ctx, `DELETE FROM `+t.table+` WHERE `+t.key+` IN (
-				SELECT `+t.key+` FROM `+t.table+` WHERE created_at < now() - $1::interval LIMIT $2)`, age, purgeBatch)
+				SELECT `+t.key+` FROM `+t.table+` WHERE created_at < now() - $1::interval`+t.finished+` LIMIT $2)`, age, purgeBatch)
 			if err != nil {
 				return deleted, fmt.Errorf("purge %s: %w", t.table, err)
 			}

@@ -8,10 +8,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxfn/outbox/functions/sendemail"
@@ -173,20 +175,104 @@ func (b *testBundle) addRaw(t *testing.T, i int) {
 
 func TestPurge(t *testing.T) {
 	t.Parallel()
-	b := setup(t)
-	ctx := context.Background()
-	_, err := b.ops.pool.Exec(ctx, `
-		INSERT INTO email_sends (key, event_id, created_at)
-		SELECT 'welcome:' || i, gen_random_uuid(), now() - (CASE WHEN i <= 2500 THEN interval '40 days' ELSE interval '1 day' END)
-		FROM generate_series(1, 3000) AS i;
-		INSERT INTO idempotency_keys (key, request_hash, status, response, created_at)
-		VALUES ('old', '\x00', 201, '{}', now() - interval '31 days'), ('new', '\x00', 201, '{}', now())`)
-	require.NoError(t, err)
-	deleted, err := b.ops.purge(ctx, 30*24*time.Hour)
-	require.NoError(t, err)
-	require.Equal(t, map[string]int64{"email_sends": 2500, "idempotency_keys": 1}, deleted)
-	var sends, keys int
-	require.NoError(t, b.ops.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM email_sends), (SELECT count(*) FROM idempotency_keys)`).Scan(&sends, &keys))
-	require.Equal(t, 500, sends)
-	require.Equal(t, 1, keys)
+
+	t.Run("deletes old sent records and idempotency keys, in batches", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		_, err := b.ops.pool.Exec(ctx, `
+			INSERT INTO email_sends (key, event_id, sent_at, created_at)
+			SELECT 'welcome:' || i, gen_random_uuid(), now(), now() - (CASE WHEN i <= 2500 THEN interval '40 days' ELSE interval '1 day' END)
+			FROM generate_series(1, 3000) AS i;
+			INSERT INTO idempotency_keys (key, request_hash, status, response, created_at)
+			VALUES ('old', '\x00', 201, '{}', now() - interval '31 days'), ('new', '\x00', 201, '{}', now())`)
+		require.NoError(t, err)
+		deleted, err := b.ops.purge(ctx, 30*24*time.Hour)
+		require.NoError(t, err)
+		require.Equal(t, map[string]int64{"email_sends": 2500, "idempotency_keys": 1}, deleted)
+		var sends, keys int
+		require.NoError(t, b.ops.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM email_sends), (SELECT count(*) FROM idempotency_keys)`).Scan(&sends, &keys))
+		require.Equal(t, 500, sends)
+		require.Equal(t, 1, keys)
+	})
+
+	t.Run("refuses an age below a day or the dedupe window and never deletes a live claim", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		b.ops.dedupeWindow = 48 * time.Hour
+		_, err := b.ops.pool.Exec(ctx, `
+			INSERT INTO email_sends (key, event_id, claimed_by, lease_until, created_at)
+			SELECT 'welcome:' || i, gen_random_uuid(), 'c/1', now() + interval '1 minute', now() - interval '40 days'
+			FROM generate_series(1, 10) AS i`)
+		require.NoError(t, err)
+		for _, age := range []time.Duration{0, time.Hour, 36 * time.Hour} {
+			_, err := b.ops.purge(ctx, age)
+			require.ErrorIs(t, err, errPurgeTooYoung, "age %s", age)
+		}
+		deleted, err := b.ops.purge(ctx, 30*24*time.Hour)
+		require.NoError(t, err)
+		require.Zero(t, deleted["email_sends"], "unsent records are claims in use or emails still being retried")
+	})
+}
+
+func TestRedrive(t *testing.T) {
+	t.Parallel()
+
+	t.Run("two redrives at once move each dead letter once", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		for i := range 50 {
+			require.NoError(t, b.ops.redis.Do(ctx, b.ops.redis.B().Xadd().Key(b.ops.deadStream()).Id("*").FieldValue().
+				FieldValue("event_type", "user.created").FieldValue("n", fmt.Sprint(i)).
+				FieldValue(sendemail.FieldDeadStream, b.ops.userStream()).Build()).Error())
+		}
+		var wg sync.WaitGroup
+		moved := make([]int, 2)
+		for i := range moved {
+			wg.Go(func() {
+				n, err := b.ops.dlqRedrive(ctx, nil)
+				assert.NoError(t, err)
+				moved[i] = n
+			})
+		}
+		wg.Wait()
+		require.Equal(t, 50, moved[0]+moved[1])
+		n, err := b.ops.redis.Do(ctx, b.ops.redis.B().Xlen().Key(b.ops.userStream()).Build()).AsInt64()
+		require.NoError(t, err)
+		require.EqualValues(t, 50, n, "each letter once in the stream")
+		letters, err := b.ops.dlqList(ctx, 0)
+		require.NoError(t, err)
+		require.Empty(t, letters)
+	})
+
+	t.Run("keeps a dead letter its stream refuses", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		require.NoError(t, b.ops.redis.Do(ctx, b.ops.redis.B().Set().Key(b.ops.userStream()).Value("not a stream").Build()).Error())
+		require.NoError(t, b.ops.redis.Do(ctx, b.ops.redis.B().Xadd().Key(b.ops.deadStream()).Id("*").FieldValue().
+			FieldValue("event_type", "user.created").FieldValue(sendemail.FieldDeadStream, b.ops.userStream()).Build()).Error())
+		n, err := b.ops.dlqRedrive(ctx, nil)
+		require.Error(t, err)
+		require.Zero(t, n)
+		letters, err := b.ops.dlqList(ctx, 0)
+		require.NoError(t, err)
+		require.Len(t, letters, 1, "still a dead letter, not lost")
+	})
+
+	t.Run("lists every dead letter with -count 0", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		for range 3 {
+			require.NoError(t, b.ops.redis.Do(ctx, b.ops.redis.B().Xadd().Key(b.ops.deadStream()).Id("*").FieldValue().
+				FieldValue("event_type", "user.created").Build()).Error())
+		}
+		require.NoError(t, b.ops.command(ctx, []string{"dlq", "list", "-count", "0"}))
+		letters, err := b.ops.dlqList(ctx, 0)
+		require.NoError(t, err)
+		require.Len(t, letters, 3)
+	})
 }
