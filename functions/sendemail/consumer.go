@@ -122,6 +122,9 @@ type Consumer struct {
 	// under way may go on after shutdown began.
 	sendLimit time.Duration
 	stopGrace time.Duration
+	// forgetIdle is how long a consumer of the group with nothing pending
+	// stays idle before the claim loop removes it.
+	forgetIdle time.Duration
 
 	sends  *Sends
 	mailer *Mailer
@@ -801,10 +804,45 @@ func (c *Consumer) ClaimIdle(ctx context.Context, stopBy time.Time) (Stats, erro
 			}
 		}
 		if next == "0-0" || (!stopBy.IsZero() && time.Now().After(stopBy)) {
-			return stats, nil
+			return stats, c.forgetConsumers(ctx)
 		}
 		cursor = next
 	}
+}
+
+// forgetConsumers removes the group's consumers that have nothing pending
+// and have been idle for forgetIdle: every restart adds a consumer name,
+// and they would pile up. One with entries pending is kept whatever its
+// idle time (XGROUP DELCONSUMER would drop them); a live consumer reads
+// every SENDEMAIL_BLOCK, which resets its idle time.
+func (c *Consumer) forgetConsumers(ctx context.Context) error {
+	if c.forgetIdle <= 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
+	consumers, err := c.client.Do(ctx, c.client.B().XinfoConsumers().Key(c.stream).Group(c.group).Build()).ToArray()
+	if err != nil {
+		return fmt.Errorf("list consumers of %s: %w", c.group, err)
+	}
+	for _, m := range consumers {
+		info, err := m.AsMap()
+		if err != nil {
+			continue
+		}
+		nameMsg, pendingMsg, idleMsg := info["name"], info["pending"], info["idle"]
+		name, _ := nameMsg.ToString()
+		pending, _ := pendingMsg.AsInt64()
+		idle, _ := idleMsg.AsInt64()
+		if name == c.name || pending > 0 || time.Duration(idle)*time.Millisecond < c.forgetIdle {
+			continue
+		}
+		if err := c.client.Do(ctx, c.client.B().XgroupDelconsumer().Key(c.stream).Group(c.group).Consumername(name).Build()).Error(); err != nil {
+			return fmt.Errorf("remove idle consumer %s: %w", name, err)
+		}
+		c.logger.InfoContext(ctx, "removed an idle consumer with nothing pending", slog.String("removed", name))
+	}
+	return nil
 }
 
 // ping checks, within a Redis round trip's time, that the send records can

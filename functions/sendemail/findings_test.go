@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -235,4 +236,54 @@ func TestAnEntryIsAcknowledgedOnlyWhenItIsSafeSomewhere(t *testing.T) {
 	require.Error(t, err, "the dead-letter stream refused the entry")
 	require.Zero(t, stats.DeadLettered)
 	require.EqualValues(t, 1, b.pending(t), "the entry stays pending")
+}
+
+func TestHygiene(t *testing.T) {
+	t.Parallel()
+
+	t.Run("removes consumers idle with nothing pending, and keeps one with entries pending", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		s := b.service(t)
+		require.NoError(t, s.consumer.EnsureGroup(ctx))
+		for _, name := range []string{"gone-1", "gone-2"} {
+			require.NoError(t, b.redis.Do(ctx, b.redis.B().XgroupCreateconsumer().Key(b.stream).Group("sendemail").Consumer(name).Build()).Error())
+		}
+		b.add(t, 1, "ada@example.com", "Ada")
+		_, err := b.redis.Do(ctx, b.redis.B().Xreadgroup().Group("sendemail", "crashed").Count(1).Streams().Key(b.stream).Id(">").Build()).AsXRead()
+		require.NoError(t, err)
+		time.Sleep(60 * time.Millisecond)
+		s.consumer.forgetIdle = 50 * time.Millisecond
+		pass(t, s)
+		consumers, err := b.redis.Do(ctx, b.redis.B().XinfoConsumers().Key(b.stream).Group("sendemail").Build()).ToArray()
+		require.NoError(t, err)
+		var names []string
+		for _, c := range consumers {
+			info, err := c.AsMap()
+			require.NoError(t, err)
+			n := info["name"]
+			name, _ := n.ToString()
+			names = append(names, name)
+		}
+		require.ElementsMatch(t, []string{"crashed"}, names, "the idle ones are gone; the one with an entry pending stays")
+	})
+
+	t.Run("keeps bidi overrides and over-long names out of the headers", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		s := b.service(t)
+		b.add(t, 1, "eve@example.com", "Eve \u202egpj.exe\u200b")
+		b.add(t, 2, "long@example.com", strings.Repeat("a", 2000))
+		require.EqualValues(t, 2, pass(t, s).Sent)
+		for _, m := range b.smtp.Messages() {
+			for _, line := range strings.Split(string(m.Raw), "\r\n") {
+				require.LessOrEqual(t, len(line), 998, "a line of %d bytes", len(line))
+			}
+			to, err := m.Header.AddressList("To")
+			require.NoError(t, err)
+			require.NotContains(t, to[0].Name, "\u202e")
+			require.NotContains(t, to[0].Name, "\u200b")
+		}
+	})
 }

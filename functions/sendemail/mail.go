@@ -60,6 +60,9 @@ func NewMailer(from, subject string) (*Mailer, error) {
 	return &Mailer{from: addr.String(), domain: domain, subject: subj, text: text, html: html}, nil
 }
 
+// maxNameRunes is createuser's limit on a name.
+const maxNameRunes = 200
+
 // errBadRecipient marks a recipient no email can be sent to.
 var errBadRecipient = errors.New("bad recipient")
 
@@ -76,9 +79,16 @@ func (m *Mailer) Welcome(r Recipient, eventID string) (*gomail.Msg, error) {
 	if err != nil || addr.Name != "" || addr.Address != r.Email || strings.ContainsFunc(r.Email, unicode.IsControl) {
 		return nil, fmt.Errorf("%w: %q is not a single plain address", errBadRecipient, r.Email)
 	}
+	// Format characters (bidi overrides such as U+202E, zero-width ones)
+	// go too: createuser refuses them, and an entry may not come from it.
 	r.Name = strings.Join(strings.FieldsFunc(r.Name, func(c rune) bool {
-		return unicode.IsControl(c) || unicode.IsSpace(c) || unicode.In(c, unicode.Zl, unicode.Zp)
+		return unicode.IsControl(c) || unicode.IsSpace(c) || unicode.In(c, unicode.Zl, unicode.Zp, unicode.Cf)
 	}), " ")
+	// A header line may not exceed 998 characters (RFC 5322 §2.1.1); a name
+	// longer than createuser allows is cut, so every encoded line fits.
+	if rs := []rune(r.Name); len(rs) > maxNameRunes {
+		r.Name = string(rs[:maxNameRunes])
+	}
 
 	var subject, text, html bytes.Buffer
 	if err := m.subject.Execute(&subject, r); err != nil {

@@ -111,7 +111,8 @@ func NewWithSender(ctx context.Context, cfg Config, sender Sender, logger *slog.
 			batchSize: cfg.BatchSize, concurrency: cfg.Concurrency, block: cfg.Block, claimIdle: cfg.ClaimIdle,
 			maxDeliveries: cfg.MaxDeliveries, sendAttempts: cfg.SendAttempts,
 			sendLimit: SendLimit(cfg.SMTPTimeout, cfg.SMTPDataTimeout), stopGrace: stopGrace(cfg.ShutdownTimeout),
-			sends: &Sends{pool: pool, lease: cfg.Lease}, mailer: mailer, sender: sender,
+			forgetIdle: max(time.Hour, 10*cfg.ClaimIdle),
+			sends:      &Sends{pool: pool, lease: cfg.Lease}, mailer: mailer, sender: sender,
 			logger: logger.With(slog.String("consumer", name)),
 		},
 	}, nil
