@@ -14,13 +14,16 @@
 //
 // # Sending once
 //
-// Before sending, a consumer claims the send by the business fact it
-// represents ("welcome:<user id>") in PostgreSQL, with a lease; once the mail
-// server accepted the message it marks it sent, then acknowledges. A
-// redelivered or duplicated event finds the mark and is acknowledged without
-// sending. The one window left is a crash between the server's acceptance
-// and the mark's commit, a few milliseconds; the Message-ID, derived from the event
-// id, lets the receiving side drop that duplicate too.
+// Right before each conversation with the mail server, a consumer claims the
+// send by the business fact it represents ("welcome:<user id>") in
+// PostgreSQL, under a token of its own and with a lease longer than the
+// longest conversation. Once the server answered 250 to the message data
+// the email is sent, whatever fails after, and is marked so before the
+// entry is acknowledged. A redelivered or duplicated event finds the mark
+// and is acknowledged without sending. The one window left is a send whose
+// answer to the data never came (or a crash before the mark's commit): it
+// is retried once after the lease, with the same Message-ID, derived from
+// the event id, so the receiving side can drop that duplicate too.
 package sendemail
 
 import (
