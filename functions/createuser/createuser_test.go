@@ -29,7 +29,7 @@ type testBundle struct {
 	pool *pgxpool.Pool // a separate pool for the test's own queries
 }
 
-func setup(t *testing.T, mutate ...func(*Config)) *testBundle {
+func setup(t testing.TB, mutate ...func(*Config)) *testBundle {
 	t.Helper()
 	url, pool := pgtest.NewPool(t)
 	cfg := Config{

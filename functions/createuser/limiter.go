@@ -39,6 +39,13 @@ type rateLimitedError struct {
 func (e *rateLimitedError) Error() string { return e.err.Error() }
 func (e *rateLimitedError) Unwrap() error { return e.err }
 
+// bucket is one limit a request must pass.
+type bucket struct {
+	key   string
+	limit int
+	what  string // names the limit in a refusal
+}
+
 // allow takes one request from the bucket of the client's address and,
 // if that allows it, from the bucket of the recipient's domain. The domain's
 // bucket is only touched when the address's allowed the request, so that one
@@ -49,52 +56,75 @@ func (l *limiter) allow(ctx context.Context, addr, domain string) error {
 			return err
 		}
 	}
+	var buckets []bucket
 	if l.perAddress > 0 {
-		ok, retry, err := l.take(ctx, "addr:"+addr, l.perAddress)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return &rateLimitedError{httpjson.Errorf(http.StatusTooManyRequests, "rate_limited",
-				"too many sign-ups from your network address; retry in %d s", seconds(retry)), retry}
-		}
+		buckets = append(buckets, bucket{"addr:" + addr, l.perAddress, "from your network address"})
 	}
 	if l.perDomain > 0 {
-		ok, retry, err := l.take(ctx, "domain:"+domain, l.perDomain)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return &rateLimitedError{httpjson.Errorf(http.StatusTooManyRequests, "rate_limited",
-				"too many sign-ups for addresses at %s; retry in %d s", domain, seconds(retry)), retry}
-		}
+		buckets = append(buckets, bucket{"domain:" + domain, l.perDomain, "for addresses at " + domain})
 	}
-	return nil
+	refused, retry, err := l.take(ctx, buckets)
+	if err != nil || refused < 0 {
+		return err
+	}
+	return &rateLimitedError{httpjson.Errorf(http.StatusTooManyRequests, "rate_limited",
+		"too many sign-ups %s; retry in %d s", buckets[refused].what, seconds(retry)), retry}
 }
 
-// take is one round trip. The final SELECT reads the snapshot from before the
-// UPSERT, so on refusal it sees the bucket that refused.
-func (l *limiter) take(ctx context.Context, key string, limit int) (bool, time.Duration, error) {
-	emission := l.window / time.Duration(limit)
-	var ok bool
-	var retryUS *float64
-	err := l.pool.QueryRow(ctx, `
-		WITH take AS (
-			INSERT INTO rate_limits AS r (key, tat) VALUES ($1, now() + $2 * interval '1 microsecond')
-			ON CONFLICT (key) DO UPDATE SET tat = greatest(r.tat, now()) + $2 * interval '1 microsecond'
-			WHERE greatest(r.tat, now()) + $2 * interval '1 microsecond' <= now() + $3 * interval '1 microsecond'
+// take takes one request from each bucket in order, in one statement and
+// one round trip, each only if every bucket before it allowed the request.
+// It returns the index of the bucket that refused, or -1, and how long
+// until that bucket allows a request. The final SELECT reads the snapshot
+// from before the UPSERTs, so it sees the bucket that refused as it was.
+func (l *limiter) take(ctx context.Context, buckets []bucket) (int, time.Duration, error) {
+	if len(buckets) == 0 {
+		return -1, 0, nil
+	}
+	var sql strings.Builder
+	args := []any{l.window.Microseconds()}
+	var results []string
+	for i, b := range buckets {
+		args = append(args, b.key, (l.window / time.Duration(b.limit)).Microseconds())
+		k, e := len(args)-1, len(args) // placeholders of this bucket's key and emission interval
+		source := fmt.Sprintf("VALUES ($%d, now() + $%d * interval '1 microsecond')", k, e)
+		if i > 0 {
+			source = fmt.Sprintf("SELECT $%d, now() + $%d * interval '1 microsecond' FROM take%d", k, e, i-1)
+		}
+		sep := "WITH"
+		if i > 0 {
+			sep = ","
+		}
+		fmt.Fprintf(&sql, `%s take%d AS (
+			INSERT INTO rate_limits AS r (key, tat) %s
+			ON CONFLICT (key) DO UPDATE SET tat = greatest(r.tat, now()) + $%d * interval '1 microsecond'
+			WHERE greatest(r.tat, now()) + $%d * interval '1 microsecond' <= now() + $1 * interval '1 microsecond'
 			RETURNING 1
 		)
-		SELECT EXISTS (SELECT FROM take),
-		       (SELECT extract(epoch FROM tat - now()) * 1e6 + $2 - $3 FROM rate_limits WHERE key = $1)::float8`,
-		key, emission.Microseconds(), l.window.Microseconds()).Scan(&ok, &retryUS)
-	if err != nil {
-		return false, 0, fmt.Errorf("take from rate limit %s: %w", key, err)
+		`, sep, i, source, e, e)
+		results = append(results, fmt.Sprintf("EXISTS (SELECT FROM take%d)", i),
+			fmt.Sprintf("(SELECT extract(epoch FROM tat - now()) * 1e6 + $%d - $1 FROM rate_limits WHERE key = $%d)::float8", e, k))
 	}
-	if ok || retryUS == nil {
-		return true, 0, nil
+	sql.WriteString("SELECT " + strings.Join(results, ", "))
+
+	ok := make([]bool, len(buckets))
+	retryUS := make([]*float64, len(buckets))
+	dest := make([]any, 0, 2*len(buckets))
+	for i := range buckets {
+		dest = append(dest, &ok[i], &retryUS[i])
 	}
-	return false, time.Duration(*retryUS) * time.Microsecond, nil
+	if err := l.pool.QueryRow(ctx, sql.String(), args...).Scan(dest...); err != nil {
+		return 0, 0, fmt.Errorf("take from rate limits: %w", err)
+	}
+	for i := range buckets {
+		if !ok[i] {
+			var retry time.Duration
+			if retryUS[i] != nil {
+				retry = time.Duration(*retryUS[i]) * time.Microsecond
+			}
+			return i, retry, nil
+		}
+	}
+	return -1, 0, nil
 }
 
 // sweep deletes buckets that have run empty: they mean the same as no row.

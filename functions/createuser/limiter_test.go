@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -201,4 +202,43 @@ func TestConfigValidate(t *testing.T) {
 	off := valid
 	off.RateLimitPerAddress, off.RateLimitPerDomain, off.RateLimitWindow = 0, 0, 0
 	require.NoError(t, off.Validate(), "no window is needed while both limits are off")
+}
+
+// BenchmarkLimits measures what the abuse limits cost a sign-up, with every
+// request from its own address, and its recipient domain one of many or
+// always the same (the hot row of a popular domain):
+//
+//	go test -run '^$' -bench Limits -benchtime 5s ./functions/createuser
+func BenchmarkLimits(b *testing.B) {
+	for _, bb := range []struct {
+		name    string
+		limits  func(*Config)
+		domains int
+	}{
+		{"off", func(*Config) {}, 1000},
+		{"on, many domains", limits(time.Hour, 1000, 1<<30), 1000},
+		{"on, one domain", limits(time.Hour, 1000, 1<<30), 1},
+	} {
+		b.Run(bb.name, func(b *testing.B) {
+			bundle := setup(b, func(c *Config) { bb.limits(c); c.DBMaxConns = 16 })
+			var n atomic.Int64
+			b.SetParallelism(8) // 16 goroutines on 2 cores, as the pgbench runs
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					i := n.Add(1)
+					req := httptest.NewRequest(http.MethodPost, "/", strings.NewReader(
+						fmt.Sprintf(`{"email":"u%d@d%d.example.com","name":"N"}`, i, i%int64(bb.domains))))
+					req.Header.Set("Content-Type", "application/json")
+					req.Header.Set("X-Forwarded-For", fmt.Sprintf("10.%d.%d.%d", i>>16&255, i>>8&255, i&255))
+					rec := httptest.NewRecorder()
+					bundle.svc.ServeHTTP(rec, req)
+					if rec.Code != http.StatusCreated {
+						b.Errorf("status %d: %s", rec.Code, rec.Body)
+						return
+					}
+				}
+			})
+		})
+	}
 }
