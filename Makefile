@@ -9,6 +9,10 @@ BIN         := $(CURDIR)/bin
 STATICCHECK := $(BIN)/staticcheck
 # Pinned so that a new release cannot fail a build that passed yesterday.
 STATICCHECK_VERSION := v0.8.2
+GOVULNCHECK := $(BIN)/govulncheck
+# Pinned like staticcheck. Not part of make test: it needs vuln.go.dev, which
+# the development machines and CI cannot reach.
+GOVULNCHECK_VERSION := v1.9.0
 # Tests that assert on latency; make test runs them after, not beside, the rest.
 LATENCY_TESTS := TestNoLostWakeups
 
@@ -50,6 +54,13 @@ lint: $(STATICCHECK) ## staticcheck at a pinned version.
 
 $(STATICCHECK):
 	GOBIN=$(BIN) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+.PHONY: vulncheck
+vulncheck: $(GOVULNCHECK) ## Known vulnerabilities in the code's call graph (govulncheck, pinned; needs vuln.go.dev).
+	$(GOVULNCHECK) ./...
+
+$(GOVULNCHECK):
+	GOBIN=$(BIN) $(GO) install golang.org/x/vuln/cmd/govulncheck@$(GOVULNCHECK_VERSION)
 
 .PHONY: build
 build: ## Build static binaries of every function and tool into bin/.
