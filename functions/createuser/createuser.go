@@ -3,9 +3,11 @@
 //
 // POST a JSON body {"email": "...", "name": "..."}; the answer is 201 with the
 // user, or an error {"error": {"code", "message"}} with a 4xx that says what
-// to fix, or 503 when the database is unavailable. A request that fails
-// writes nothing. A client that retries with the same Idempotency-Key header
-// gets the first answer again and causes no second event.
+// to fix (429 past an abuse limit: per client address and per recipient
+// domain, see limiter.go), or 503 when the database is unavailable. A
+// request that fails writes nothing. A client that retries with the same
+// Idempotency-Key header gets the first answer again, byte for byte, and
+// causes no second event.
 package createuser
 
 import (
