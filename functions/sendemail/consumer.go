@@ -242,7 +242,7 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry) (S
 		jobs[i] = j
 	}
 	var dbErr errOnce
-	marks := c.startMarks(ctx)
+	claims, marks := c.startClaims(ctx), c.startMarks(ctx)
 	sem := make(chan struct{}, c.concurrency)
 	var wg sync.WaitGroup
 dispatch:
@@ -265,10 +265,11 @@ dispatch:
 		}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			outcomes[i] = c.deliver(ctx, j, marks, &dbErr)
+			outcomes[i] = c.deliver(ctx, j, claims, marks, &dbErr)
 		})
 	}
 	wg.Wait()
+	claims.close()
 	marks.close()
 	for i, first := range copyOf {
 		switch outcomes[first].kind {
@@ -419,7 +420,7 @@ func (c *Consumer) prepare(e rueidis.XRangeEntry) (*job, outcome) {
 // right after its own claim. A send the server answered 250 to is sent,
 // whatever fails after; a send whose answer never came keeps its claim, so
 // that it is retried only once the lease has run out.
-func (c *Consumer) deliver(ctx context.Context, j *job, marks *markBatcher, dbErr *errOnce) outcome {
+func (c *Consumer) deliver(ctx context.Context, j *job, claims *batcher[claimRequest, claimResult], marks *batcher[mark, markResult], dbErr *errOnce) outcome {
 	if o, ok := c.recordUnrecorded(ctx, j.key); ok {
 		return o
 	}
@@ -436,9 +437,8 @@ func (c *Consumer) deliver(ctx context.Context, j *job, marks *markBatcher, dbEr
 	backoff := retry.WithJitterPercent(20, retry.NewExponential(200*time.Millisecond))
 	for try := 1; ; try++ {
 		token := newToken(c.name)
-		claimCtx, cancelClaim := context.WithTimeout(dbCtx, redisTimeout)
-		state, _, err := c.sends.Claim(claimCtx, j.key, j.eventID, token)
-		cancelClaim()
+		res, _ := claims.do(claimRequest{key: j.key, eventID: j.eventID, token: token})
+		state, err := res.state, res.err
 		switch {
 		case err != nil && entryFault(err):
 			return outcome{kind: outcomeDead, err: err}
@@ -511,9 +511,10 @@ func (c *Consumer) sendOnce(ctx context.Context, msg *gomail.Msg) error {
 // is kept in memory, the claim is kept (never released), the entry stays
 // pending, and the mark is tried again before anything else is done with
 // that email here.
-func (c *Consumer) recordSent(ctx context.Context, j *job, token string, marks *markBatcher) outcome {
+func (c *Consumer) recordSent(ctx context.Context, j *job, token string, marks *batcher[mark, markResult]) outcome {
 	m := mark{key: j.key, token: token, messageID: strings.Join(j.msg.GetGenHeader(gomail.HeaderMessageID), "")}
-	lost, err := marks.mark(m)
+	res, err := marks.do(m)
+	lost := res.lost
 	if err != nil {
 		c.unrecorded.Store(j.key, m)
 		c.logger.ErrorContext(ctx, "email sent but not yet recorded; the entry stays pending and the mark is retried",
@@ -551,38 +552,37 @@ func (c *Consumer) flushUnrecorded(ctx context.Context) {
 	})
 }
 
-// markBatcher writes send marks as soon as they are ready; marks that
-// arrive while a write is under way go together in the next one. No mark
-// waits for others: batching only happens when there is a queue.
-type markBatcher struct {
-	sends *Sends
-	reqs  chan markRequest
-	done  chan struct{}
+// batcher runs requests as soon as they arrive; requests that arrive while
+// a run is under way go together in the next one. No request waits for
+// others: batching only happens when there is a queue. Claims and marks go
+// through one each, so that emails sent at the same moment share commits.
+type batcher[Req, Res any] struct {
+	reqs chan batchRequest[Req, Res]
+	done chan struct{}
 }
 
-type markRequest struct {
-	mark
-	result chan markResult
+type batchRequest[Req, Res any] struct {
+	req    Req
+	result chan batchResult[Res]
 }
 
-type markResult struct {
-	lost bool
-	err  error
+type batchResult[Res any] struct {
+	res Res
+	err error
 }
 
-func (c *Consumer) startMarks(ctx context.Context) *markBatcher {
-	m := &markBatcher{sends: c.sends, reqs: make(chan markRequest, c.concurrency), done: make(chan struct{})}
-	// Marks are written even during shutdown: failing here costs a
-	// duplicate email.
-	ctx = context.WithoutCancel(ctx)
+// startBatcher runs run on batches of up to 256 requests until close. run
+// returns one result per request, or an error for the whole batch.
+func startBatcher[Req, Res any](queue int, run func([]Req) ([]Res, error)) *batcher[Req, Res] {
+	b := &batcher[Req, Res]{reqs: make(chan batchRequest[Req, Res], queue), done: make(chan struct{})}
 	go func() {
-		defer close(m.done)
-		for req := range m.reqs {
-			batch := []markRequest{req}
+		defer close(b.done)
+		for first := range b.reqs {
+			batch := []batchRequest[Req, Res]{first}
 		more:
 			for len(batch) < 256 {
 				select {
-				case r, ok := <-m.reqs:
+				case r, ok := <-b.reqs:
 					if !ok {
 						break more
 					}
@@ -591,41 +591,107 @@ func (c *Consumer) startMarks(ctx context.Context) *markBatcher {
 					break more
 				}
 			}
-			marks := make([]mark, len(batch))
+			reqs := make([]Req, len(batch))
 			for i, r := range batch {
-				marks[i] = r.mark
+				reqs[i] = r.req
 			}
-			// Worth a few seconds of retries; after that the fact is kept
-			// in memory (recordSent).
-			var lost []string
-			b := retry.WithMaxRetries(4, retry.NewExponential(100*time.Millisecond))
-			err := retry.Do(ctx, b, func(ctx context.Context) error {
-				ctx, cancel := context.WithTimeout(ctx, redisTimeout)
-				defer cancel()
-				var err error
-				lost, err = m.sends.MarkSent(ctx, marks)
-				return retry.RetryableError(err)
-			})
-			for _, r := range batch {
-				r.result <- markResult{lost: slices.Contains(lost, r.key), err: err}
+			res, err := run(reqs)
+			for i, r := range batch {
+				if err != nil {
+					r.result <- batchResult[Res]{err: err}
+				} else {
+					r.result <- batchResult[Res]{res: res[i]}
+				}
 			}
 		}
 	}()
-	return m
+	return b
 }
 
-// mark records m as sent and waits until that is committed.
-func (m *markBatcher) mark(mk mark) (lost bool, err error) {
-	r := markRequest{mark: mk, result: make(chan markResult, 1)}
-	m.reqs <- r
+// do runs req and waits for its result.
+func (b *batcher[Req, Res]) do(req Req) (Res, error) {
+	r := batchRequest[Req, Res]{req: req, result: make(chan batchResult[Res], 1)}
+	b.reqs <- r
 	res := <-r.result
-	return res.lost, res.err
+	return res.res, res.err
 }
 
-// close stops the batcher once every queued mark is written.
-func (m *markBatcher) close() {
-	close(m.reqs)
-	<-m.done
+// close stops the batcher once every queued request has run.
+func (b *batcher[Req, Res]) close() {
+	close(b.reqs)
+	<-b.done
+}
+
+// claimResult is one claim's answer.
+type claimResult struct {
+	state claimState
+	err   error
+}
+
+// startClaims batches claims. A batch the database refuses is claimed again
+// one by one, so that an entry whose values the database refuses fails
+// alone.
+func (c *Consumer) startClaims(ctx context.Context) *batcher[claimRequest, claimResult] {
+	ctx = context.WithoutCancel(ctx)
+	return startBatcher(c.concurrency, func(reqs []claimRequest) ([]claimResult, error) {
+		claim := func(reqs []claimRequest) ([]claimState, error) {
+			ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+			defer cancel()
+			return c.sends.Claim(ctx, reqs)
+		}
+		out := make([]claimResult, len(reqs))
+		states, err := claim(reqs)
+		if err == nil {
+			for i, st := range states {
+				out[i] = claimResult{state: st}
+			}
+			return out, nil
+		}
+		if len(reqs) == 1 || !entryFault(err) {
+			for i := range out {
+				out[i] = claimResult{err: err}
+			}
+			return out, nil
+		}
+		for i, r := range reqs {
+			st, err := claim([]claimRequest{r})
+			if err != nil {
+				out[i] = claimResult{err: err}
+				continue
+			}
+			out[i] = claimResult{state: st[0]}
+		}
+		return out, nil
+	})
+}
+
+// markResult says whether a mark found its claim no longer the marker's.
+type markResult struct{ lost bool }
+
+// startMarks batches marks. Marks are written even during shutdown
+// (failing here costs a duplicate email), with a few seconds of retries;
+// after that the fact is kept in memory (recordSent).
+func (c *Consumer) startMarks(ctx context.Context) *batcher[mark, markResult] {
+	ctx = context.WithoutCancel(ctx)
+	return startBatcher(c.concurrency, func(marks []mark) ([]markResult, error) {
+		var lost []string
+		b := retry.WithMaxRetries(4, retry.NewExponential(100*time.Millisecond))
+		err := retry.Do(ctx, b, func(ctx context.Context) error {
+			ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+			defer cancel()
+			var err error
+			lost, err = c.sends.MarkSent(ctx, marks)
+			return retry.RetryableError(err)
+		})
+		if err != nil {
+			return nil, err
+		}
+		out := make([]markResult, len(marks))
+		for i, m := range marks {
+			out[i] = markResult{lost: slices.Contains(lost, m.key)}
+		}
+		return out, nil
+	})
 }
 
 // deadLetterScript adds an entry to the dead-letter stream, then

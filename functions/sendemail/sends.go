@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -47,36 +49,70 @@ func newToken(consumer string) string {
 	return consumer + "/" + hex.EncodeToString(b)
 }
 
-// Claim takes the send of key under token unless it was sent already or
-// another claim's lease is still running. It returns the failures counted
-// so far.
-func (s *Sends) Claim(ctx context.Context, key, eventID, token string) (claimState, int64, error) {
-	var got, sent bool
-	var failures int64
-	err := s.pool.QueryRow(ctx, `
-		WITH claimed AS (
+// claimRequest asks for the send of key under token.
+type claimRequest struct{ key, eventID, token string }
+
+// Claim takes the sends of reqs, each under its own token, in one
+// statement: a key is claimed unless it was sent already or another
+// claim's lease on it is still running. Keys are locked in sorted order,
+// so two consumers claiming overlapping keys cannot deadlock; each key
+// appears once.
+func (s *Sends) Claim(ctx context.Context, reqs []claimRequest) ([]claimState, error) {
+	sorted := slices.Clone(reqs)
+	slices.SortFunc(sorted, func(a, b claimRequest) int { return strings.Compare(a.key, b.key) })
+	keys, ids, tokens := make([]string, len(sorted)), make([]string, len(sorted)), make([]string, len(sorted))
+	for i, r := range sorted {
+		keys[i], ids[i], tokens[i] = r.key, r.eventID, r.token
+	}
+	// Every part of the statement sees the table as it was before the
+	// INSERT, so "sent" describes the keys that were not claimed.
+	//
+	// The claim commits without waiting for its WAL flush
+	// (synchronous_commit off for this transaction only): it is visible to
+	// every other consumer at once, and the mark that follows it (which
+	// does wait) flushes it too. Only a PostgreSQL crash within the WAL
+	// writer's delay (200 ms) of a claim can lose it; that costs a
+	// duplicate only if another consumer then claims the email while its
+	// send is still under way.
+	rows, err := s.pool.Query(ctx, `
+		WITH want AS (SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[]) WITH ORDINALITY AS w(key, event_id, token, n)),
+		claimed AS (
 			INSERT INTO email_sends AS s (key, event_id, claimed_by, lease_until)
-			VALUES ($1, $2, $3, now() + $4::interval)
+			SELECT key, event_id, token, now() + $4::interval FROM want ORDER BY n
 			ON CONFLICT (key) DO UPDATE
 			SET claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until,
 			    event_id = EXCLUDED.event_id, attempts = s.attempts + 1
 			WHERE s.sent_at IS NULL AND coalesce(s.lease_until, '-infinity') < now()
-			RETURNING s.failures)
-		SELECT EXISTS (SELECT FROM claimed),
-		       coalesce((SELECT sent_at IS NOT NULL FROM email_sends WHERE key = $1), false),
-		       coalesce((SELECT failures FROM claimed), 0)`,
-		key, eventID, token, s.lease).Scan(&got, &sent, &failures)
+			RETURNING s.key)
+		SELECT w.key, c.key IS NOT NULL, coalesce(e.sent_at IS NOT NULL, false)
+		FROM want w LEFT JOIN claimed c USING (key) LEFT JOIN email_sends e ON e.key = w.key
+		CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS async`,
+		keys, ids, tokens, s.lease)
 	if err != nil {
-		return 0, 0, fmt.Errorf("claim send %s: %w", key, err)
+		return nil, fmt.Errorf("claim %d sends: %w", len(reqs), err)
 	}
-	switch {
-	case got:
-		return claimed, failures, nil
-	case sent:
-		return alreadySent, 0, nil
-	default:
-		return leasedElsewhere, 0, nil
+	byKey := make(map[string]claimState, len(reqs))
+	var key string
+	var got, sent bool
+	_, err = pgx.ForEachRow(rows, []any{&key, &got, &sent}, func() error {
+		switch {
+		case got:
+			byKey[key] = claimed
+		case sent:
+			byKey[key] = alreadySent
+		default:
+			byKey[key] = leasedElsewhere
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("claim %d sends: %w", len(reqs), err)
 	}
+	states := make([]claimState, len(reqs))
+	for i, r := range reqs {
+		states[i] = byKey[r.key]
+	}
+	return states, nil
 }
 
 // Ping checks that the send records can be written: a database that
