@@ -287,3 +287,41 @@ func TestHygiene(t *testing.T) {
 		}
 	})
 }
+
+func TestOnlyTheHolderOfAClaimCanUndoIt(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	sends := &Sends{pool: b.pool, lease: 50 * time.Millisecond}
+	id := uuid.NewString()
+	st, err := sends.Claim(ctx, []claimRequest{{key: "welcome:1", eventID: id, token: "a/1"}})
+	require.NoError(t, err)
+	require.Equal(t, []claimState{claimed}, st)
+	st, err = sends.Claim(ctx, []claimRequest{{key: "welcome:1", eventID: id, token: "b/1"}})
+	require.NoError(t, err)
+	require.Equal(t, []claimState{leasedElsewhere}, st, "the lease runs")
+	time.Sleep(60 * time.Millisecond)
+	sends.lease = time.Minute
+	st, err = sends.Claim(ctx, []claimRequest{{key: "welcome:1", eventID: id, token: "b/1"}})
+	require.NoError(t, err)
+	require.Equal(t, []claimState{claimed}, st, "taken over once the lease ran out")
+
+	// a, whose claim ran out, can neither release b's claim nor count a
+	// failure on it nor forget it.
+	require.NoError(t, sends.Release(ctx, "welcome:1", "a/1"))
+	_, held, err := sends.Fail(ctx, "welcome:1", "a/1", false)
+	require.NoError(t, err)
+	require.False(t, held)
+	require.NoError(t, sends.Forget(ctx, "welcome:1", "a/1"))
+	st, err = sends.Claim(ctx, []claimRequest{{key: "welcome:1", eventID: id, token: "c/1"}})
+	require.NoError(t, err)
+	require.Equal(t, []claimState{leasedElsewhere}, st, "b still holds it")
+
+	// A mark records the fact whoever marks, and says whose claim it was.
+	lost, err := sends.MarkSent(ctx, []mark{{key: "welcome:1", token: "a/1", messageID: "<x@example.com>"}})
+	require.NoError(t, err)
+	require.Equal(t, []string{"welcome:1"}, lost)
+	st, err = sends.Claim(ctx, []claimRequest{{key: "welcome:1", eventID: id, token: "c/1"}})
+	require.NoError(t, err)
+	require.Equal(t, []claimState{alreadySent}, st)
+}
