@@ -1,0 +1,151 @@
+package sendemail
+
+import (
+	"context"
+	"slices"
+	"time"
+
+	"github.com/sethvargo/go-retry"
+)
+
+// batcher runs requests as soon as they arrive; requests that arrive while
+// a run is under way go together in the next one. No request waits for
+// others: batching only happens when there is a queue. Claims and marks go
+// through one each, so that emails sent at the same moment share commits.
+type batcher[Req, Res any] struct {
+	reqs chan batchRequest[Req, Res]
+	done chan struct{}
+}
+
+type batchRequest[Req, Res any] struct {
+	req    Req
+	result chan batchResult[Res]
+}
+
+type batchResult[Res any] struct {
+	res Res
+	err error
+}
+
+// startBatcher runs run on batches of up to 256 requests until close. run
+// returns one result per request, or an error for the whole batch.
+func startBatcher[Req, Res any](queue int, run func([]Req) ([]Res, error)) *batcher[Req, Res] {
+	b := &batcher[Req, Res]{reqs: make(chan batchRequest[Req, Res], queue), done: make(chan struct{})}
+	go func() {
+		defer close(b.done)
+		for first := range b.reqs {
+			batch := []batchRequest[Req, Res]{first}
+		more:
+			for len(batch) < 256 {
+				select {
+				case r, ok := <-b.reqs:
+					if !ok {
+						break more
+					}
+					batch = append(batch, r)
+				default:
+					break more
+				}
+			}
+			reqs := make([]Req, len(batch))
+			for i, r := range batch {
+				reqs[i] = r.req
+			}
+			res, err := run(reqs)
+			for i, r := range batch {
+				if err != nil {
+					r.result <- batchResult[Res]{err: err}
+				} else {
+					r.result <- batchResult[Res]{res: res[i]}
+				}
+			}
+		}
+	}()
+	return b
+}
+
+// do runs req and waits for its result.
+func (b *batcher[Req, Res]) do(req Req) (Res, error) {
+	r := batchRequest[Req, Res]{req: req, result: make(chan batchResult[Res], 1)}
+	b.reqs <- r
+	res := <-r.result
+	return res.res, res.err
+}
+
+// close stops the batcher once every queued request has run.
+func (b *batcher[Req, Res]) close() {
+	close(b.reqs)
+	<-b.done
+}
+
+// claimResult is one claim's answer.
+type claimResult struct {
+	state claimState
+	err   error
+}
+
+// startClaims batches claims. A batch the database refuses is claimed again
+// one by one, so that an entry whose values the database refuses fails
+// alone.
+func (c *Consumer) startClaims(ctx context.Context) *batcher[claimRequest, claimResult] {
+	ctx = context.WithoutCancel(ctx)
+	return startBatcher(c.concurrency, func(reqs []claimRequest) ([]claimResult, error) {
+		claim := func(reqs []claimRequest) ([]claimState, error) {
+			ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+			defer cancel()
+			return c.sends.Claim(ctx, reqs)
+		}
+		out := make([]claimResult, len(reqs))
+		states, err := claim(reqs)
+		if err == nil {
+			for i, st := range states {
+				out[i] = claimResult{state: st}
+			}
+			return out, nil
+		}
+		if len(reqs) == 1 || !entryFault(err) {
+			for i := range out {
+				out[i] = claimResult{err: err}
+			}
+			return out, nil
+		}
+		for i, r := range reqs {
+			st, err := claim([]claimRequest{r})
+			if err != nil {
+				out[i] = claimResult{err: err}
+				continue
+			}
+			out[i] = claimResult{state: st[0]}
+		}
+		return out, nil
+	})
+}
+
+// markResult says whether a mark found its claim no longer the marker's.
+type markResult struct{ lost bool }
+
+// startMarks batches marks. Marks are written even during shutdown
+// (failing here costs a duplicate email), with a few seconds of retries;
+// after that the fact is kept in memory (recordSent).
+func (c *Consumer) startMarks(ctx context.Context) *batcher[mark, markResult] {
+	ctx = context.WithoutCancel(ctx)
+	return startBatcher(c.concurrency, func(marks []mark) ([]markResult, error) {
+		var lost []string
+		b := retry.WithMaxRetries(4, retry.NewExponential(100*time.Millisecond))
+		err := retry.Do(ctx, b, func(ctx context.Context) error {
+			ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+			defer cancel()
+			var err error
+			lost, err = c.sends.MarkSent(ctx, marks)
+			return retry.RetryableError(err)
+		})
+		if err != nil {
+			return nil, err
+		}
+		out := make([]markResult, len(marks))
+		for i, m := range marks {
+			out[i] = markResult{lost: slices.Contains(lost, m.key)}
+		}
+		return out, nil
+	})
+}

@@ -1,0 +1,216 @@
+package sendemail
+
+// One email, from a decoded entry to "sent" (or why not). The invariant this
+// file keeps: a conversation with the mail server starts only under a claim
+// taken right before it, and an email the server answered 250 to is never
+// sent again by this process, nor released for another to send.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/redis/rueidis"
+	"github.com/sethvargo/go-retry"
+	gomail "github.com/wneessen/go-mail"
+
+	"github.com/outboxfn/outbox/shared/events"
+	"github.com/outboxfn/outbox/shared/stream"
+)
+
+// job is an entry that decoded into an email to send.
+type job struct {
+	key     string // the business fact: "welcome:<user id>"
+	eventID string
+	msg     *gomail.Msg
+}
+
+// Decode reads a user.created entry into the send key ("welcome:<user id>"),
+// the canonical event id and the recipient. skip is true for other event
+// types; an error means the entry can never be sent.
+func Decode(id string, fields map[string]string) (key, eventID string, r Recipient, skip bool, err error) {
+	ev, err := stream.Decode(id, fields)
+	if err != nil {
+		return "", "", r, false, err
+	}
+	if ev.EventType != events.TypeUserCreated {
+		return "", "", r, true, nil
+	}
+	u, err := uuid.Parse(ev.EventID)
+	if err != nil {
+		return "", "", r, false, fmt.Errorf("%w: event_id %q is not a UUID", stream.ErrMalformed, ev.EventID)
+	}
+	var user events.UserCreated
+	if err := json.Unmarshal([]byte(ev.Payload), &user); err != nil {
+		return "", "", r, false, fmt.Errorf("decode %s payload: %w", ev.EventType, err)
+	}
+	if user.UserID <= 0 {
+		return "", "", r, false, fmt.Errorf("decode %s payload: user_id must be positive", ev.EventType)
+	}
+	// The canonical form: uuid.Parse also takes urn:uuid:… and braces,
+	// which PostgreSQL refuses.
+	return "welcome:" + strconv.FormatInt(user.UserID, 10), u.String(),
+		Recipient{UserID: user.UserID, Email: user.Email, Name: user.Name}, false, nil
+}
+
+// prepare decodes e into a job, or says what became of it if there is
+// nothing to send.
+func (c *Consumer) prepare(e rueidis.XRangeEntry) (*job, outcome) {
+	if e.FieldValues == nil {
+		return nil, outcome{kind: outcomeVanished}
+	}
+	key, eventID, r, skip, err := Decode(e.ID, e.FieldValues)
+	switch {
+	case err != nil:
+		return nil, outcome{kind: outcomeDead, err: err}
+	case skip:
+		return nil, outcome{kind: outcomeSkipped}
+	}
+	msg, err := c.mailer.Welcome(r, eventID)
+	if err != nil {
+		return nil, outcome{kind: outcomeDead, err: err}
+	}
+	return &job{key: key, eventID: eventID, msg: msg}, outcome{}
+}
+
+// deliver sees one email through: up to sendAttempts conversations, each
+// right after its own claim. A send the server answered 250 to is sent,
+// whatever fails after; a send whose answer never came keeps its claim, so
+// that it is retried only once the lease has run out.
+func (c *Consumer) deliver(ctx context.Context, j *job, claims *batcher[claimRequest, claimResult], marks *batcher[mark, markResult], dbErr *errOnce) outcome {
+	if o, ok := c.recordUnrecorded(ctx, j.key); ok {
+		return o
+	}
+	// A send that has started is seen through for up to stopGrace after
+	// shutdown begins, then cut.
+	sendCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	stopCut := context.AfterFunc(ctx, func() {
+		t := time.AfterFunc(c.stopGrace, cancel)
+		context.AfterFunc(sendCtx, func() { t.Stop() })
+	})
+	defer stopCut()
+	dbCtx := context.WithoutCancel(ctx)
+	backoff := retry.WithJitterPercent(20, retry.NewExponential(200*time.Millisecond))
+	for try := 1; ; try++ {
+		token := newToken(c.name)
+		res, _ := claims.do(claimRequest{key: j.key, eventID: j.eventID, token: token})
+		state, err := res.state, res.err
+		switch {
+		case err != nil && entryFault(err):
+			return outcome{kind: outcomeDead, err: err}
+		case err != nil:
+			dbErr.set(err)
+			return outcome{kind: outcomeRetry, err: err}
+		case state == alreadySent:
+			return outcome{kind: outcomeDuplicate}
+		case state == leasedElsewhere:
+			// Not a failure of this email: nothing is counted.
+			return outcome{kind: outcomeRetry, err: errors.New("another claim on this email is still running")}
+		}
+
+		err = c.sendOnce(sendCtx, j.msg)
+		if err == nil {
+			return c.recordSent(dbCtx, j, token, marks)
+		}
+		ambiguous := errors.Is(err, errAmbiguous)
+		opCtx, cancelOp := context.WithTimeout(dbCtx, redisTimeout)
+		if errors.Is(err, errPermanent) {
+			if ferr := c.sends.Forget(opCtx, j.key, token); ferr != nil {
+				c.logger.WarnContext(ctx, "forget send claim", slog.Any("error", ferr))
+			}
+			cancelOp()
+			return outcome{kind: outcomeDead, err: err}
+		}
+		if !ambiguous && try < c.sendAttempts && sendCtx.Err() == nil && ctx.Err() == nil {
+			if rerr := c.sends.Release(opCtx, j.key, token); rerr != nil {
+				c.logger.WarnContext(ctx, "release send claim", slog.Any("error", rerr))
+			}
+			cancelOp()
+			delay, _ := backoff.Next()
+			select {
+			case <-time.After(delay):
+				continue
+			case <-ctx.Done():
+				return outcome{kind: outcomeRetry, err: err}
+			}
+		}
+		if ambiguous {
+			c.logger.WarnContext(ctx, "no answer to the message data; the email may have gone out, and is retried once after the lease",
+				slog.String("key", j.key), slog.Duration("lease", c.sends.lease), slog.Any("error", err))
+		}
+		failures, held, ferr := c.sends.Fail(opCtx, j.key, token, ambiguous)
+		cancelOp()
+		switch {
+		case ferr != nil:
+			dbErr.set(ferr)
+			return outcome{kind: outcomeRetry, err: err, ambiguous: ambiguous}
+		case held && failures >= c.maxDeliveries:
+			fctx, cancelF := context.WithTimeout(dbCtx, redisTimeout)
+			if ferr := c.sends.Forget(fctx, j.key, token); ferr != nil {
+				c.logger.WarnContext(ctx, "forget send claim", slog.Any("error", ferr))
+			}
+			cancelF()
+			return outcome{kind: outcomeDead, err: fmt.Errorf("gave up after %d deliveries: %w", failures, err), failures: failures, ambiguous: ambiguous}
+		}
+		return outcome{kind: outcomeRetry, err: err, failures: failures, ambiguous: ambiguous}
+	}
+}
+
+// sendOnce has one conversation about msg, bounded by the sender's limit.
+func (c *Consumer) sendOnce(ctx context.Context, msg *gomail.Msg) error {
+	ctx, cancel := context.WithTimeout(ctx, c.sendLimit)
+	defer cancel()
+	return c.sender.Send(ctx, msg)
+}
+
+// recordSent marks a sent email. If the mark cannot be committed the fact
+// is kept in memory, the claim is kept (never released), the entry stays
+// pending, and the mark is tried again before anything else is done with
+// that email here.
+func (c *Consumer) recordSent(ctx context.Context, j *job, token string, marks *batcher[mark, markResult]) outcome {
+	m := mark{key: j.key, token: token, messageID: strings.Join(j.msg.GetGenHeader(gomail.HeaderMessageID), "")}
+	res, err := marks.do(m)
+	lost := res.lost
+	if err != nil {
+		c.unrecorded.Store(j.key, m)
+		c.logger.ErrorContext(ctx, "email sent but not yet recorded; the entry stays pending and the mark is retried",
+			slog.String("key", j.key), slog.Any("error", err))
+		return outcome{kind: outcomeRetry, err: err}
+	}
+	if lost {
+		c.logger.ErrorContext(ctx, "email sent after its claim had run out; another consumer may have sent it too",
+			slog.String("key", j.key))
+	}
+	return outcome{kind: outcomeSent}
+}
+
+// recordUnrecorded retries the mark of an email this process sent but could
+// not record; ok says there was one.
+func (c *Consumer) recordUnrecorded(ctx context.Context, key string) (outcome, bool) {
+	v, ok := c.unrecorded.Load(key)
+	if !ok {
+		return outcome{}, false
+	}
+	mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
+	defer cancel()
+	if _, err := c.sends.MarkSent(mctx, []mark{v.(mark)}); err != nil {
+		return outcome{kind: outcomeRetry, err: fmt.Errorf("email sent, mark still failing: %w", err)}, true
+	}
+	c.unrecorded.Delete(key)
+	return outcome{kind: outcomeSent}, true
+}
+
+// flushUnrecorded retries every mark this process still owes.
+func (c *Consumer) flushUnrecorded(ctx context.Context) {
+	c.unrecorded.Range(func(k, _ any) bool {
+		c.recordUnrecorded(ctx, k.(string))
+		return ctx.Err() == nil
+	})
+}
