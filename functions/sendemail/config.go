@@ -54,7 +54,7 @@ type Config struct {
 	// From is the sender of the welcome email.
 	From string `envconfig:"MAIL_FROM" default:"Outbox Demo <welcome@example.com>" desc:"From address of the welcome email. Its domain also names the Message-ID. Default Outbox Demo <welcome@example.com>."`
 	// Subject is a text/template over the user (.Name, .Email, .UserID).
-	Subject string `envconfig:"MAIL_SUBJECT" default:"Welcome, {{.Name}}!" desc:"Subject of the welcome email, a Go text/template over .Name, .Email and .UserID. Default Welcome, {{.Name}}!."`
+	Subject string `envconfig:"MAIL_SUBJECT" default:"Welcome{{with .Name}}, {{.}}{{end}}!" desc:"Subject of the welcome email, a Go text/template over .Name, .Email and .UserID (.Name is empty when createuser runs with EVENT_OMIT_NAME). Default Welcome{{with .Name}}, {{.}}{{end}}!."`
 	// DrainTimeout bounds one HTTP-triggered pass.
 	DrainTimeout time.Duration `envconfig:"SENDEMAIL_DRAIN_TIMEOUT" default:"50s" desc:"Longest an HTTP-triggered pass runs (it also stops 1s before the request's own deadline). Default 50s."`
 	// ShutdownTimeout is the server's; sendemail fits its stop into it.
