@@ -78,6 +78,10 @@ func (s *Service) Start(context.Context) error { return nil }
 // Stop does nothing: createuser has no background work.
 func (s *Service) Stop() {}
 
+// HandlerTimeout is the write deadline of this function's requests:
+// a request works up to REQUEST_TIMEOUT, and the answer needs a moment after it.
+func (s *Service) HandlerTimeout() time.Duration { return s.cfg.RequestTimeout + 5*time.Second }
+
 // Close closes the pool.
 func (s *Service) Close() { s.pool.Close() }
 

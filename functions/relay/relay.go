@@ -102,6 +102,10 @@ func (s *Service) Start(ctx context.Context) error {
 // back first.
 func (s *Service) Stop() { s.bg.Stop() }
 
+// HandlerTimeout is the write deadline of this function's requests:
+// a triggered drain runs up to RELAY_DRAIN_TIMEOUT, and the answer needs a moment after it.
+func (s *Service) HandlerTimeout() time.Duration { return s.cfg.DrainTimeout + 5*time.Second }
+
 // Close releases the pool and the Redis client.
 func (s *Service) Close() {
 	s.pool.Close()

@@ -24,6 +24,7 @@ import (
 	"github.com/outboxfn/outbox/shared/outbox"
 	"github.com/outboxfn/outbox/shared/pgtest"
 	"github.com/outboxfn/outbox/shared/redistest"
+	"github.com/outboxfn/outbox/shared/serve"
 	"github.com/outboxfn/outbox/shared/stream"
 )
 
@@ -663,4 +664,12 @@ func TestTrimmer(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, left, 8)
 	require.True(t, strings.HasSuffix(left[0].FieldValues["i"], "12"))
+}
+
+func TestHandlerTimeoutOutlastsTheDrain(t *testing.T) {
+	t.Parallel()
+	s := &Service{cfg: Config{DrainTimeout: 2 * time.Minute}}
+	var ht serve.HandlerTimeout = s
+	require.Greater(t, ht.HandlerTimeout(), 2*time.Minute,
+		"the server must not cut a triggered drain's answer before the drain may end")
 }
