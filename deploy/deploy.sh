@@ -118,4 +118,6 @@ for fn in relay sendemail; do
   fi
 done
 
-echo "== done: createuser at $(gc run services describe createuser --region "$GCP_REGION" --format 'value(status.url)')"
+# Not inside the echo: gc's exit would only leave the command substitution.
+url=$(gc run services describe createuser --region "$GCP_REGION" --format 'value(status.url)') || exit 1
+echo "== done: createuser at $url"

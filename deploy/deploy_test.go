@@ -137,6 +137,15 @@ func TestDeployScript(t *testing.T) {
 		require.NotContains(t, strings.Join(b.calls(t), "\n"), "scheduler jobs create")
 	})
 
+	t.Run("fails when its very last call is denied", func(t *testing.T) {
+		t.Parallel()
+		b := setupDeploy(t)
+		out, err := b.run(t, "FAKE_DENY=services describe createuser")
+		require.Error(t, err, out)
+		require.Contains(t, out, "deploy: failed: gcloud run services describe createuser")
+		require.NotContains(t, out, "== done")
+	})
+
 	t.Run("stops at the first call that is denied, naming it", func(t *testing.T) {
 		t.Parallel()
 		b := setupDeploy(t)

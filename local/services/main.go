@@ -17,6 +17,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/redis/rueidis"
+
+	"github.com/outboxfn/outbox/shared/stream"
 )
 
 const (
@@ -79,7 +81,7 @@ func pingPostgres(ctx context.Context, url string) error {
 }
 
 func pingRedis(ctx context.Context, url string) error {
-	opt, err := rueidis.ParseURL(url)
+	opt, err := stream.ParseURL(url)
 	if err != nil {
 		return err
 	}

@@ -90,12 +90,27 @@ func Decode(id string, fields map[string]string) (Event, error) {
 	return e, nil
 }
 
+// ErrBadURL says a Redis URL could not be parsed. It carries no part of the
+// URL: url.Parse quotes the text it choked on, which for a password holding
+// '/', '?' or '#' is the password itself.
+var ErrBadURL = errors.New("redis url is not valid: use redis://[user:password@]host:port/db (rediss:// for TLS), with '/', '?', '#' and '@' in the password percent-encoded")
+
+// ParseURL parses a Redis URL as rueidis does, with an error that never
+// repeats the URL.
+func ParseURL(url string) (rueidis.ClientOption, error) {
+	opt, err := rueidis.ParseURL(url)
+	if err != nil {
+		return opt, ErrBadURL
+	}
+	return opt, nil
+}
+
 // NewClient opens a Redis client for url. Client-side caching is off because
 // nothing here reads cached keys and Memorystore refuses CLIENT TRACKING.
 func NewClient(url string) (rueidis.Client, error) {
-	opt, err := rueidis.ParseURL(url)
+	opt, err := ParseURL(url)
 	if err != nil {
-		return nil, fmt.Errorf("parse redis url: %w", err)
+		return nil, err
 	}
 	opt.DisableCache = true
 	opt.Dialer.Timeout = 5 * time.Second
