@@ -24,6 +24,9 @@ const (
 	maxBodyBytes = 64 << 10
 	// maxEmailBytes is the longest address SMTP can carry (RFC 5321 path limit).
 	maxEmailBytes = 254
+	// maxLocalBytes is RFC 5321's limit on the local part; mail servers
+	// refuse longer ones, so such a sign-up could never get its email.
+	maxLocalBytes = 64
 	// maxNameRunes is the longest name accepted.
 	maxNameRunes = 200
 	// maxIdempotencyKeyBytes bounds the Idempotency-Key header.
@@ -216,6 +219,9 @@ func validEmail(s string) (string, error) {
 	}
 	at := strings.LastIndexByte(s, '@')
 	local, domain := norm.NFC.String(s[:at]), s[at+1:]
+	if len(local) > maxLocalBytes {
+		return "", invalid("invalid_email", `the part of field "email" before the @ must be at most %d bytes (RFC 5321)`, maxLocalBytes)
+	}
 	if strings.HasPrefix(domain, "[") {
 		return "", invalid("invalid_email", `field "email" must name a domain, not an address literal such as [10.0.0.5]`)
 	}
@@ -251,7 +257,10 @@ func validName(s string) (string, error) {
 		return "", invalid("invalid_name", `field "name" must not contain control characters or line breaks`)
 	}
 	s = strings.TrimSpace(s)
-	if s == "" {
+	// A name of nothing but invisible format characters (U+200B, U+FEFF)
+	// is as empty as a blank one; inside a name they stay, since ZWJ and
+	// ZWNJ are part of emoji and of some scripts.
+	if strings.TrimFunc(s, func(r rune) bool { return unicode.IsSpace(r) || unicode.Is(unicode.Cf, r) }) == "" {
 		return "", invalid("invalid_name", `field "name" must not be empty`)
 	}
 	if n := utf8.RuneCountInString(s); n > maxNameRunes {
@@ -263,7 +272,8 @@ func validName(s string) (string, error) {
 func hasControl(s string) bool {
 	return strings.IndexFunc(s, func(r rune) bool {
 		return unicode.IsControl(r) || unicode.In(r, unicode.Zl, unicode.Zp) ||
-			(r >= 0x202A && r <= 0x202E) || (r >= 0x2066 && r <= 0x2069)
+			(r >= 0x202A && r <= 0x202E) || (r >= 0x2066 && r <= 0x2069) ||
+			r == 0x200E || r == 0x200F || r == 0x061C // direction marks
 	}) >= 0
 }
 
