@@ -162,6 +162,14 @@ func (o *ops) command(ctx context.Context, args []string) error {
 	if err := fs.Parse(args[1:]); err != nil {
 		return fmt.Errorf("%w: %s: %v", errUsage, name, err)
 	}
+	// A stray word is a mistake to point out, not to ignore: "purge 1h"
+	// must not purge with the default age.
+	if name != "dlq redrive" && name != "dlq drop" && fs.NArg() > 0 {
+		return fmt.Errorf("%w: %s takes no arguments, got %q", errUsage, name, fs.Args())
+	}
+	if *count < 0 {
+		return fmt.Errorf("%w: %s: -count must be 0 (all) or more, not %d", errUsage, name, *count)
+	}
 	switch name {
 	case "status":
 		s, err := o.status(ctx)

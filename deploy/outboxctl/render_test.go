@@ -154,6 +154,9 @@ func TestExitStatus(t *testing.T) {
 		{"an unknown command is a usage error", []string{"frobnicate"}, 2},
 		{"a bad flag is a usage error", []string{"render", "-nope"}, 2},
 		{"a failure is 1", []string{"render", "does-not-exist.yaml"}, 1},
+		{"a stray argument to purge is a usage error, not a purge", []string{"purge", "1h"}, 2},
+		{"a stray argument to status is a usage error", []string{"status", "extra"}, 2},
+		{"a negative count is a usage error", []string{"dlq", "list", "-count", "-1"}, 2},
 		{"a budget over the limit is 1", []string{"budget", "-max-connections", "1", "../cloudrun/relay.yaml"}, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
