@@ -50,8 +50,7 @@ func guard(logger *slog.Logger, timeout time.Duration, h http.Handler) http.Hand
 			}
 			r.Body = io.NopCloser(bytes.NewReader(body))
 		}
-		// Errors mean the writer cannot take deadlines (a test recorder).
-		// _ = rc.SetReadDeadline(time.Time{})
+		// An error means the writer cannot take deadlines (a test recorder).
 		_ = rc.SetWriteDeadline(time.Now().Add(timeout))
 		h.ServeHTTP(w, r)
 	})
