@@ -15,6 +15,7 @@ import (
 	"io/fs"
 	"net/url"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -115,6 +116,20 @@ func WithDatabase(u, name string) string {
 		return u
 	}
 	parsed.Path = "/" + name
+	return parsed.String()
+}
+
+// WithOptions returns u with its options parameter (server settings for
+// every session, such as "-c statement_timeout=300") set to options.
+func WithOptions(u, options string) string {
+	parsed, err := url.Parse(u)
+	if err != nil {
+		return u
+	}
+	q := parsed.Query()
+	q.Set("options", options)
+	// pgx decodes %20 but not "+" as a space.
+	parsed.RawQuery = strings.ReplaceAll(q.Encode(), "+", "%20")
 	return parsed.String()
 }
 
