@@ -3,7 +3,9 @@
 // the functions' defaults).
 //
 //	outboxctl migrate                       apply pending migrations
-//	outboxctl status [-json]                backlog, streams, groups, consumers, dead letters
+//	outboxctl status [-json]                backlog, dead outbox rows, streams, groups, consumers, dead letters
+//	outboxctl outbox-dead list [-count N] [-json]  events the relay could not publish
+//	outboxctl outbox-dead requeue (ID... | -all)   move them back into the outbox, event ids kept
 //	outboxctl dlq list [-count N] [-json]   dead letters with their reasons
 //	outboxctl dlq redrive (ID... | -all)    move dead letters back to their stream
 //	outboxctl dlq drop (ID... | -all)       delete dead letters
@@ -25,6 +27,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -40,8 +43,14 @@ const usage = `usage: outboxctl <command> [flags]
 
 commands:
   migrate                      apply pending migrations to DATABASE_URL
-  status [-json]               outbox backlog and oldest event, stream lengths, each group's
-                               pending count and lag, consumers and their idle times, dead letters
+  status [-json]               outbox backlog and oldest event, dead outbox rows, stream lengths,
+                               each group's pending count and lag, consumers and their idle
+                               times, dead letters
+  outbox-dead list [-count N] [-json]
+                               events the relay could not publish (outbox_dead), oldest first
+  outbox-dead requeue (ID... | -all)
+                               move them back into the outbox in one transaction, keeping their
+                               event ids; refuses them all if one has an invalid aggregate type
   dlq list [-count N] [-json]  dead letters with their reasons and delivery counts
   dlq redrive (ID... | -all)   move dead letters back to their stream, one MULTI/EXEC each
   dlq drop (ID... | -all)      delete dead letters
@@ -116,8 +125,9 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 		}
 		fmt.Fprintf(out, "schema at version %d\n", version)
 		return nil
-	case "status", "dlq", "purge":
-		o, closeOps, err := openOps(ctx, cfg, out)
+	case "status", "dlq", "purge", "outbox-dead":
+		// outbox-dead needs only PostgreSQL, so it works while Redis is down.
+		o, closeOps, err := openOps(ctx, cfg, out, args[0] != "outbox-dead")
 		if err != nil {
 			return err
 		}
@@ -128,21 +138,23 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 	}
 }
 
-func openOps(ctx context.Context, cfg Config, out io.Writer) (*ops, func(), error) {
+func openOps(ctx context.Context, cfg Config, out io.Writer, withRedis bool) (*ops, func(), error) {
 	pool, err := pgxpool.New(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return nil, nil, fmt.Errorf("open database: %w", err)
 	}
-	client, err := stream.NewClient(cfg.RedisURL)
-	if err != nil {
+	o := &ops{pool: pool, prefix: cfg.StreamPrefix, group: cfg.Group, out: out, dedupeWindow: cfg.DedupeWindow}
+	if !withRedis {
+		return o, pool.Close, nil
+	}
+	if o.redis, err = stream.NewClient(cfg.RedisURL); err != nil {
 		pool.Close()
 		return nil, nil, err
 	}
-	o := &ops{pool: pool, redis: client, prefix: cfg.StreamPrefix, group: cfg.Group, out: out, dedupeWindow: cfg.DedupeWindow}
-	return o, func() { client.Close(); pool.Close() }, nil
+	return o, func() { o.redis.Close(); pool.Close() }, nil
 }
 
-// command runs status, dlq … or purge with their flags.
+// command runs status, dlq …, outbox-dead … or purge with their flags.
 func (o *ops) command(ctx context.Context, args []string) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
@@ -153,18 +165,24 @@ func (o *ops) command(ctx context.Context, args []string) error {
 		}
 		name, args = "dlq "+args[1], args[1:]
 	}
+	if name == "outbox-dead" {
+		if len(args) < 2 {
+			return fmt.Errorf("%w: outbox-dead needs list or requeue", errUsage)
+		}
+		name, args = "outbox-dead "+args[1], args[1:]
+	}
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	asJSON := fs.Bool("json", false, "print JSON")
-	count := fs.Int64("count", 100, "at most this many dead letters")
-	all := fs.Bool("all", false, "every dead letter")
+	count := fs.Int64("count", 100, "at most this many dead letters or rows")
+	all := fs.Bool("all", false, "every dead letter or row")
 	olderThan := fs.Duration("older-than", 30*24*time.Hour, "age of the records to delete")
 	if err := fs.Parse(args[1:]); err != nil {
 		return fmt.Errorf("%w: %s: %v", errUsage, name, err)
 	}
 	// A stray word is a mistake to point out, not to ignore: "purge 1h"
 	// must not purge with the default age.
-	if name != "dlq redrive" && name != "dlq drop" && fs.NArg() > 0 {
+	if name != "dlq redrive" && name != "dlq drop" && name != "outbox-dead requeue" && fs.NArg() > 0 {
 		return fmt.Errorf("%w: %s takes no arguments, got %q", errUsage, name, fs.Args())
 	}
 	if *count < 0 {
@@ -209,6 +227,40 @@ func (o *ops) command(ctx context.Context, args []string) error {
 		n, err := act(ctx, ids)
 		fmt.Fprintf(o.out, "%s: %d dead letters\n", name, n)
 		return err
+	case "outbox-dead list":
+		dead, err := o.outboxDeadList(ctx, *count)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return json.NewEncoder(o.out).Encode(dead)
+		}
+		if len(dead) == 0 {
+			fmt.Fprintln(o.out, "no dead outbox rows")
+		}
+		for _, d := range dead {
+			fmt.Fprintf(o.out, "%d  event %s (%s, aggregate %s %s)  dead since %s\n    %s\n",
+				d.ID, d.EventID, d.EventType, d.AggregateType, d.AggregateID, d.DeadAt.UTC().Format(time.RFC3339), d.Error)
+		}
+		return nil
+	case "outbox-dead requeue":
+		if (fs.NArg() == 0) != *all {
+			return fmt.Errorf("%w: %s takes row ids or -all", errUsage, name)
+		}
+		ids := make([]int64, fs.NArg())
+		for i, arg := range fs.Args() {
+			id, err := strconv.ParseInt(arg, 10, 64)
+			if err != nil {
+				return fmt.Errorf("%w: %s: row id %q is not a number", errUsage, name, arg)
+			}
+			ids[i] = id
+		}
+		n, err := o.outboxDeadRequeue(ctx, ids)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(o.out, "%s: %d rows back in the outbox\n", name, n)
+		return nil
 	case "purge":
 		deleted, err := o.purge(ctx, *olderThan)
 		for table, n := range deleted {

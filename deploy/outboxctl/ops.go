@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/rueidis"
 
@@ -46,8 +47,10 @@ func (o *ops) deadStream() string { return sendemail.DeadLetterStream(o.userStre
 
 // Status is what `outboxctl status` reports.
 type Status struct {
-	Outbox  outbox.Backlog `json:"outbox"`
-	Streams []StreamStatus `json:"streams"`
+	Outbox outbox.Backlog `json:"outbox"`
+	// OutboxDead is what the relay could not publish (see outbox-dead).
+	OutboxDead outbox.Dead    `json:"outbox_dead"`
+	Streams    []StreamStatus `json:"streams"`
 }
 
 // StreamStatus describes one stream and its groups.
@@ -80,6 +83,9 @@ func (o *ops) status(ctx context.Context) (Status, error) {
 	var s Status
 	var err error
 	if s.Outbox, err = outbox.MeasureBacklog(ctx, o.pool); err != nil {
+		return s, err
+	}
+	if s.OutboxDead, err = outbox.MeasureDead(ctx, o.pool); err != nil {
 		return s, err
 	}
 	keys, err := o.streams(ctx)
@@ -162,6 +168,12 @@ func num(m rueidis.RedisMessage) int64 {
 
 func printStatus(w io.Writer, s Status) {
 	fmt.Fprintf(w, "outbox: %d events waiting, oldest %.1fs old\n", s.Outbox.Events, s.Outbox.OldestAgeSeconds)
+	if s.OutboxDead.Count == 0 {
+		fmt.Fprintln(w, "outbox dead: none")
+	} else {
+		fmt.Fprintf(w, "outbox dead: %d events the relay could not publish, oldest dead %.1fs (outboxctl outbox-dead list)\n",
+			s.OutboxDead.Count, s.OutboxDead.OldestAgeSeconds)
+	}
 	if len(s.Streams) == 0 {
 		fmt.Fprintln(w, "no streams yet")
 	}
@@ -329,4 +341,133 @@ func (o *ops) purge(ctx context.Context, age time.Duration) (map[string]int64, e
 		}
 	}
 	return deleted, nil
+}
+
+// DeadRow is one row of outbox_dead: an event the relay could not publish.
+type DeadRow struct {
+	// ID is the row's id in the outbox when it died.
+	ID            int64     `json:"id"`
+	EventID       string    `json:"event_id"`
+	AggregateType string    `json:"aggregate_type"`
+	AggregateID   string    `json:"aggregate_id"`
+	EventType     string    `json:"event_type"`
+	Error         string    `json:"error"`
+	DeadAt        time.Time `json:"dead_at"`
+}
+
+// outboxDeadList lists up to count dead outbox rows, oldest first; count 0
+// or less lists them all.
+func (o *ops) outboxDeadList(ctx context.Context, count int64) ([]DeadRow, error) {
+	var limit *int64 // LIMIT NULL is no limit
+	if count > 0 {
+		limit = &count
+	}
+	rows, err := o.pool.Query(ctx, `
+		SELECT id, event_id::text, aggregate_type, aggregate_id, event_type, error, dead_at
+		FROM outbox_dead ORDER BY dead_at, id LIMIT $1`, limit)
+	if err != nil {
+		return nil, fmt.Errorf("list outbox_dead: %w", err)
+	}
+	dead, err := pgx.CollectRows(rows, pgx.RowToStructByPos[DeadRow])
+	if err != nil {
+		return nil, fmt.Errorf("list outbox_dead: %w", err)
+	}
+	return dead, nil
+}
+
+var (
+	errNoSuchDeadRow = errors.New("no such dead outbox row")
+	errNotRequeuable = errors.New("aggregate type the outbox would refuse again")
+)
+
+// outboxDeadRequeue moves dead outbox rows (ids, or all when ids is empty)
+// back into the outbox, in one transaction, and returns how many it moved.
+// It moves all of them or none: it refuses unknown ids, and rows whose
+// aggregate type the outbox would refuse again (they need fixing or
+// deleting first).
+//
+// Each row keeps its event_id, so a consumer that did get the event after
+// all drops the copy, and its created_at, the event's time. It gets a new
+// id: reusing the old one (OVERRIDING SYSTEM VALUE) could match a record of
+// the relay's in-flight marker, which pairs row ids with event ids and
+// counts a row that still exists as possibly published; a fresh id matches
+// no such record. Rows go back in their old order, behind the outbox's
+// current rows: order within an aggregate is already lost for an event that
+// was held back while later ones went out.
+func (o *ops) outboxDeadRequeue(ctx context.Context, ids []int64) (int64, error) {
+	var moved int64
+	err := pgx.BeginFunc(ctx, o.pool, func(tx pgx.Tx) error {
+		// FOR UPDATE: of two requeues at once, the second waits and then
+		// no longer sees the rows the first moved, so each moves once.
+		rows, err := tx.Query(ctx, `
+			SELECT id, aggregate_type FROM outbox_dead
+			WHERE $1::bigint[] IS NULL OR id = ANY($1)
+			ORDER BY id FOR UPDATE`, nilIfEmpty(ids))
+		if err != nil {
+			return fmt.Errorf("lock outbox_dead rows: %w", err)
+		}
+		var found []int64
+		var refused []string
+		var id int64
+		var typ string
+		_, err = pgx.ForEachRow(rows, []any{&id, &typ}, func() error {
+			found = append(found, id)
+			if !outbox.ValidAggregateType(typ) {
+				refused = append(refused, fmt.Sprintf("%d (%q)", id, typ))
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("lock outbox_dead rows: %w", err)
+		}
+		if missing := missingIDs(ids, found); len(missing) > 0 {
+			return fmt.Errorf("%w: %v; nothing requeued", errNoSuchDeadRow, missing)
+		}
+		if len(refused) > 0 {
+			return fmt.Errorf("rows %s: %w; fix their aggregate_type or delete them; nothing requeued",
+				strings.Join(refused, ", "), errNotRequeuable)
+		}
+		if len(found) == 0 {
+			return nil
+		}
+		tag, err := tx.Exec(ctx, `
+			INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at)
+			SELECT event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at
+			FROM outbox_dead WHERE id = ANY($1) ORDER BY id`, found)
+		if err != nil {
+			return fmt.Errorf("requeue into outbox: %w", err)
+		}
+		moved = tag.RowsAffected()
+		if _, err := tx.Exec(ctx, `DELETE FROM outbox_dead WHERE id = ANY($1)`, found); err != nil {
+			return fmt.Errorf("delete requeued rows from outbox_dead: %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("requeue dead outbox rows: %w", err)
+	}
+	return moved, nil
+}
+
+// missingIDs returns the ids in want that are not in got.
+func missingIDs(want, got []int64) []int64 {
+	have := make(map[int64]bool, len(got))
+	for _, id := range got {
+		have[id] = true
+	}
+	var missing []int64
+	for _, id := range want {
+		if !have[id] {
+			missing = append(missing, id)
+		}
+	}
+	return missing
+}
+
+// nilIfEmpty makes an empty list SQL NULL, which selects every row.
+func nilIfEmpty(ids []int64) []int64 {
+	if len(ids) == 0 {
+		return nil
+	}
+	return ids
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -82,6 +84,8 @@ func TestStatus(t *testing.T) {
 	_, err := b.ops.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at)
 		VALUES ('user', '1', 'user.created', '{}', now() - interval '90 seconds'), ('user', '2', 'user.created', '{}', now())`)
 	require.NoError(t, err)
+	b.insertDead(t, 7, "_relay:epoch", 30*time.Second)
+	b.insertDead(t, 8, "user", 0)
 	b.smtp.RefuseRecipients(func(to string) bool { return strings.HasPrefix(to, "gone@") }, smtptest.NoSuchUser)
 	b.addUser(t, 1, "ada@example.com")
 	b.addUser(t, 2, "gone@example.com")
@@ -92,6 +96,8 @@ func TestStatus(t *testing.T) {
 	require.NoError(t, err)
 	require.EqualValues(t, 2, s.Outbox.Events)
 	require.InDelta(t, 90, s.Outbox.OldestAgeSeconds, 5)
+	require.EqualValues(t, 2, s.OutboxDead.Count)
+	require.InDelta(t, 30, s.OutboxDead.OldestAgeSeconds, 5)
 	require.Len(t, s.Streams, 1, "the dead-letter stream is reported with its stream, not as one")
 	st := s.Streams[0]
 	require.Equal(t, b.ops.userStream(), st.Name)
@@ -105,6 +111,7 @@ func TestStatus(t *testing.T) {
 
 	require.NoError(t, b.ops.command(ctx, []string{"status"}))
 	require.Contains(t, b.out.String(), "outbox: 2 events waiting")
+	require.Contains(t, b.out.String(), "outbox dead: 2 events the relay could not publish")
 	require.Contains(t, b.out.String(), "1 dead letters")
 	require.Contains(t, b.out.String(), "group sendemail: 0 pending, lag 1")
 	b.out.Reset()
@@ -112,6 +119,7 @@ func TestStatus(t *testing.T) {
 	var decoded Status
 	require.NoError(t, json.Unmarshal(b.out.Bytes(), &decoded))
 	require.Equal(t, s.Outbox.Events, decoded.Outbox.Events)
+	require.Equal(t, s.OutboxDead.Count, decoded.OutboxDead.Count)
 }
 
 func TestDeadLetters(t *testing.T) {
@@ -275,4 +283,212 @@ func TestRedrive(t *testing.T) {
 		require.NoError(t, err)
 		require.Len(t, letters, 3)
 	})
+}
+
+// insertDead puts a row into outbox_dead as the relay would, dead for ago.
+func (b *testBundle) insertDead(t *testing.T, id int64, aggregateType string, ago time.Duration) {
+	t.Helper()
+	_, err := b.ops.pool.Exec(context.Background(), `
+		INSERT INTO outbox_dead (id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, error, dead_at)
+		VALUES ($1, gen_random_uuid(), $2, $4, 'x.happened', '{"n": 1}',
+		        '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', now() - $3::interval - interval '1 hour',
+		        'WRONGTYPE Operation against a key holding the wrong kind of value', now() - $3::interval)`,
+		id, aggregateType, ago, fmt.Sprint(id))
+	require.NoError(t, err)
+}
+
+func (b *testBundle) count(t *testing.T, table string) int {
+	t.Helper()
+	var n int
+	require.NoError(t, b.ops.pool.QueryRow(context.Background(), `SELECT count(*) FROM `+table).Scan(&n))
+	return n
+}
+
+func TestOutboxDead(t *testing.T) {
+	t.Parallel()
+
+	t.Run("status says none when nothing is dead", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		require.NoError(t, b.ops.command(context.Background(), []string{"status"}))
+		require.Contains(t, b.out.String(), "outbox dead: none")
+	})
+
+	t.Run("list shows the longest dead first with its error, and -count bounds it", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		b.insertDead(t, 3, "user", time.Minute)
+		b.insertDead(t, 1, "order", time.Second)
+		b.insertDead(t, 2, "_relay:epoch", time.Hour)
+
+		dead, err := b.ops.outboxDeadList(ctx, 0)
+		require.NoError(t, err)
+		require.Len(t, dead, 3)
+		require.Equal(t, []int64{2, 3, 1}, []int64{dead[0].ID, dead[1].ID, dead[2].ID})
+		require.Equal(t, "_relay:epoch", dead[0].AggregateType)
+		require.Equal(t, "x.happened", dead[0].EventType)
+		require.Contains(t, dead[0].Error, "WRONGTYPE")
+		require.Len(t, dead[0].EventID, 36)
+		require.WithinDuration(t, time.Now().Add(-time.Hour), dead[0].DeadAt, 5*time.Second)
+
+		dead, err = b.ops.outboxDeadList(ctx, 2)
+		require.NoError(t, err)
+		require.Len(t, dead, 2)
+
+		require.NoError(t, b.ops.command(ctx, []string{"outbox-dead", "list", "-count", "1"}))
+		require.Contains(t, b.out.String(), "2  event ")
+		require.Contains(t, b.out.String(), "WRONGTYPE")
+		require.NotContains(t, b.out.String(), "\n3  event ", "-count 1 prints one row")
+		b.out.Reset()
+		require.NoError(t, b.ops.command(ctx, []string{"outbox-dead", "list", "-json"}))
+		var decoded []DeadRow
+		require.NoError(t, json.Unmarshal(b.out.Bytes(), &decoded))
+		require.Len(t, decoded, 3)
+	})
+
+	t.Run("requeue moves rows back with their event ids, new row ids and original times", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		// A row the outbox holds now: requeued rows go behind it.
+		_, err := b.ops.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('user', 'live', 'x', '{}')`)
+		require.NoError(t, err)
+		for _, id := range []int64{5, 6, 7} {
+			b.insertDead(t, id, "user", time.Minute)
+		}
+		type snapshot struct {
+			EventID, AggregateType, AggregateID, EventType, Payload, Traceparent string
+			CreatedAt                                                            time.Time
+		}
+		const cols = `event_id::text, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at`
+		read := func(query string, args ...any) []snapshot {
+			rows, err := b.ops.pool.Query(ctx, query, args...)
+			require.NoError(t, err)
+			got, err := pgx.CollectRows(rows, pgx.RowToStructByPos[snapshot])
+			require.NoError(t, err)
+			return got
+		}
+		before := read(`SELECT ` + cols + ` FROM outbox_dead WHERE id IN (5, 7) ORDER BY id`)
+
+		require.NoError(t, b.ops.command(ctx, []string{"outbox-dead", "requeue", "7", "5"}))
+		require.Contains(t, b.out.String(), "2 rows back in the outbox")
+
+		after := read(`SELECT ` + cols + ` FROM outbox WHERE aggregate_id <> 'live' ORDER BY id`)
+		require.Equal(t, before, after, "every column kept, in the old order")
+		var liveID, minRequeued int64
+		require.NoError(t, b.ops.pool.QueryRow(ctx, `SELECT (SELECT id FROM outbox WHERE aggregate_id = 'live'),
+			(SELECT min(id) FROM outbox WHERE aggregate_id <> 'live')`).Scan(&liveID, &minRequeued))
+		require.Greater(t, minRequeued, liveID, "new ids from the identity column, behind the current rows")
+		var left []int64
+		require.NoError(t, b.ops.pool.QueryRow(ctx, `SELECT array_agg(id) FROM outbox_dead`).Scan(&left))
+		require.Equal(t, []int64{6}, left, "only the rows named")
+	})
+
+	t.Run("requeue refuses an invalid aggregate type and moves nothing", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		b.insertDead(t, 1, "user", time.Minute)
+		b.insertDead(t, 2, "_relay:epoch", time.Minute)
+		b.insertDead(t, 3, "user:dead", time.Minute)
+
+		for _, args := range [][]string{{"-all"}, {"1", "2"}, {"3"}} {
+			err := b.ops.command(ctx, append([]string{"outbox-dead", "requeue"}, args...))
+			require.ErrorIs(t, err, errNotRequeuable, "%v", args)
+			require.NotErrorIs(t, err, errUsage)
+			require.Equal(t, 1, exit(err, io.Discard), "a failure, not a usage error")
+		}
+		err := b.ops.command(ctx, []string{"outbox-dead", "requeue", "-all"})
+		require.ErrorContains(t, err, `2 ("_relay:epoch")`)
+		require.ErrorContains(t, err, `3 ("user:dead")`)
+		require.Zero(t, b.count(t, "outbox"), "nothing requeued")
+		require.Equal(t, 3, b.count(t, "outbox_dead"))
+
+		n, err := b.ops.outboxDeadRequeue(ctx, []int64{1})
+		require.NoError(t, err)
+		require.EqualValues(t, 1, n, "a valid row named alone still moves")
+		require.Equal(t, 1, b.count(t, "outbox"))
+	})
+
+	t.Run("requeue refuses an unknown id and moves nothing", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		b.insertDead(t, 1, "user", time.Minute)
+		_, err := b.ops.outboxDeadRequeue(ctx, []int64{1, 99})
+		require.ErrorIs(t, err, errNoSuchDeadRow)
+		require.ErrorContains(t, err, "[99]")
+		require.Zero(t, b.count(t, "outbox"))
+		require.Equal(t, 1, b.count(t, "outbox_dead"))
+	})
+
+	t.Run("requeues at once move each row once", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		_, err := b.ops.pool.Exec(ctx, `
+			INSERT INTO outbox_dead (id, event_id, aggregate_type, aggregate_id, event_type, payload, created_at, error)
+			SELECT i, gen_random_uuid(), 'user', i::text, 'x', '{}', now(), 'WRONGTYPE' FROM generate_series(1, 50) AS i`)
+		require.NoError(t, err)
+		var wg sync.WaitGroup
+		moved := make([]int64, 8)
+		for i := range moved {
+			wg.Go(func() {
+				n, err := b.ops.outboxDeadRequeue(ctx, nil)
+				assert.NoError(t, err)
+				moved[i] = n
+			})
+		}
+		wg.Wait()
+		var total int64
+		for _, n := range moved {
+			total += n
+		}
+		require.EqualValues(t, 50, total)
+		var rows, events int
+		require.NoError(t, b.ops.pool.QueryRow(ctx, `SELECT count(*), count(DISTINCT event_id) FROM outbox`).Scan(&rows, &events))
+		require.Equal(t, 50, rows, "each row once")
+		require.Equal(t, 50, events)
+		require.Zero(t, b.count(t, "outbox_dead"))
+	})
+
+	t.Run("usage mistakes are usage errors", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		b.insertDead(t, 1, "user", time.Minute)
+		for _, args := range [][]string{
+			{"outbox-dead"},
+			{"outbox-dead", "drop", "1"},
+			{"outbox-dead", "requeue"},
+			{"outbox-dead", "requeue", "-all", "1"},
+			{"outbox-dead", "requeue", "one"},
+			{"outbox-dead", "list", "extra"},
+			{"outbox-dead", "list", "-count", "-1"},
+		} {
+			err := b.ops.command(context.Background(), args)
+			require.ErrorIs(t, err, errUsage, "%v", args)
+			require.Equal(t, 2, exit(err, io.Discard), "%v", args)
+		}
+		require.Equal(t, 1, b.count(t, "outbox_dead"), "no mistake moved a row")
+	})
+}
+
+// TestOutboxDeadNeedsNoRedis cannot run in parallel: it sets the
+// environment outboxctl reads its configuration from.
+func TestOutboxDeadNeedsNoRedis(t *testing.T) {
+	url, pool := pgtest.NewPool(t)
+	_, err := pool.Exec(context.Background(), `
+		INSERT INTO outbox_dead (id, event_id, aggregate_type, aggregate_id, event_type, payload, created_at, error)
+		VALUES (42, gen_random_uuid(), 'user', '1', 'x', '{}', now(), 'WRONGTYPE')`)
+	require.NoError(t, err)
+	t.Setenv("DATABASE_URL", url)
+	t.Setenv("REDIS_URL", "redis://127.0.0.1:1/0") // nothing listens there
+	var out bytes.Buffer
+	require.NoError(t, run(context.Background(), []string{"outbox-dead", "list"}, &out))
+	require.Contains(t, out.String(), "42  event ")
+	require.NoError(t, run(context.Background(), []string{"outbox-dead", "requeue", "42"}, &out))
+	var n int
+	require.NoError(t, pool.QueryRow(context.Background(), `SELECT count(*) FROM outbox`).Scan(&n))
+	require.Equal(t, 1, n)
 }

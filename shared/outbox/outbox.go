@@ -7,7 +7,9 @@ package outbox
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"regexp"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -37,10 +39,34 @@ type Execer interface {
 	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
 }
 
+// ErrInvalidAggregateType is returned by Insert for an aggregate type that
+// ValidAggregateType refuses.
+var ErrInvalidAggregateType = errors.New("invalid aggregate type")
+
+// aggregateType is the outbox table's CHECK constraint
+// outbox_aggregate_type_check (migration 00011), which explains the rule.
+var aggregateType = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$`)
+
+// ValidAggregateType reports whether s may be an event's aggregate type: 1 to
+// 100 ASCII letters, digits, '_', '.' and '-', starting with a letter or
+// digit. The relay publishes to a stream named after the type, and this rule
+// keeps that name off the relay's own keys and dead-letter streams (which
+// contain ':'). The database enforces the same rule.
+func ValidAggregateType(s string) bool {
+	return aggregateType.MatchString(s)
+}
+
 // Insert writes e through tx, which should be the transaction that makes the
 // change e describes. The event's id (a UUID consumers dedupe on) is assigned
 // by the database.
+//
+// An aggregate type that ValidAggregateType refuses is an
+// ErrInvalidAggregateType, returned before tx is used, so that the
+// transaction is not aborted by the CHECK constraint's error.
 func Insert(ctx context.Context, tx Execer, e Event) error {
+	if !ValidAggregateType(e.AggregateType) {
+		return fmt.Errorf("insert outbox event %s: %w %q", e.EventType, ErrInvalidAggregateType, e.AggregateType)
+	}
 	var traceparent *string
 	if e.Traceparent != "" {
 		traceparent = &e.Traceparent
@@ -64,7 +90,7 @@ type Backlog struct {
 }
 
 // Querier is the part of a pool, connection or transaction that
-// MeasureBacklog needs.
+// MeasureBacklog and MeasureDead need.
 type Querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
@@ -80,4 +106,28 @@ func MeasureBacklog(ctx context.Context, q Querier) (Backlog, error) {
 		return b, fmt.Errorf("measure outbox backlog: %w", err)
 	}
 	return b, nil
+}
+
+// Dead is what lies in outbox_dead: rows the relay could not publish,
+// waiting for an operator.
+type Dead struct {
+	// Count counts the dead rows.
+	Count int64 `json:"dead"`
+	// OldestAgeSeconds is how long the oldest of them has been dead (since
+	// dead_at, not since the event was written); zero when there are none.
+	OldestAgeSeconds float64 `json:"oldest_dead_age_seconds"`
+}
+
+// MeasureDead counts outbox_dead. The table holds only what an operator has
+// yet to deal with, so a full count is cheap; any row at all is worth an
+// alert.
+func MeasureDead(ctx context.Context, q Querier) (Dead, error) {
+	var d Dead
+	err := q.QueryRow(ctx,
+		`SELECT count(*), coalesce(extract(epoch FROM now() - min(dead_at)), 0)::float8 FROM outbox_dead`).
+		Scan(&d.Count, &d.OldestAgeSeconds)
+	if err != nil {
+		return d, fmt.Errorf("measure dead outbox rows: %w", err)
+	}
+	return d, nil
 }
