@@ -28,10 +28,14 @@ type Config struct {
 	// DedupeWindow is how long the relay remembers the events of a batch
 	// whose commit it could not confirm; zero turns duplicate suppression off.
 	DedupeWindow time.Duration `envconfig:"RELAY_DEDUPE_WINDOW" default:"24h" desc:"How long the ids of a batch published but not confirmed committed are kept in Redis to suppress re-publication; 0 turns suppression off. Default 24h."`
-	// StreamMaxLen bounds each stream's length; zero means unbounded.
-	StreamMaxLen int64 `envconfig:"RELAY_STREAM_MAXLEN" default:"0" desc:"Trim each stream to about this many entries, never dropping an entry a consumer group has not acknowledged or read; 0 never trims. Default 0."`
-	// TrimInterval is how often streams are trimmed when StreamMaxLen is set.
-	TrimInterval time.Duration `envconfig:"RELAY_TRIM_INTERVAL" default:"1m" desc:"How often streams are trimmed when RELAY_STREAM_MAXLEN is set. Default 1m."`
+	// StreamRetention is how long an entry every consumer group has
+	// acknowledged stays in its stream.
+	StreamRetention time.Duration `envconfig:"RELAY_STREAM_RETENTION" default:"1h" desc:"How long a stream keeps an entry that every consumer group of it has read and acknowledged; entries a group still needs, and streams without groups, are never trimmed. Default 1h."`
+	// TrimInterval is how often the draining relay trims the streams.
+	TrimInterval time.Duration `envconfig:"RELAY_TRIM_INTERVAL" default:"1m" desc:"How often the relay that holds the drain lock trims the streams, after a drain; 0 turns trimming off. Default 1m."`
+	// StreamMaxLen is the removed length bound, kept so that a deployment
+	// still setting it fails loudly instead of silently trimming otherwise.
+	StreamMaxLen int64 `envconfig:"RELAY_STREAM_MAXLEN" default:"0" desc:"Removed: streams are trimmed by RELAY_STREAM_RETENTION. Start-up fails unless this is 0 or unset."`
 	// DrainTimeout bounds one HTTP-triggered drain.
 	DrainTimeout time.Duration `envconfig:"RELAY_DRAIN_TIMEOUT" default:"50s" desc:"Longest an HTTP-triggered drain runs (it also stops 1s before the request's own deadline). Default 50s."`
 	// ReconnectDelay is the pause before the listener reconnects.
@@ -57,10 +61,12 @@ func (c Config) Validate() error {
 		return fmt.Errorf("RELAY_POLL_INTERVAL must be at least 10ms, not %s", c.PollInterval)
 	case c.DedupeWindow < 0:
 		return fmt.Errorf("RELAY_DEDUPE_WINDOW must not be negative, not %s", c.DedupeWindow)
-	case c.StreamMaxLen < 0:
-		return fmt.Errorf("RELAY_STREAM_MAXLEN must not be negative, not %d", c.StreamMaxLen)
-	case c.StreamMaxLen > 0 && c.TrimInterval <= 0:
-		return fmt.Errorf("RELAY_TRIM_INTERVAL must be positive, not %s", c.TrimInterval)
+	case c.StreamMaxLen != 0:
+		return fmt.Errorf("RELAY_STREAM_MAXLEN is no longer supported: unset it; streams are trimmed to what every consumer group acknowledged, after RELAY_STREAM_RETENTION")
+	case c.StreamRetention < 0:
+		return fmt.Errorf("RELAY_STREAM_RETENTION must not be negative, not %s", c.StreamRetention)
+	case c.TrimInterval < 0:
+		return fmt.Errorf("RELAY_TRIM_INTERVAL must not be negative, not %s", c.TrimInterval)
 	case c.DrainTimeout <= 0:
 		return fmt.Errorf("RELAY_DRAIN_TIMEOUT must be positive, not %s", c.DrainTimeout)
 	case c.ReconnectDelay <= 0:

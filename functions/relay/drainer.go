@@ -19,13 +19,39 @@ import (
 // are easy to find in pg_locks (objid holds the key) and to document:
 //
 //   - drainLock is held, at session level, by the one relay that drains. It
-//     keeps stream order equal to outbox order when several relays run.
+//     keeps stream order equal to claim order when several relays run.
 //   - busyLock is held exclusively while that relay drains with the doorbell
 //     off; the outbox trigger's WHEN clause tries it in shared mode and only
 //     notifies when it gets it (migration 00002).
+//   - claimLock is held in shared mode by every batch's transaction. A relay
+//     that has just taken the drain lock waits for it exclusively: the
+//     session that held the drain lock may be gone while the batch it
+//     claimed ahead, on another connection, is still open, and claiming
+//     past that batch's locked rows would publish later rows first.
 const (
 	drainLock = "hashtext('outbox.relay.drain')"
 	busyLock  = "hashtext('outbox.relay.busy')"
+	claimLock = "hashtext('outbox.relay.claim')"
+)
+
+// Deadlines of the drainer's statements. A silent network must cost a
+// statement its deadline, not the relay its drain lock for hours: the
+// statement fails, pgx closes the connection, and the server ends the
+// session once idle_session_timeout (set while the drain lock is held) or
+// idle_in_transaction_session_timeout (set on the relay's pool) passes,
+// which releases the locks for a standby.
+const (
+	statementTimeout = 10 * time.Second
+	// SessionIdleTimeout is how long the server keeps the session holding
+	// the drain lock when the relay goes silent outside a transaction.
+	SessionIdleTimeout = 10 * time.Second
+	// busyWait is how long a relay waits for inserters that rang the
+	// doorbell to commit before it drains without the busy lock.
+	busyWait = 10 * time.Millisecond
+	// busyRetry is how long after a timed-out wait for the busy lock the
+	// relay only tries it: a transaction that stays open costs one wait a
+	// second, not one per drain.
+	busyRetry = time.Second
 )
 
 // ErrBusy is returned by Drain when another relay kept the drain lock for
@@ -66,14 +92,27 @@ type Result struct {
 	// Duplicates counts claimed rows that an interrupted batch had published
 	// already; they were deleted without being published again.
 	Duplicates int `json:"duplicates_skipped"`
+	// Dead counts claimed rows that could not be published (Redis refused
+	// them, or their aggregate type names no valid stream); they were moved
+	// to the outbox_dead table.
+	Dead int `json:"dead"`
 	// Batches counts transactions that claimed at least one row.
 	Batches int `json:"batches"`
 	// Complete is false when the drain stopped at its deadline with rows
 	// possibly left.
 	Complete bool `json:"complete"`
-	// Lingering holds transactions that were still open when the drain
-	// ended; any of them may have written a row without ringing the doorbell.
-	Lingering []int64 `json:"-"`
+	// Writers are the transactions that held a write lock on the outbox
+	// when the drain released the busy lock; any of them may commit a row
+	// whose doorbell it skipped, so the caller drains again when one ends.
+	Writers writers `json:"-"`
+}
+
+func (r *Result) add(o Result) {
+	r.Relayed += o.Relayed
+	r.Duplicates += o.Duplicates
+	r.Dead += o.Dead
+	r.Batches += o.Batches
+	r.Complete, r.Writers = o.Complete, o.Writers
 }
 
 // Drainer moves outbox rows to streams, one batch per transaction.
@@ -96,6 +135,18 @@ type Drainer struct {
 	// even after ctx is cancelled so that a batch ends committed or rolled
 	// back, never abandoned half-way.
 	finish time.Duration
+	// busyContended is when the last wait for the busy lock timed out: a
+	// transaction that rang the doorbell is staying open. For a while after
+	// that the relay only tries the lock, so that each drain does not pay
+	// busyWait again.
+	busyContended time.Time
+
+	// trimmer, when set, trims the streams after a complete drain, at most
+	// every trimEvery: only the relay holding the drain lock trims, so
+	// standbys cost Redis nothing.
+	trimmer   *Trimmer
+	trimEvery time.Duration
+	trimmed   time.Time
 
 	// afterPublish, when set by a test, runs between XADD and COMMIT; an
 	// error abandons the batch there, as a crash would. beforePublish runs
@@ -122,39 +173,51 @@ func NewDrainer(pool *pgxpool.Pool, publisher *Publisher, batchSize int, lockWai
 }
 
 // Drain moves rows until the outbox is empty, or stopBy (if not zero) has
-// passed.
+// passed. This is the protocol, step by step:
 //
-// It works in two phases. First, holding busyLock so that inserters skip the
-// doorbell, it drains; while batches keep coming back non-empty it stays in
-// this phase, pausing busyPause between short batches, so that a relay under
-// steady load keeps the doorbell off altogether. Once a batch comes back
-// empty it releases busyLock, takes a snapshot, and drains again with the
-// doorbell on. Any transaction whose trigger skipped the doorbell did so
-// while busyLock was held, so it had an xid before that snapshot: either it
-// committed before the second phase reads, or it is in Result.Lingering,
-// which the caller watches and drains again for when it ends. Transactions
-// that start later ring the doorbell as usual.
+//  1. Take the drain lock, waiting up to lockWait for another relay's drain.
+//  2. Take the busy lock, so that inserters skip the doorbell, if it is
+//     free within busyWait. It is not free while a transaction that rang
+//     the doorbell stays open (a forgotten BEGIN): then the relay drains
+//     with the doorbell on, which costs inserters a NOTIFY each and nobody
+//     a delay.
+//  3. Drain batches. With the busy lock, a short batch is followed after
+//     busyPause by another, and only an empty one ends the phase, so that
+//     under steady load the doorbell stays off.
+//  4. Release the busy lock, then read which transactions hold a write lock
+//     on the outbox (Result.Writers). An inserter that skipped the doorbell
+//     did so while the busy lock was held, after it had locked the outbox:
+//     now it has either ended, and its commit is visible, or it is listed.
+//  5. Drain once more, for rows committed before step 4. If that moved a
+//     full batch a burst is on, and the drain goes back to step 2.
+//
+// The caller watches Result.Writers and drains again when one of them ends.
+// Transactions that lock the outbox after step 4 find the busy lock free,
+// ring the doorbell, and need no watching.
 //
 // A drain with a deadline (the HTTP trigger's) waits for another drain of
-// this process as it waits for another relay's drain lock: up to lockWait,
-// and never past stopBy, then it returns ErrBusy. A drain that keeps going
-// that long drains until the outbox is empty; one that is failing (Redis
-// down) ends at once and lets this one try, and fail, for itself. A drain
-// without a deadline (the background loop's) waits its turn.
-func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
-	var res Result
-	var gaveUp <-chan time.Time
+// this process as for another relay's: up to lockWait and never past
+// stopBy, then it returns ErrBusy. A drain without a deadline (the
+// background loop's) waits its turn.
+func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (res Result, err error) {
+	wait := d.lockWait
 	if !stopBy.IsZero() {
-		t := time.NewTimer(min(d.lockWait, time.Until(stopBy)))
+		wait = min(wait, time.Until(stopBy))
+		t := time.NewTimer(wait)
 		defer t.Stop()
-		gaveUp = t.C
-	}
-	select {
-	case d.sem <- struct{}{}:
-	case <-gaveUp:
-		return res, ErrBusy
-	case <-ctx.Done():
-		return res, ctx.Err()
+		select {
+		case d.sem <- struct{}{}:
+		case <-t.C:
+			return res, ErrBusy
+		case <-ctx.Done():
+			return res, ctx.Err()
+		}
+	} else {
+		select {
+		case d.sem <- struct{}{}:
+		case <-ctx.Done():
+			return res, ctx.Err()
+		}
 	}
 	defer func() { <-d.sem }()
 	conn, err := d.pool.Acquire(ctx)
@@ -162,11 +225,12 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 		return res, fmt.Errorf("acquire connection: %w", err)
 	}
 	defer conn.Release()
-	busy, err := d.lock(ctx, conn)
-	if err != nil {
+	if err := d.lockDrain(ctx, conn, wait); err != nil {
 		return res, err
 	}
-	defer d.unlock(ctx, conn, drainLock)
+	// From here on, a failure closes the connection: the server then ends
+	// the session and releases its locks, whatever state it was left in.
+	defer func() { d.unlock(ctx, conn, err) }()
 	// Only now, holding the drain lock, may the relay take over the
 	// streams; the round trip to Redis runs while the first batch is
 	// claimed.
@@ -174,108 +238,195 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (Result, error) {
 	defer sess.close()
 
 	for {
-		if !busy {
-			if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock("+busyLock+")"); err != nil {
-				return res, fmt.Errorf("take busy lock: %w", err)
+		var busy, complete bool
+		if busy, err = d.takeBusy(ctx, conn); err != nil {
+			return res, err
+		}
+		pause := time.Duration(0)
+		if busy {
+			pause = d.busyPause
+		}
+		complete, err = d.drainBatches(ctx, conn, sess, stopBy, pause, &res)
+		if busy {
+			if rerr := d.releaseBusy(ctx, conn); err == nil {
+				err = rerr
 			}
 		}
-		complete, err := d.drainBatches(ctx, conn, sess, stopBy, d.busyPause, &res)
-		releaseErr := d.releaseBusy(ctx, conn)
-		busy = false
 		if err != nil || !complete {
 			return res, err
 		}
-		if releaseErr != nil {
-			return res, releaseErr
-		}
-		var open []int64
-		if err := conn.QueryRow(ctx,
-			`SELECT coalesce(array_agg(x::text::bigint), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x`).Scan(&open); err != nil {
-			return res, fmt.Errorf("read open transactions: %w", err)
-		}
-		before := res.Relayed + res.Duplicates
-		complete, err = d.drainBatches(ctx, conn, sess, stopBy, 0, &res)
-		if err != nil || !complete {
+		if res.Writers, err = outboxWriters(ctx, conn); err != nil {
 			return res, err
 		}
-		// A full batch after the busy phase means a burst is on: drain it
-		// with the doorbell off again rather than let every insert ring.
-		if res.Relayed+res.Duplicates-before < d.batchSize {
-			res.Complete, res.Lingering = true, open
+		before := res.Relayed + res.Duplicates + res.Dead
+		if complete, err = d.drainBatches(ctx, conn, sess, stopBy, 0, &res); err != nil || !complete {
+			return res, err
+		}
+		if res.Relayed+res.Duplicates+res.Dead-before < d.batchSize {
+			res.Complete = true
+			d.trim(ctx)
 			return res, nil
 		}
 	}
 }
 
-// lock takes the drain lock and, if it got it at once, the busy lock, in
-// one round trip; otherwise it waits for the drain lock (up to lockWait)
-// and reports busy as false.
-func (d *Drainer) lock(ctx context.Context, conn *pgxpool.Conn) (busy bool, err error) {
-	// CASE evaluates its condition first, so the busy lock is only taken
-	// with the drain lock.
-	err = conn.QueryRow(ctx, `SELECT CASE WHEN pg_try_advisory_lock(`+drainLock+`)
-		THEN (SELECT true FROM pg_advisory_lock(`+busyLock+`)) ELSE false END`).Scan(&busy)
+// trim trims the streams if it is time to. A failure is logged, not
+// returned: the drain it follows succeeded, and the next one tries again.
+func (d *Drainer) trim(ctx context.Context) {
+	if d.trimmer == nil || time.Since(d.trimmed) < d.trimEvery {
+		return
+	}
+	d.trimmed = time.Now()
+	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
+	defer cancel()
+	n, err := d.trimmer.TrimAll(ctx)
 	if err != nil {
-		return false, fmt.Errorf("take drain lock: %w", err)
+		d.logger.WarnContext(ctx, "trim streams", slog.Any("error", err))
+		return
 	}
-	if busy {
-		return true, nil
+	if n > 0 {
+		d.logger.DebugContext(ctx, "trimmed streams", slog.Int64("entries", n))
 	}
-	return false, d.lockDrain(ctx, conn)
 }
 
-// lockDrain waits at most lockWait for another relay to release the drain
-// lock, and takes it.
-func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn) error {
-	if d.lockWait <= 0 {
-		return ErrBusy
-	}
+// lockDrain takes the drain lock, waiting at most wait for another relay
+// to let it go. Holding it, the session is ended by the server if it stays
+// idle for SessionIdleTimeout, so that a relay cut off by the network
+// cannot keep it.
+func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn, wait time.Duration) error {
 	// lock_timeout turns a long wait into an error without cancelling the
-	// query, which would cost the connection.
-	_, err := conn.Exec(ctx, fmt.Sprintf("SET lock_timeout = %d; SELECT pg_advisory_lock(%s); RESET lock_timeout",
-		d.lockWait.Milliseconds(), drainLock))
+	// query, which would cost the connection; SET LOCAL lasts as long as
+	// the statements sent together, one implicit transaction.
+	sql := fmt.Sprintf(`SET LOCAL lock_timeout = %d; SELECT pg_advisory_lock(%s);
+		SELECT pg_advisory_xact_lock(%s); SET idle_session_timeout = %d`,
+		max(wait.Milliseconds(), 1), drainLock, claimLock, SessionIdleTimeout.Milliseconds())
+	ctx, cancel := context.WithTimeout(ctx, wait+statementTimeout)
+	defer cancel()
+	_, err := conn.Exec(ctx, sql)
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "55P03" { // lock_not_available
-		if _, rerr := conn.Exec(ctx, "RESET lock_timeout"); rerr != nil {
-			conn.Conn().Close(ctx) //nolint:errcheck // the pool discards a closed connection
+	switch {
+	case errors.As(err, &pgErr) && pgErr.Code == "55P03": // lock_not_available
+		// A session lock outlives the failed statement that took it: if it
+		// was the claim lock that timed out, the drain lock is held.
+		if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
+			conn.Conn().Close(context.WithoutCancel(ctx)) //nolint:errcheck // the pool discards a closed connection
 		}
 		return ErrBusy
-	}
-	if err != nil {
-		return fmt.Errorf("wait for drain lock: %w", err)
+	case err != nil:
+		// Whether the lock was taken is unknown; closing the connection
+		// releases it if it was.
+		conn.Conn().Close(context.WithoutCancel(ctx)) //nolint:errcheck // the pool discards a closed connection
+		return fmt.Errorf("take drain lock: %w", err)
 	}
 	return nil
 }
 
-// releaseBusy releases busyLock, turning the doorbell back on.
-//
-// A snapshot lists in xip only the transactions below its xmax, which is
-// one past the latest xid to complete, not the next xid to be assigned. An
-// inserter that skipped the doorbell may hold the newest xid of all, and no
-// later one may have completed yet: it would be in progress without being
-// listed, and its row would wait for the next wake-up. So the statement
-// that releases the lock then takes an xid and commits (one round trip, and
-// no WAL flush, as it writes nothing): that xid is above every skipper's,
-// and once it has completed, so is the xmax of any later snapshot. If it
-// fails, the connection is closed, which releases the lock too.
-func (d *Drainer) releaseBusy(ctx context.Context, conn *pgxpool.Conn) error {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+// takeBusy takes the busy lock if it is free within busyWait (or at once,
+// while it is contended) and reports whether it did.
+func (d *Drainer) takeBusy(ctx context.Context, conn *pgxpool.Conn) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
 	defer cancel()
-	if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock("+busyLock+"); SELECT pg_current_xact_id()"); err != nil {
-		conn.Conn().Close(ctx) //nolint:errcheck // the pool discards a closed connection
+	if time.Since(d.busyContended) < busyRetry {
+		var got bool
+		if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(`+busyLock+`)`).Scan(&got); err != nil {
+			return false, fmt.Errorf("take busy lock: %w", err)
+		}
+		return got, nil
+	}
+	_, err := conn.Exec(ctx, fmt.Sprintf(`SET LOCAL lock_timeout = %d; SELECT pg_advisory_lock(%s)`,
+		busyWait.Milliseconds(), busyLock))
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
+		d.busyContended = time.Now()
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("take busy lock: %w", err)
+	}
+	return true, nil
+}
+
+// releaseBusy releases the busy lock, turning the doorbell back on.
+func (d *Drainer) releaseBusy(ctx context.Context, conn *pgxpool.Conn) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), statementTimeout)
+	defer cancel()
+	if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock("+busyLock+")"); err != nil {
 		return fmt.Errorf("release busy lock: %w", err)
 	}
 	return nil
 }
 
-// unlock releases a session lock. If that fails the connection is closed,
-// which releases it too, so a lock can never outlive its drain.
-func (d *Drainer) unlock(ctx context.Context, conn *pgxpool.Conn, lock string) {
+// unlock ends a drain: it releases every lock of the session and restores
+// its idle timeout, or, after a failure or if that fails, closes the
+// connection, which does the same. A lock never outlives its drain.
+func (d *Drainer) unlock(ctx context.Context, conn *pgxpool.Conn, failed error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
-	if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock("+lock+")"); err != nil {
-		conn.Conn().Close(ctx) //nolint:errcheck // the pool discards a closed connection
+	if failed == nil {
+		if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock_all(); RESET idle_session_timeout"); err == nil {
+			return
+		}
 	}
+	conn.Conn().Close(ctx) //nolint:errcheck // the pool discards a closed connection
+}
+
+// writers is a set of transactions that hold a write lock on the outbox,
+// by virtual transaction id (unique among running transactions, and not
+// soon reused).
+type writers map[string]struct{}
+
+// outboxWritersSQL lists the transactions, other than the caller's own,
+// that hold a write lock on this database's outbox: those that insert into
+// it. Every INSERT locks the table first, and keeps the lock until its
+// transaction ends, after its commit is visible. Transactions of other
+// databases, and ones that never touched the outbox, are not listed.
+const outboxWritersSQL = `
+SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}') FROM pg_locks
+WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' AND relation = 'outbox'::regclass
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND pid IS DISTINCT FROM pg_backend_pid()`
+
+// querier is the part of a connection or pool that outboxWriters needs.
+type querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+func outboxWriters(ctx context.Context, q querier) (writers, error) {
+	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
+	defer cancel()
+	var ids []string
+	if err := q.QueryRow(ctx, outboxWritersSQL).Scan(&ids); err != nil {
+		return nil, fmt.Errorf("read outbox writers: %w", err)
+	}
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	w := make(writers, len(ids))
+	for _, id := range ids {
+		w[id] = struct{}{}
+	}
+	return w, nil
+}
+
+// holdsAll reports whether every writer of o is in w.
+func (w writers) holdsAll(o writers) bool {
+	for id := range o {
+		if _, ok := w[id]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// anyEnded reports whether a transaction of w has ended, given the writers
+// now.
+func (w writers) anyEnded(now writers) bool {
+	for id := range w {
+		if _, open := now[id]; !open {
+			return true
+		}
+	}
+	return false
 }
 
 // drainBatches runs batches until one is short (complete) or stopBy
@@ -351,9 +502,14 @@ type claimed struct {
 }
 
 func (c *claimed) rollback(ctx context.Context) {
-	if c.open {
-		c.open = false
-		c.conn.Exec(context.WithoutCancel(ctx), "ROLLBACK") //nolint:errcheck // a broken connection is discarded by the pool
+	if !c.open {
+		return
+	}
+	c.open = false
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	if _, err := c.conn.Exec(ctx, "ROLLBACK"); err != nil {
+		c.conn.Conn().Close(ctx) //nolint:errcheck // the pool discards a closed connection
 	}
 }
 
@@ -368,15 +524,20 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) 
 		conns[slot] = conn
 	}
 	c := &claimed{conn: conns[slot], slot: slot, open: true}
-	// BEGIN goes out with the claim, in one round trip.
+	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
+	defer cancel()
+	// BEGIN and the claim lock go out with the claim, in one round trip.
 	b := &pgx.Batch{}
 	b.Queue("BEGIN")
+	b.Queue("SELECT pg_advisory_xact_lock_shared(" + claimLock + ")")
 	b.Queue(claimSQL, d.batchSize)
 	results := c.conn.SendBatch(ctx, b)
-	if _, err := results.Exec(); err != nil {
-		results.Close()
-		c.rollback(ctx)
-		return nil, fmt.Errorf("begin batch: %w", err)
+	for range 2 {
+		if _, err := results.Exec(); err != nil {
+			results.Close()
+			c.rollback(ctx)
+			return nil, fmt.Errorf("begin batch: %w", err)
+		}
 	}
 	rows, err := results.Query()
 	if err != nil {
@@ -411,22 +572,25 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) 
 func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *session, res *Result, claimNext func() (*claimed, error)) (*claimed, error) {
 	finishCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.finish)
 	defer cancel()
-	type published struct {
-		added int
-		err   error
+	type outcome struct {
+		published
+		err error
 	}
-	done := make(chan published, 1)
+	done := make(chan outcome, 1)
 	go func() {
 		if d.beforePublish != nil {
 			d.beforePublish()
 		}
-		added, err := sess.publish(finishCtx, cur.rows)
-		done <- published{added, err}
+		p, err := sess.publish(finishCtx, cur.rows)
+		done <- outcome{p, err}
 	}()
 	next, claimErr := claimNext()
 	p := <-done
 	if p.err == nil && d.afterPublish != nil {
 		p.err = d.afterPublish()
+	}
+	if p.err == nil && len(p.refused) > 0 {
+		p.err = d.bury(finishCtx, cur, p.refused)
 	}
 	if p.err != nil {
 		cur.rollback(ctx)
@@ -442,7 +606,9 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 	cur.open = false
 	if err != nil {
 		// The rows may or may not be gone; they stay in flight, in the
-		// session and in the marker in Redis, so a re-claim does not publish them again.
+		// session and in the marker in Redis, so a re-claim does not
+		// publish them again.
+		cur.conn.Conn().Close(finishCtx) //nolint:errcheck // the pool discards a closed connection
 		if next != nil {
 			next.rollback(ctx)
 		}
@@ -451,31 +617,54 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 	sess.committed(cur.rows)
 	res.Batches++
 	res.Relayed += p.added
-	res.Duplicates += len(cur.rows) - p.added
+	res.Dead += len(p.refused)
+	res.Duplicates += len(cur.rows) - p.added - len(p.refused)
 	return next, claimErr
 }
 
-// rowsExist returns those of ids that are rows of the outbox, on a pooled
-// connection of its own: it runs beside the first claim of a drain.
-func (d *Drainer) rowsExist(ctx context.Context, ids []int64) ([]int64, error) {
-	var exist []int64
-	err := d.pool.QueryRow(ctx, `SELECT coalesce(array_agg(id), '{}') FROM outbox WHERE id = ANY ($1)`, ids).Scan(&exist)
-	return exist, err
-}
-
-// querier is the part of a connection or pool that stillOpen needs.
-type querier interface {
-	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
-}
-
-// stillOpen returns the transactions of xids that are still in progress.
-func stillOpen(ctx context.Context, q querier, xids []int64) ([]int64, error) {
-	var open []int64
-	err := q.QueryRow(ctx,
-		`SELECT coalesce(array_agg(x), '{}') FROM unnest($1::bigint[]) AS x
-		 WHERE pg_xact_status(x::text::xid8) = 'in progress'`, xids).Scan(&open)
-	if err != nil {
-		return nil, fmt.Errorf("check open transactions: %w", err)
+// bury moves the rows that could not be published to outbox_dead, in the
+// transaction that claimed them: they leave the outbox only for a place
+// where `outboxctl status` shows them and `outboxctl outbox-dead requeue`
+// returns them.
+func (d *Drainer) bury(ctx context.Context, c *claimed, refused map[int]string) error {
+	n := len(refused)
+	ids, eventIDs, reasons := make([]int64, 0, n), make([]string, 0, n), make([]string, 0, n)
+	types, aggregates, eventTypes := make([]string, 0, n), make([]string, 0, n), make([]string, 0, n)
+	payloads, traceparents, created := make([]string, 0, n), make([]*string, 0, n), make([]time.Time, 0, n)
+	for i, reason := range refused {
+		r := &c.rows[i]
+		ids, eventIDs, reasons = append(ids, r.ID), append(eventIDs, r.eventIDString()), append(reasons, reason)
+		types, aggregates, eventTypes = append(types, r.AggregateType), append(aggregates, r.AggregateID), append(eventTypes, r.EventType)
+		payloads, traceparents, created = append(payloads, string(r.Payload)), append(traceparents, r.Traceparent), append(created, r.CreatedAt)
 	}
-	return open, nil
+	_, err := c.conn.Exec(ctx, `
+		INSERT INTO outbox_dead (id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, error)
+		SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload::json, traceparent, created_at, error
+		FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[])
+		  AS t (id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, error)`,
+		ids, eventIDs, types, aggregates, eventTypes, payloads, traceparents, created, reasons)
+	if err != nil {
+		return fmt.Errorf("move %d unpublishable events to outbox_dead: %w", n, err)
+	}
+	d.logger.ErrorContext(ctx, "events could not be published; moved to outbox_dead (see outboxctl outbox-dead list)",
+		slog.Int("events", n), slog.String("first_error", reasons[0]))
+	return nil
+}
+
+// rowsExist returns the aggregate types of those of ids that are rows of
+// the outbox, on a pooled connection of its own: it runs beside the first
+// claim of a drain.
+func (d *Drainer) rowsExist(ctx context.Context, ids []int64) (map[int64]string, error) {
+	rows, err := d.pool.Query(ctx, `SELECT id, aggregate_type FROM outbox WHERE id = ANY ($1)`, ids)
+	if err != nil {
+		return nil, err
+	}
+	exist := make(map[int64]string)
+	var id int64
+	var t string
+	_, err = pgx.ForEachRow(rows, []any{&id, &t}, func() error {
+		exist[id] = t
+		return nil
+	})
+	return exist, err
 }

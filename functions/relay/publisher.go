@@ -8,8 +8,10 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/redis/rueidis"
 
+	"github.com/outboxfn/outbox/shared/outbox"
 	"github.com/outboxfn/outbox/shared/stream"
 )
 
@@ -98,14 +100,21 @@ type session struct {
 	// state is unknown, or another relay took over.
 	err  error
 	cmds rueidis.Commands // reused between batches
+	sent []int            // reused between batches
 }
 
 // markerRecord is the size of one event in the marker: the outbox row id
 // (8 bytes, big-endian) and the event id (16 bytes).
 const markerRecord = 8 + 16
 
-// rowsExist returns those of ids that are still rows of the outbox.
-type rowsExist func(ctx context.Context, ids []int64) ([]int64, error)
+// rowsExist returns, for those of ids that are still rows of the outbox,
+// their aggregate types.
+type rowsExist func(ctx context.Context, ids []int64) (map[int64]string, error)
+
+// verifyTail is how many entries beyond the batch in doubt a takeover reads
+// from the end of a stream to find that batch's events: room for entries
+// other writers (a dead-letter redrive) added since.
+const verifyTail = 1000
 
 // open starts a session: it takes a new epoch, which from then on fails
 // the EXEC of any relay that held the lock before, and reads the marker
@@ -170,12 +179,36 @@ func (s *session) takeOver(ctx context.Context, exist rowsExist) error {
 	}
 	// A row that is gone was committed (deleted) by whoever published it;
 	// only the rows still there can be claimed, and published, again.
-	rows, err = exist(ctx, rows)
+	types, err := exist(ctx, rows)
 	if err != nil {
 		return fmt.Errorf("check in-flight rows: %w", err)
 	}
-	for _, row := range rows {
-		s.inFlight[byRow[row]] = row
+	if len(types) == 0 {
+		return nil
+	}
+	// The marker says what was sent, not what Redis took: MULTI … EXEC runs
+	// the marker's SET even when an XADD before it fails. So the batch in
+	// doubt counts as published only for the events found at the end of
+	// their streams.
+	byStream := make(map[string]int)
+	for _, t := range types {
+		byStream[stream.Name(p.prefix, t)]++
+	}
+	found := make(map[string]struct{})
+	for name, n := range byStream {
+		entries, err := c.Do(ctx, c.B().Xrevrange().Key(name).End("+").Start("-").Count(int64(n+verifyTail)).Build()).AsXRange()
+		if err != nil && !rueidis.IsRedisNil(err) {
+			return fmt.Errorf("find in-flight events in %s: %w", name, err)
+		}
+		for _, e := range entries {
+			found[e.FieldValues[stream.FieldEventID]] = struct{}{}
+		}
+	}
+	for row := range types {
+		id := byRow[row]
+		if _, ok := found[uuid.UUID(id).String()]; ok {
+			s.inFlight[id] = row
+		}
 	}
 	return nil
 }
@@ -186,70 +219,114 @@ func (s *session) close() {
 	s.release()
 }
 
+// published is what one publish did.
+type published struct {
+	// added counts the events added to a stream.
+	added int
+	// refused maps the index of each event that could not be published to
+	// the reason: its aggregate type names no valid stream, or Redis
+	// refused its XADD. Its row belongs in outbox_dead.
+	refused map[int]string
+}
+
 // publish adds the events, in order, to their streams, except those in
 // flight (published before by a batch whose commit was not confirmed), and
-// records all of them in the marker. It returns how many events it added to
-// a stream. The events stay in flight until committed is called.
-func (s *session) publish(ctx context.Context, events []row) (int, error) {
+// records them in the marker. The events stay in flight until committed is
+// called.
+func (s *session) publish(ctx context.Context, events []row) (published, error) {
+	var res published
 	<-s.ready
 	if s.err != nil {
-		return 0, s.err
+		return res, s.err
 	}
 	p, c := s.p, s.conn
 	cmds := append(s.cmds[:0], c.B().Multi().Build())
-	added := 0
+	sent := s.sent[:0] // index of the event each XADD carries
 	for i := range events {
 		e := &events[i]
+		if !outbox.ValidAggregateType(e.AggregateType) {
+			// Its stream name could be one of the relay's own keys, or a
+			// dead-letter stream.
+			res.refuse(i, fmt.Sprintf("aggregate type %q does not name a valid stream", e.AggregateType))
+			continue
+		}
 		if p.window > 0 {
 			if _, seen := s.inFlight[e.EventID]; seen {
 				continue
 			}
 		}
 		cmds = append(cmds, s.xadd(e))
-		added++
+		sent = append(sent, i)
 	}
 	if p.window > 0 {
 		for i := range events {
-			s.inFlight[events[i].EventID] = events[i].ID
+			if _, refused := res.refused[i]; !refused {
+				s.inFlight[events[i].EventID] = events[i].ID
+			}
 		}
-		marker := make([]byte, 0, markerRecord*len(s.inFlight))
-		for id, row := range s.inFlight {
-			marker = binary.BigEndian.AppendUint64(marker, uint64(row))
-			marker = append(marker, id[:]...)
-		}
-		cmds = append(cmds, c.B().Set().Key(p.markerKey).Value(rueidis.BinaryString(marker)).
+		cmds = append(cmds, c.B().Set().Key(p.markerKey).Value(rueidis.BinaryString(s.marker())).
 			Px(p.window).Build())
 	}
 	// The next batch's WATCH rides along with this one's EXEC.
 	cmds = append(cmds, c.B().Exec().Build(),
 		c.B().Watch().Key(p.epochKey).Build(),
 		c.B().Get().Key(p.epochKey).Build())
-	s.cmds = cmds[:0]
+	s.cmds, s.sent = cmds[:0], sent
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	results := c.DoMulti(ctx, cmds...)
 	exec := len(results) - 3
 	for i, r := range results {
 		if err := r.Error(); err != nil && !(i == exec && rueidis.IsRedisNil(err)) {
-			return 0, s.fail(fmt.Errorf("publish batch: %w", err))
+			return res, s.fail(fmt.Errorf("publish batch: %w", err))
 		}
 	}
 	replies, err := results[exec].ToArray()
 	if rueidis.IsRedisNil(err) { // the epoch changed under the WATCH
-		return 0, s.fail(fmt.Errorf("publish batch: %w", ErrSuperseded))
+		return res, s.fail(fmt.Errorf("publish batch: %w", ErrSuperseded))
 	}
 	if err != nil {
-		return 0, s.fail(fmt.Errorf("publish batch: read EXEC reply: %w", err))
+		return res, s.fail(fmt.Errorf("publish batch: read EXEC reply: %w", err))
 	}
-	for _, r := range replies {
+	if want := len(cmds) - 4; len(replies) != want { // all but MULTI, EXEC, WATCH, GET
+		return res, s.fail(fmt.Errorf("publish batch: EXEC answered %d replies for %d commands", len(replies), want))
+	}
+	// A runtime error fails only its own command: an XADD refused (a key
+	// of another type holds the stream's name) is skipped, the rest ran.
+	for j, i := range sent {
+		if err := replies[j].Error(); err != nil {
+			res.refuse(i, err.Error())
+			delete(s.inFlight, events[i].EventID)
+			continue
+		}
+		res.added++
+	}
+	for _, r := range replies[len(sent):] {
 		if err := r.Error(); err != nil {
-			return 0, s.fail(fmt.Errorf("publish batch: %w", err))
+			return res, s.fail(fmt.Errorf("publish batch: write in-flight marker: %w", err))
 		}
 	}
 	if current, _ := results[len(results)-1].ToString(); current != s.epoch {
 		s.err = fmt.Errorf("publish batch: %w", ErrSuperseded)
 	}
-	return added, nil
+	return res, nil
+}
+
+func (r *published) refuse(i int, reason string) {
+	if r.refused == nil {
+		r.refused = make(map[int]string)
+	}
+	r.refused[i] = reason
+}
+
+// marker encodes the events in flight.
+func (s *session) marker() []byte {
+	marker := make([]byte, 0, markerRecord*len(s.inFlight))
+	for id, row := range s.inFlight {
+		marker = binary.BigEndian.AppendUint64(marker, uint64(row))
+		marker = append(marker, id[:]...)
+	}
+	return marker
 }
 
 // fail ends the session: its connection may be left inside a MULTI or
@@ -281,7 +358,8 @@ func (s *session) xadd(e *row) rueidis.Completed {
 		FieldValue(stream.FieldAggregateType, e.AggregateType).
 		FieldValue(stream.FieldAggregateID, e.AggregateID).
 		FieldValue(stream.FieldPayload, rueidis.BinaryString(e.Payload)).
-		FieldValue(stream.FieldOccurredAt, e.CreatedAt.UTC().Format(time.RFC3339Nano))
+		FieldValue(stream.FieldOccurredAt, e.CreatedAt.UTC().Format(time.RFC3339Nano)).
+		FieldValue(stream.FieldOutboxID, strconv.FormatInt(e.ID, 10))
 	if e.Traceparent != nil {
 		b = b.FieldValue(stream.FieldTraceparent, *e.Traceparent)
 	}

@@ -67,11 +67,16 @@ type Service struct {
 	bell chan struct{}
 	// listening is true while the LISTEN connection is up.
 	listening atomic.Bool
+	// looping is true while the background loop runs.
+	looping atomic.Bool
 }
 
 // New builds a relay from cfg. Nothing connects until it is used.
 func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error) {
-	pool, err := pg.NewPool(ctx, cfg.DatabaseURL, pg.PoolConfig{MaxConns: cfg.DBMaxConns})
+	// A batch's transaction is idle while its events go to Redis, for at
+	// most the publish timeout (5 s); a session idle in a transaction for
+	// longer lost its relay, and the server ends it and frees its locks.
+	pool, err := pg.NewPool(ctx, cfg.DatabaseURL, pg.PoolConfig{MaxConns: cfg.DBMaxConns, Direct: true, IdleInTransactionTimeout: 10 * time.Second})
 	if err != nil {
 		return nil, err
 	}
@@ -84,6 +89,9 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 	// A relay waiting for another's drain lock gives up after a poll
 	// interval and tries again on its next wake-up.
 	drainer := NewDrainer(pool, publisher, cfg.BatchSize, cfg.PollInterval, logger)
+	if cfg.TrimInterval > 0 {
+		drainer.trimmer, drainer.trimEvery = NewTrimmer(client, cfg.StreamPrefix, cfg.StreamRetention), cfg.TrimInterval
+	}
 	return &Service{
 		cfg: cfg, pool: pool, redis: client, drainer: drainer, logger: logger,
 		bell: make(chan struct{}, 1),
@@ -139,18 +147,16 @@ func (s *Service) Health(ctx context.Context) serve.Health {
 
 // run is the background loop: listen, and drain on every wake-up.
 func (s *Service) run(ctx context.Context) {
+	s.looping.Store(true)
+	defer s.looping.Store(false)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { s.listen(ctx) })
-	if s.cfg.StreamMaxLen > 0 {
-		trimmer := &Trimmer{client: s.redis, prefix: s.cfg.StreamPrefix, maxLen: s.cfg.StreamMaxLen, logger: s.logger}
-		wg.Go(func() { trimmer.Run(ctx, s.cfg.TrimInterval) })
-	}
 
 	poll := time.NewTimer(jitter(s.cfg.PollInterval))
 	defer poll.Stop()
-	var lingering lingeringSet
-	var recheck <-chan time.Time
+	var w watch
+	defer w.stop()
 	var failing *retry.Backoff
 	var failingSince time.Time
 	for {
@@ -159,13 +165,8 @@ func (s *Service) run(ctx context.Context) {
 			return
 		case <-s.bell:
 		case <-poll.C:
-		case <-recheck:
-			recheck = nil
-			ended, err := lingering.check(ctx, s.pool)
-			if err == nil && !ended {
-				if lingering.len() > 0 {
-					recheck = time.After(lingeringRecheck)
-				}
+		case <-w.due():
+			if ended, err := w.check(ctx, s.pool); err == nil && !ended {
 				continue
 			}
 		}
@@ -175,7 +176,8 @@ func (s *Service) run(ctx context.Context) {
 			return
 		}
 		if errors.Is(err, ErrBusy) {
-			// Another relay drains; wait for it again next time around.
+			// Another relay drains (and watches the outbox's writers);
+			// wait for its lock again.
 			s.ring()
 			continue
 		}
@@ -200,14 +202,80 @@ func (s *Service) run(ctx context.Context) {
 		if res.Batches > 0 {
 			s.logger.DebugContext(ctx, "drained",
 				slog.Int("relayed", res.Relayed), slog.Int("duplicates_skipped", res.Duplicates),
-				slog.Int("batches", res.Batches), slog.Duration("duration", time.Since(start)))
+				slog.Int("dead", res.Dead), slog.Int("batches", res.Batches), slog.Duration("duration", time.Since(start)))
 		}
-		lingering.add(res.Lingering)
-		if lingering.len() > 0 && recheck == nil {
-			recheck = time.After(lingeringRecheck)
-		}
+		w.reset(res.Writers)
 		poll.Reset(jitter(s.cfg.PollInterval))
 	}
+}
+
+// Re-checks of the outbox's writers start watchFirst after a drain and
+// back off to watchMax: a writer that ends within milliseconds (a request
+// in flight) is seen within milliseconds, one that stays open (a forgotten
+// BEGIN, a backfill) costs a cheap query a few times a second, and only the
+// rows it writes wait for it. Writers are watched until they end.
+const (
+	watchFirst = 2 * time.Millisecond
+	watchMax   = 250 * time.Millisecond
+)
+
+// watch holds the outbox's writers at the end of the last drain and a
+// timer for re-checking them.
+type watch struct {
+	writers writers
+	delay   time.Duration
+	timer   *time.Timer
+}
+
+// reset watches ws: from watchFirst on if it holds a writer not watched
+// before, else at the pace reached, so that a writer that stays open is not
+// re-checked from scratch after every drain.
+func (w *watch) reset(ws writers) {
+	if w.delay == 0 || !w.writers.holdsAll(ws) {
+		w.delay = watchFirst
+	}
+	w.writers = ws
+	w.arm()
+}
+
+func (w *watch) arm() {
+	if len(w.writers) == 0 {
+		w.stop()
+		return
+	}
+	if w.timer == nil {
+		w.timer = time.NewTimer(w.delay)
+	} else {
+		w.timer.Reset(w.delay)
+	}
+}
+
+func (w *watch) stop() {
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+}
+
+// due fires when the writers should be checked; nil (never) when there
+// are none.
+func (w *watch) due() <-chan time.Time {
+	if len(w.writers) == 0 || w.timer == nil {
+		return nil
+	}
+	return w.timer.C
+}
+
+// check reports whether a watched writer has ended; if none has, it backs
+// off and re-arms.
+func (w *watch) check(ctx context.Context, q querier) (bool, error) {
+	now, err := outboxWriters(ctx, q)
+	if err == nil && w.writers.anyEnded(now) {
+		w.writers = nil
+		return true, nil
+	}
+	w.delay = min(2*w.delay, watchMax)
+	w.arm()
+	return false, err
 }
 
 func (s *Service) ring() {
@@ -273,6 +341,9 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	start := time.Now()
 	res, err := s.drainer.Drain(ctx, stopBy)
+	if err == nil {
+		err = s.drainAfterWriters(ctx, &res, stopBy)
+	}
 	busy := errors.Is(err, ErrBusy)
 	if err != nil && !busy {
 		s.logger.WarnContext(ctx, "triggered drain failed", slog.Any("error", err))
@@ -293,69 +364,53 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}{res, backlog, busy, float64(time.Since(start).Microseconds()) / 1000})
 }
 
-// lingeringRecheck is how often transactions that were open at the end of a
-// drain are checked; lingeringGiveUp is when they are left to the poll.
-const (
-	lingeringRecheck = 2 * time.Millisecond
-	lingeringGiveUp  = time.Minute
-)
+// triggerWatch bounds how long a triggered drain without a background loop
+// waits for the outbox's writers to end.
+const triggerWatch = time.Second
 
-// lingeringSet tracks transactions that were open when a drain ended: when
-// one of them ends, it may have committed a row whose doorbell was
-// suppressed, so the loop drains again. A transaction open for longer than
-// lingeringGiveUp is forgotten (and never tracked again): it is unrelated
-// work, such as a session idle in transaction, and the fallback poll covers
-// the rare row it may still commit.
-type lingeringSet struct {
-	since     map[int64]time.Time
-	abandoned map[int64]struct{}
-}
-
-func (l *lingeringSet) len() int { return len(l.since) }
-
-func (l *lingeringSet) add(xids []int64) {
-	if l.since == nil {
-		l.since, l.abandoned = map[int64]time.Time{}, map[int64]struct{}{}
+// drainAfterWriters makes sure a row whose doorbell a triggered drain kept
+// quiet is not left for the next trigger, which in serverless mode is a
+// minute away. With a background loop running, the loop's next drain lists
+// the writers still open and watches them; without one, the trigger waits
+// up to triggerWatch (and never past stopBy) for one of them to end, and
+// drains again.
+func (s *Service) drainAfterWriters(ctx context.Context, res *Result, stopBy time.Time) error {
+	if len(res.Writers) == 0 {
+		return nil
 	}
-	now := time.Now()
-	for _, x := range xids {
-		if _, gone := l.abandoned[x]; gone {
-			continue
-		}
-		if _, ok := l.since[x]; !ok {
-			l.since[x] = now
-		}
+	if s.looping.Load() {
+		s.ring()
+		return nil
 	}
-}
-
-// check reports whether any tracked transaction has ended, and forgets
-// those that have.
-func (l *lingeringSet) check(ctx context.Context, q querier) (ended bool, err error) {
-	xids := make([]int64, 0, len(l.since))
-	for x := range l.since {
-		xids = append(xids, x)
+	until := time.Now().Add(triggerWatch)
+	if stopBy.Before(until) {
+		until = stopBy
 	}
-	open, err := stillOpen(ctx, q, xids)
-	if err != nil {
-		return false, err
-	}
-	stillOpenSet := make(map[int64]struct{}, len(open))
-	for _, x := range open {
-		stillOpenSet[x] = struct{}{}
-	}
-	for x, since := range l.since {
-		if _, ok := stillOpenSet[x]; !ok {
-			delete(l.since, x)
-			ended = true
-		} else if time.Since(since) > lingeringGiveUp {
-			delete(l.since, x)
-			if len(l.abandoned) > 10000 {
-				clear(l.abandoned)
+	var w watch
+	defer w.stop()
+	for len(res.Writers) > 0 {
+		w.reset(res.Writers)
+		for ended := false; !ended; {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-w.due():
 			}
-			l.abandoned[x] = struct{}{}
+			if time.Now().After(until) {
+				return nil
+			}
+			var err error
+			if ended, err = w.check(ctx, s.pool); err != nil {
+				return err
+			}
 		}
+		more, err := s.drainer.Drain(ctx, stopBy)
+		if err != nil {
+			return err
+		}
+		res.add(more)
 	}
-	return ended, nil
+	return nil
 }
 
 func newBackoff() *retry.Backoff {

@@ -97,6 +97,10 @@ type Settings struct {
 	// RSSBacklogs are the backlogs whose drain's peak RSS is measured, in a
 	// child process each; none in smoke runs.
 	RSSBacklogs []int `json:"rss_backlogs"`
+	// IdleBaseline and IdleDuration are how long the idle relay's CPU is
+	// measured alone and with transactions held open.
+	IdleBaseline time.Duration `json:"idle_baseline"`
+	IdleDuration time.Duration `json:"idle_duration"`
 }
 
 var fullSettings = Settings{
@@ -105,7 +109,8 @@ var fullSettings = Settings{
 	WakeRate: 200, WakeDuration: 8 * time.Second, NaiveWakeDuration: 4 * time.Second,
 	Entries: 10_000, SMTPEntries: 2_000,
 	E2ERate: 50, E2EDuration: 5 * time.Second,
-	RSSBacklogs: []int{250_000, 1_000_000},
+	RSSBacklogs:  []int{250_000, 1_000_000},
+	IdleBaseline: 10 * time.Second, IdleDuration: 60 * time.Second,
 }
 
 var smokeSettings = Settings{
@@ -114,4 +119,5 @@ var smokeSettings = Settings{
 	WakeRate: 100, WakeDuration: 300 * time.Millisecond, NaiveWakeDuration: 1500 * time.Millisecond,
 	Entries: 200, SMTPEntries: 50,
 	E2ERate: 20, E2EDuration: 300 * time.Millisecond,
+	IdleBaseline: 300 * time.Millisecond, IdleDuration: 500 * time.Millisecond,
 }

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/outboxfn/outbox/functions/relay"
 	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/pgtest"
 	"github.com/outboxfn/outbox/shared/redistest"
 	"github.com/outboxfn/outbox/shared/stream"
 )
@@ -437,4 +439,106 @@ func peakRSS() (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("VmHWM not found in /proc/self/status")
+}
+
+// benchIdle measures the relay's CPU while it has nothing to do, first
+// alone, then while other sessions hold transactions open: one with an xid
+// in another database, one with an xid in this one, and one holding an
+// outbox row it has not committed, which the relay watches until it ends.
+// Events keep arriving at 2/s throughout, and their latency is reported.
+func benchIdle(ctx context.Context, e *env, s Settings) ([]Figure, error) {
+	prefix := e.freshPrefix("idle")
+	defer e.deleteKeys(ctx, prefix)
+	rl, err := startRelay(ctx, e, prefix)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { rl.Stop(); rl.Close() }()
+	w := watch(ctx, e.redis, prefix+"user")
+	defer w.stop()
+	time.Sleep(300 * time.Millisecond)
+
+	measure := func(d time.Duration) (cpu float64, txPerSec float64, lat []time.Duration, err error) {
+		tx0, err := dbTransactions(ctx, e)
+		if err != nil {
+			return 0, 0, nil, err
+		}
+		cpu0, start := processCPU(), time.Now()
+		committed, err := produce(ctx, e, "outbox", 2, d)
+		if err != nil {
+			return 0, 0, nil, err
+		}
+		elapsed := time.Since(start)
+		cpu = (processCPU() - cpu0).Seconds() / elapsed.Seconds() * 100
+		time.Sleep(1100 * time.Millisecond) // backends flush statistics at most once a second
+		tx1, err := dbTransactions(ctx, e)
+		if err != nil {
+			return 0, 0, nil, err
+		}
+		return cpu, float64(tx1-tx0) / elapsed.Seconds(), w.latencies(committed, 5*time.Second), nil
+	}
+	baseCPU, baseTx, _, err := measure(s.IdleBaseline)
+	if err != nil {
+		return nil, err
+	}
+
+	otherURL, drop, err := pgtest.Create(ctx, "bench_idle_"+strconv.FormatInt(time.Now().UnixNano(), 36))
+	if err != nil {
+		return nil, err
+	}
+	defer drop(context.WithoutCancel(ctx)) //nolint:errcheck // a leftover database is dropped by the next run's cleanup
+	var held []*pgx.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close(context.WithoutCancel(ctx))
+		}
+	}()
+	for _, open := range []struct{ url, sql string }{
+		{otherURL, `SELECT pg_current_xact_id()`},
+		{e.dbURL, `SELECT pg_current_xact_id()`},
+		{e.dbURL, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('held', '1', 'held', '{}')`},
+	} {
+		c, err := pgx.Connect(ctx, open.url)
+		if err != nil {
+			return nil, err
+		}
+		held = append(held, c)
+		if _, err := c.Exec(ctx, "BEGIN; "+open.sql); err != nil {
+			return nil, err
+		}
+	}
+	cpu, tx, lat, err := measure(s.IdleDuration)
+	if err != nil {
+		return nil, err
+	}
+	e.logf("idle relay: %.2f%% of a core alone, %.2f%% with 3 open transactions over %s; %.1f vs %.1f transactions/s; events p50 %.2f ms, max %.2f ms",
+		baseCPU, cpu, s.IdleDuration, baseTx, tx, ms(percentile(lat, 50)), ms(percentile(lat, 100)))
+	return []Figure{
+		compare("idle relay CPU, 3 transactions held open", cpu, "% of a core", "idle relay, none open", baseCPU).
+			target("< 1%", cpu < 1).
+			note(fmt.Sprintf("over %s; %.1f transactions/s against PostgreSQL (%.1f alone); events meanwhile p50 %.2f ms",
+				s.IdleDuration, tx, baseTx, ms(percentile(lat, 50)))),
+	}, nil
+}
+
+// processCPU is the CPU time this process has used, user and system.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// dbTransactions counts the transactions the bench database has run.
+func dbTransactions(ctx context.Context, e *env) (int64, error) {
+	conn, err := e.pool.Acquire(ctx)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Release()
+	var n int64
+	err = conn.QueryRow(ctx, `SELECT xact_commit + xact_rollback FROM pg_stat_database, pg_stat_clear_snapshot()
+		WHERE datname = current_database()`).Scan(&n)
+	return n, err
 }

@@ -170,6 +170,7 @@ func Run(ctx context.Context, s Settings, only string, out io.Writer) (*Report, 
 		{"doorbell cost", benchDoorbell},
 		{"relay drain", benchDrain},
 		{"wake-up latency", benchWakeup},
+		{"idle relay", benchIdle},
 		{"sendemail", benchSendEmail},
 		{"relay memory", benchMemory},
 	}

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -21,6 +22,10 @@ const (
 	FieldPayload       = "payload"
 	FieldOccurredAt    = "occurred_at"
 	FieldTraceparent   = "traceparent"
+	// FieldOutboxID carries the outbox row id. Stream order is claim order,
+	// which can differ from id order when transactions commit out of order;
+	// a consumer that cares can compare ids of one aggregate to notice.
+	FieldOutboxID = "outbox_id"
 )
 
 // Name returns the stream that events of aggregateType go to.
@@ -39,6 +44,9 @@ type Event struct {
 	OccurredAt time.Time
 	// Traceparent is the W3C trace context, or empty.
 	Traceparent string
+	// OutboxID is the id the event had in the outbox, or zero when the
+	// entry does not say (entries written before the field existed).
+	OutboxID int64
 }
 
 // Fields returns the entry's field-value pairs in XADD order.
@@ -53,6 +61,9 @@ func (e Event) Fields() []string {
 	}
 	if e.Traceparent != "" {
 		f = append(f, FieldTraceparent, e.Traceparent)
+	}
+	if e.OutboxID != 0 {
+		f = append(f, FieldOutboxID, strconv.FormatInt(e.OutboxID, 10))
 	}
 	return f
 }
@@ -86,6 +97,13 @@ func Decode(id string, fields map[string]string) (Event, error) {
 			return e, fmt.Errorf("%w: field %s: %v", ErrMalformed, FieldOccurredAt, err)
 		}
 		e.OccurredAt = t
+	}
+	if id := fields[FieldOutboxID]; id != "" {
+		n, err := strconv.ParseInt(id, 10, 64)
+		if err != nil {
+			return e, fmt.Errorf("%w: field %s: %v", ErrMalformed, FieldOutboxID, err)
+		}
+		e.OutboxID = n
 	}
 	return e, nil
 }
