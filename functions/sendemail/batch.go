@@ -84,41 +84,49 @@ type claimResult struct {
 	err   error
 }
 
-// startClaims batches claims. A batch the database refuses is claimed again
-// one by one, so that an entry whose values the database refuses fails
-// alone.
+// startClaims batches the claims taken inside deliver: renewals and
+// retries. A batch the database refuses is claimed again one by one (see
+// claimEach).
 func (c *Consumer) startClaims(ctx context.Context) *batcher[claimRequest, claimResult] {
 	ctx = context.WithoutCancel(ctx)
 	return startBatcher(c.concurrency, func(reqs []claimRequest) ([]claimResult, error) {
-		claim := func(reqs []claimRequest) ([]claimState, error) {
-			ctx, cancel := context.WithTimeout(ctx, redisTimeout)
-			defer cancel()
-			return c.sends.Claim(ctx, reqs)
-		}
-		out := make([]claimResult, len(reqs))
-		states, err := claim(reqs)
-		if err == nil {
-			for i, st := range states {
-				out[i] = claimResult{state: st}
-			}
-			return out, nil
-		}
-		if len(reqs) == 1 || !entryFault(err) {
-			for i := range out {
-				out[i] = claimResult{err: err}
-			}
-			return out, nil
-		}
-		for i, r := range reqs {
-			st, err := claim([]claimRequest{r})
-			if err != nil {
-				out[i] = claimResult{err: err}
-				continue
-			}
-			out[i] = claimResult{state: st[0]}
-		}
-		return out, nil
+		return c.claimEach(ctx, reqs, c.sends.Claim), nil
 	})
+}
+
+// claimEach claims reqs with run (Sends.Claim or Sends.ClaimAhead) in one
+// statement, with one result per request. A batch the database refuses is
+// claimed again one by one, so that an entry whose values the database
+// refuses fails alone.
+func (c *Consumer) claimEach(ctx context.Context, reqs []claimRequest, run func(context.Context, []claimRequest) ([]claimState, error)) []claimResult {
+	claim := func(reqs []claimRequest) ([]claimState, error) {
+		ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+		defer cancel()
+		return run(ctx, reqs)
+	}
+	out := make([]claimResult, len(reqs))
+	states, err := claim(reqs)
+	if err == nil {
+		for i, st := range states {
+			out[i] = claimResult{state: st}
+		}
+		return out
+	}
+	if len(reqs) == 1 || !entryFault(err) {
+		for i := range out {
+			out[i] = claimResult{err: err}
+		}
+		return out
+	}
+	for i, r := range reqs {
+		st, err := claim([]claimRequest{r})
+		if err != nil {
+			out[i] = claimResult{err: err}
+			continue
+		}
+		out[i] = claimResult{state: st[0]}
+	}
+	return out
 }
 
 // markResult says whether a mark found its claim no longer the marker's.

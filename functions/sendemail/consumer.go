@@ -184,10 +184,13 @@ func (c *Consumer) claim(ctx context.Context, cursor string) (next string, entri
 // handle processes entries, then acknowledges the finished ones in one
 // command and dead-letters the failed ones.
 //
-// Each email is claimed right before its own send (see deliver), never for
-// a whole batch: a claim lasts one conversation, however long the batch
-// takes. Once ctx ends no further send starts; the entries not started stay
-// pending, unclaimed, for whoever comes next.
+// The emails of the batch are claimed together in one statement
+// (claimAhead); each claim is used for its send only if its lease still
+// covers that whole conversation when it starts, and is renewed right
+// before the send otherwise (see deliver and covers), so a claim never
+// has to last the batch. Once ctx ends no further send starts; the
+// entries not started stay pending, their claims released, for whoever
+// comes next.
 func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry) (Stats, error) {
 	var stats Stats
 	outcomes := make([]outcome, len(entries))
@@ -210,7 +213,10 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry) (S
 		jobs[i] = j
 	}
 	var dbErr errOnce
+	ahead := c.claimAhead(ctx, jobs, outcomes, &dbErr)
 	claims, marks := c.startClaims(ctx), c.startMarks(ctx)
+	// sem bounds the conversations under way, not the marks that follow
+	// them: a send does not wait for the commit of the one before.
 	sem := make(chan struct{}, c.concurrency)
 	var wg sync.WaitGroup
 dispatch:
@@ -223,17 +229,30 @@ dispatch:
 		case <-ctx.Done():
 		}
 		if ctx.Err() != nil || dbErr.get() != nil {
-			// Not started, not claimed: the entry stays pending.
+			// Not started: the entry stays pending, its claim released.
+			var unstarted []claimRequest
 			for k := i; k < len(jobs); k++ {
-				if jobs[k] != nil {
-					outcomes[k] = outcome{kind: outcomeRetry, err: cmpErr(dbErr.get(), errors.New("not started: shutting down"))}
+				if jobs[k] == nil {
+					continue
+				}
+				outcomes[k] = outcome{kind: outcomeRetry, err: cmpErr(dbErr.get(), errors.New("not started: shutting down"))}
+				if ahead[k].token != "" {
+					unstarted = append(unstarted, claimRequest{key: jobs[k].key, token: ahead[k].token})
 				}
 			}
+			c.releaseUnstarted(ctx, unstarted)
 			break dispatch
 		}
 		wg.Go(func() {
-			defer func() { <-sem }()
-			outcomes[i] = c.deliver(ctx, j, claims, marks, &dbErr)
+			released := false
+			release := func() {
+				if !released {
+					released = true
+					<-sem
+				}
+			}
+			defer release()
+			outcomes[i] = c.deliver(ctx, j, ahead[i], claims, marks, &dbErr, release)
 		})
 	}
 	wg.Wait()
@@ -300,6 +319,56 @@ dispatch:
 		}
 	}
 	return stats, firstErr
+}
+
+// claimAhead claims the emails of jobs in one statement, each under a
+// token of its own, and returns the claims taken by index. A job that
+// cannot be claimed gets its outcome and is dropped from jobs. A job whose
+// email this process sent but could not record is left to deliver, which
+// records it first.
+func (c *Consumer) claimAhead(ctx context.Context, jobs []*job, outcomes []outcome, dbErr *errOnce) []heldClaim {
+	ahead := make([]heldClaim, len(jobs))
+	if ctx.Err() != nil {
+		return ahead // nothing starts; dispatch leaves every entry pending
+	}
+	var reqs []claimRequest
+	var idx []int
+	for i, j := range jobs {
+		if j == nil {
+			continue
+		}
+		if _, owed := c.unrecorded.Load(j.key); owed {
+			continue
+		}
+		reqs = append(reqs, claimRequest{key: j.key, eventID: j.eventID, token: newToken(c.name)})
+		idx = append(idx, i)
+	}
+	if len(reqs) == 0 {
+		return ahead
+	}
+	asked := time.Now()
+	for n, res := range c.claimEach(context.WithoutCancel(ctx), reqs, c.sends.ClaimAhead) {
+		i := idx[n]
+		if o, ok := claimOutcome(res, dbErr); !ok {
+			outcomes[i], jobs[i] = o, nil
+			continue
+		}
+		ahead[i] = heldClaim{token: reqs[n].token, asked: asked}
+	}
+	return ahead
+}
+
+// releaseUnstarted releases the claims taken ahead of sends that will not
+// start; failing that, they run out with their lease.
+func (c *Consumer) releaseUnstarted(ctx context.Context, reqs []claimRequest) {
+	if len(reqs) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
+	defer cancel()
+	if err := c.sends.ReleaseUnstarted(ctx, reqs); err != nil {
+		c.logger.WarnContext(ctx, "release claims of sends not started; they wait for their lease", slog.Int("count", len(reqs)), slog.Any("error", err))
+	}
 }
 
 func cmpErr(first, next error) error {

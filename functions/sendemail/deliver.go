@@ -79,11 +79,59 @@ func (c *Consumer) prepare(e rueidis.XRangeEntry) (*job, outcome) {
 	return &job{key: key, eventID: eventID, msg: msg}, outcome{}
 }
 
+// heldClaim is a claim taken for a job ahead of its send, together with
+// the other jobs of its batch (see Consumer.claimAhead).
+type heldClaim struct {
+	token string
+	// asked is when the claim statement was about to be sent.
+	asked time.Time
+}
+
+// covers says whether a claim asked for at asked still covers a whole
+// conversation that starts now, and so may be used for it without a round
+// trip.
+//
+// The claim's lease was set from the database's now() when its statement
+// ran, which was after asked; every consumer compares it with the
+// database's clock. So it runs out no earlier than asked + lease, as long
+// as that clock runs no faster than this process's monotonic clock (the
+// same assumption a claim taken right before the send relies on). The
+// conversation ends by now + sendLimit (sendOnce cuts it there). A claim
+// that does not cover it is renewed first, right before the send, and then
+// covers it as a fresh claim would (Validate makes the lease longer than
+// sendLimit). With a lease no longer than one conversation (a setting
+// Validate refuses, but tests use) no claim taken ahead covers one, and
+// every email is claimed right before its send.
+func (c *Consumer) covers(asked time.Time) bool {
+	return time.Since(asked)+c.sendLimit < c.sends.lease
+}
+
+// claimOutcome turns a claim's answer into the outcome of a delivery that
+// cannot go on; ok is true when the claim was taken.
+func claimOutcome(res claimResult, dbErr *errOnce) (o outcome, ok bool) {
+	switch {
+	case res.err != nil && entryFault(res.err):
+		return outcome{kind: outcomeDead, err: res.err}, false
+	case res.err != nil:
+		dbErr.set(res.err)
+		return outcome{kind: outcomeRetry, err: res.err}, false
+	case res.state == alreadySent:
+		return outcome{kind: outcomeDuplicate}, false
+	case res.state == leasedElsewhere:
+		// Not a failure of this email: nothing is counted.
+		return outcome{kind: outcomeRetry, err: errors.New("another claim on this email is still running")}, false
+	}
+	return outcome{}, true
+}
+
 // deliver sees one email through: up to sendAttempts conversations, each
-// right after its own claim. A send the server answered 250 to is sent,
-// whatever fails after; a send whose answer never came keeps its claim, so
-// that it is retried only once the lease has run out.
-func (c *Consumer) deliver(ctx context.Context, j *job, claims *batcher[claimRequest, claimResult], marks *batcher[mark, markResult], dbErr *errOnce) outcome {
+// under a claim that covers it (ahead, the claim taken with its batch, for
+// the first if it still does; otherwise one taken right before it). A send the server
+// answered 250 to is sent, whatever fails after; a send whose answer never
+// came keeps its claim, so that it is retried only once the lease has run
+// out. sent is called once a conversation ended in 250, before the mark:
+// the next send need not wait for this one's commit.
+func (c *Consumer) deliver(ctx context.Context, j *job, ahead heldClaim, claims *batcher[claimRequest, claimResult], marks *batcher[mark, markResult], dbErr *errOnce, sent func()) outcome {
 	if o, ok := c.recordUnrecorded(ctx, j.key); ok {
 		return o
 	}
@@ -99,24 +147,21 @@ func (c *Consumer) deliver(ctx context.Context, j *job, claims *batcher[claimReq
 	dbCtx := context.WithoutCancel(ctx)
 	backoff := retry.WithJitterPercent(20, retry.NewExponential(200*time.Millisecond))
 	for try := 1; ; try++ {
-		token := newToken(c.name)
-		res, _ := claims.do(claimRequest{key: j.key, eventID: j.eventID, token: token})
-		state, err := res.state, res.err
-		switch {
-		case err != nil && entryFault(err):
-			return outcome{kind: outcomeDead, err: err}
-		case err != nil:
-			dbErr.set(err)
-			return outcome{kind: outcomeRetry, err: err}
-		case state == alreadySent:
-			return outcome{kind: outcomeDuplicate}
-		case state == leasedElsewhere:
-			// Not a failure of this email: nothing is counted.
-			return outcome{kind: outcomeRetry, err: errors.New("another claim on this email is still running")}
+		token := ahead.token
+		if try > 1 || token == "" {
+			token = newToken(c.name)
+		}
+		// A renewal (the same token) or a new claim, right before the send.
+		if try > 1 || ahead.token == "" || !c.covers(ahead.asked) {
+			res, _ := claims.do(claimRequest{key: j.key, eventID: j.eventID, token: token})
+			if o, ok := claimOutcome(res, dbErr); !ok {
+				return o
+			}
 		}
 
-		err = c.sendOnce(sendCtx, j.msg)
+		err := c.sendOnce(sendCtx, j.msg)
 		if err == nil {
+			sent()
 			return c.recordSent(dbCtx, j, token, marks)
 		}
 		ambiguous := errors.Is(err, errAmbiguous)

@@ -14,10 +14,12 @@
 //
 // # Sending once
 //
-// Right before each conversation with the mail server, a consumer claims the
-// send by the business fact it represents ("welcome:<user id>") in
-// PostgreSQL, under a token of its own and with a lease longer than the
-// longest conversation. Once the server answered 250 to the message data
+// A consumer claims the send of each email by the business fact it
+// represents ("welcome:<user id>") in PostgreSQL, under a token of its own
+// and with a lease longer than the longest conversation: the emails of a
+// read batch in one statement, and each claim is renewed right before its
+// send if what is left of its lease no longer covers a whole conversation.
+// Once the server answered 250 to the message data
 // the email is sent, whatever fails after, and is marked so before the
 // entry is acknowledged. A redelivered or duplicated event finds the mark
 // and is acknowledged without sending. The one window left is a send whose
@@ -30,6 +32,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"io"
 	"log/slog"
 	"net/http"
 	"os"
@@ -154,8 +157,12 @@ func (s *Service) Stop() { s.bg.Stop() }
 // a triggered pass runs up to SENDEMAIL_DRAIN_TIMEOUT, and the answer needs a moment after it.
 func (s *Service) HandlerTimeout() time.Duration { return s.cfg.DrainTimeout + 5*time.Second }
 
-// Close releases the pool and the Redis client.
+// Close releases the pool, the Redis client and the mail server's
+// connections kept for the next message.
 func (s *Service) Close() {
+	if c, ok := s.consumer.sender.(io.Closer); ok {
+		_ = c.Close()
+	}
 	s.pool.Close()
 	s.redis.Close()
 }

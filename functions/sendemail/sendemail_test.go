@@ -66,10 +66,14 @@ func (b *testBundle) config(mutate ...func(*Config)) Config {
 		Lease:         30 * time.Second,
 		SMTPURL:       b.smtp.URL(),
 		SMTPTimeout:   5 * time.Second,
-		From:          "Example <welcome@example.com>",
-		Subject:       "Welcome, {{.Name}}!",
-		DrainTimeout:  30 * time.Second,
-		Background:    true,
+		// A lease longer than one conversation (20 s), as Validate asks:
+		// the claims taken with a batch are used. Tests that shorten the
+		// lease claim each email right before its send instead.
+		SMTPDataTimeout: 10 * time.Second,
+		From:            "Example <welcome@example.com>",
+		Subject:         "Welcome, {{.Name}}!",
+		DrainTimeout:    30 * time.Second,
+		Background:      true,
 	}
 	for _, m := range mutate {
 		m(&cfg)

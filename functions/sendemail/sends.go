@@ -54,10 +54,27 @@ type claimRequest struct{ key, eventID, token string }
 
 // Claim takes the sends of reqs, each under its own token, in one
 // statement: a key is claimed unless it was sent already or another
-// claim's lease on it is still running. Keys are locked in sorted order,
-// so two consumers claiming overlapping keys cannot deadlock; each key
-// appears once.
+// claim's lease on it is still running. A claim asked for again under the
+// token that holds it is renewed (its lease starts again), whether or not
+// the lease ran out meanwhile: nobody else took it, or the token would be
+// another's. Keys are locked in sorted order, so two consumers claiming
+// overlapping keys cannot deadlock; each key appears once.
+//
+// Claim commits without waiting for its WAL flush, which suits a claim
+// whose send follows at once; ClaimAhead waits for it.
 func (s *Sends) Claim(ctx context.Context, reqs []claimRequest) ([]claimState, error) {
+	return s.claim(ctx, reqs, false)
+}
+
+// ClaimAhead is Claim for claims taken with a batch, ahead of sends that
+// may start a good while later: its commit waits for the WAL flush (one
+// flush for the batch), so that a PostgreSQL crash cannot lose a claim
+// that sends are still to rely on.
+func (s *Sends) ClaimAhead(ctx context.Context, reqs []claimRequest) ([]claimState, error) {
+	return s.claim(ctx, reqs, true)
+}
+
+func (s *Sends) claim(ctx context.Context, reqs []claimRequest, flush bool) ([]claimState, error) {
 	sorted := slices.Clone(reqs)
 	slices.SortFunc(sorted, func(a, b claimRequest) int { return strings.Compare(a.key, b.key) })
 	keys, ids, tokens := make([]string, len(sorted)), make([]string, len(sorted)), make([]string, len(sorted))
@@ -67,27 +84,32 @@ func (s *Sends) Claim(ctx context.Context, reqs []claimRequest) ([]claimState, e
 	// Every part of the statement sees the table as it was before the
 	// INSERT, so "sent" describes the keys that were not claimed.
 	//
-	// The claim commits without waiting for its WAL flush
-	// (synchronous_commit off for this transaction only): it is visible to
-	// every other consumer at once, and the mark that follows it (which
-	// does wait) flushes it too. Only a PostgreSQL crash within the WAL
-	// writer's delay (200 ms) of a claim can lose it; that costs a
+	// Unless flush is set, the claim commits without waiting for its WAL
+	// flush (synchronous_commit off for this transaction only): it is
+	// visible to every other consumer at once, and the mark that follows
+	// it (which does wait) flushes it too. Only a PostgreSQL crash within
+	// the WAL writer's delay (200 ms) of a claim can lose it; that costs a
 	// duplicate only if another consumer then claims the email while its
 	// send is still under way.
+	commit := "off"
+	if flush {
+		commit = "on"
+	}
 	rows, err := s.pool.Query(ctx, `
 		WITH want AS (SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[]) WITH ORDINALITY AS w(key, event_id, token, n)),
 		claimed AS (
 			INSERT INTO email_sends AS s (key, event_id, claimed_by, lease_until)
 			SELECT key, event_id, token, now() + $4::interval FROM want ORDER BY n
 			ON CONFLICT (key) DO UPDATE
-			SET claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until,
-			    event_id = EXCLUDED.event_id, attempts = s.attempts + 1
-			WHERE s.sent_at IS NULL AND coalesce(s.lease_until, '-infinity') < now()
+			SET claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until, event_id = EXCLUDED.event_id,
+			    attempts = s.attempts + CASE WHEN s.claimed_by = EXCLUDED.claimed_by THEN 0 ELSE 1 END
+			WHERE s.sent_at IS NULL
+			  AND (s.claimed_by = EXCLUDED.claimed_by OR coalesce(s.lease_until, '-infinity') < now())
 			RETURNING s.key)
 		SELECT w.key, c.key IS NOT NULL, coalesce(e.sent_at IS NOT NULL, false)
 		FROM want w LEFT JOIN claimed c USING (key) LEFT JOIN email_sends e ON e.key = w.key
-		CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS async`,
-		keys, ids, tokens, s.lease)
+		CROSS JOIN (SELECT set_config('synchronous_commit', $5, true)) AS commit`,
+		keys, ids, tokens, s.lease, commit)
 	if err != nil {
 		return nil, fmt.Errorf("claim %d sends: %w", len(reqs), err)
 	}
@@ -162,6 +184,27 @@ func (s *Sends) Release(ctx context.Context, key, token string) error {
 	if _, err := s.pool.Exec(ctx, `UPDATE email_sends SET lease_until = now()
 		WHERE key = $1 AND claimed_by = $2 AND sent_at IS NULL`, key, token); err != nil {
 		return fmt.Errorf("release send %s: %w", key, err)
+	}
+	return nil
+}
+
+// ReleaseUnstarted gives up claims taken ahead of sends that never
+// started (shutdown, or a database failure stopped the batch), in one
+// statement, so that the emails wait for nobody's lease.
+func (s *Sends) ReleaseUnstarted(ctx context.Context, reqs []claimRequest) error {
+	keys, tokens := make([]string, len(reqs)), make([]string, len(reqs))
+	for i, r := range reqs {
+		keys[i], tokens[i] = r.key, r.token
+	}
+	// Rows are locked in key order, as Claim locks them.
+	if _, err := s.pool.Exec(ctx, `
+		WITH r AS (SELECT * FROM unnest($1::text[], $2::text[]) AS r(key, token)),
+		held AS (SELECT s.key FROM email_sends s JOIN r ON s.key = r.key AND s.claimed_by = r.token
+			WHERE s.sent_at IS NULL ORDER BY s.key FOR UPDATE OF s)
+		UPDATE email_sends AS s SET lease_until = now()
+		FROM r JOIN held USING (key)
+		WHERE s.key = r.key AND s.claimed_by = r.token AND s.sent_at IS NULL`, keys, tokens); err != nil {
+		return fmt.Errorf("release %d unstarted sends: %w", len(reqs), err)
 	}
 	return nil
 }

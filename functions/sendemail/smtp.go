@@ -10,15 +10,16 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	gomail "github.com/wneessen/go-mail"
 	"github.com/wneessen/go-mail/smtp"
 )
 
-// SMTPSender sends over SMTP, one connection per message, with go-mail's
-// protocol client driven step by step so that this file decides the three
-// things that matter for sending once:
+// SMTPSender sends over SMTP with go-mail's protocol client driven step by
+// step, so that this file decides the three things that matter for sending
+// once:
 //
 //   - The message is sent once the server answered 250 to its data.
 //     Whatever fails after that (QUIT, the connection) changes nothing.
@@ -27,6 +28,13 @@ import (
 //     asks for 10 minutes).
 //   - The whole conversation is bounded: every step but that wait shares one
 //     SMTP_TIMEOUT, QUIT gets at most another; see [SMTPSender.Limit].
+//
+// A connection whose last message got its 250 is kept for the next message
+// (RFC 5321 §3.3: after a transaction ends the session is ready for the
+// next MAIL), so that a message costs four exchanges, not eight and a TCP
+// handshake. A kept connection that fails before the message data went out
+// (the server closed it while it was idle, or answers 421) is replaced by a
+// new one within the same conversation: nothing was sent on it.
 //
 // TLS cannot be downgraded: without tls=none in the URL, a server that does
 // not offer STARTTLS gets nothing, and credentials never travel in clear.
@@ -39,7 +47,30 @@ type SMTPSender struct {
 	timeout     time.Duration
 	dataTimeout time.Duration
 	tlsConfig   *tls.Config
+
+	mu   sync.Mutex
+	idle []*smtpConn // most recently used last
 }
+
+// smtpConn is a session ready for MAIL.
+type smtpConn struct {
+	conn     net.Conn // the TCP connection, which carries the deadlines
+	client   *smtp.Client
+	messages int
+	idleFrom time.Time
+}
+
+const (
+	// keepIdle is how long a connection is kept unused: well inside the
+	// 5 minutes RFC 5321 §4.5.3.2.7 asks a server to wait for a command,
+	// and short enough not to hold a server's slots long after a burst.
+	keepIdle = 30 * time.Second
+	// keepMessages is how many messages one connection carries before it
+	// is closed: servers limit it, and answer 421 or 452 past their limit.
+	keepMessages = 100
+	// keepConns bounds the connections kept idle.
+	keepConns = 64
+)
 
 // ParseSMTPURL checks an SMTP_URL: smtp://[user:pass@]host[:port][?tls=none|required]
 // or smtps://[user:pass@]host[:port]. tls=required is the default; tls=none
@@ -120,88 +151,192 @@ func (s *SMTPSender) Send(ctx context.Context, msg *gomail.Msg) error {
 	if err != nil {
 		return fmt.Errorf("%w: recipients: %v", errPermanent, err)
 	}
-	start := time.Now()
-	stepsBy := start.Add(s.timeout)
+	stepsBy := time.Now().Add(s.timeout)
+	if sc := s.take(); sc != nil {
+		err, fresh := s.transact(ctx, sc, stepsBy, msg, from, rcpts)
+		if !fresh {
+			return err
+		}
+		// The kept connection failed before the data went out.
+	}
+	sc, err := s.dial(ctx, stepsBy)
+	if err != nil {
+		return err
+	}
+	err, _ = s.transact(ctx, sc, stepsBy, msg, from, rcpts)
+	return err
+}
+
+// take returns a kept connection, or nil.
+func (s *SMTPSender) take() *smtpConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for len(s.idle) > 0 {
+		sc := s.idle[len(s.idle)-1]
+		s.idle = s.idle[:len(s.idle)-1]
+		if time.Since(sc.idleFrom) < keepIdle {
+			return sc
+		}
+		_ = sc.conn.Close()
+	}
+	return nil
+}
+
+// keep puts a connection whose last message got its 250 back for the next
+// message, or says goodbye to it.
+func (s *SMTPSender) keep(sc *smtpConn, quitBy time.Time) {
+	sc.messages++
+	sc.idleFrom = time.Now()
+	s.mu.Lock()
+	if sc.messages < keepMessages && len(s.idle) < keepConns {
+		s.idle = append(s.idle, sc)
+		s.mu.Unlock()
+		return
+	}
+	s.mu.Unlock()
+	_ = sc.conn.SetDeadline(quitBy)
+	_ = sc.client.Quit()
+	_ = sc.conn.Close()
+}
+
+// Close says goodbye to the kept connections, within a second in all.
+func (s *SMTPSender) Close() error {
+	s.mu.Lock()
+	idle := s.idle
+	s.idle = nil
+	s.mu.Unlock()
+	by := time.Now().Add(time.Second)
+	for _, sc := range idle {
+		_ = sc.conn.SetDeadline(by)
+		_ = sc.client.Quit()
+		_ = sc.conn.Close()
+	}
+	return nil
+}
+
+// dial opens a session up to the point of MAIL: connect, TLS, EHLO, AUTH,
+// all by stepsBy.
+func (s *SMTPSender) dial(ctx context.Context, stepsBy time.Time) (*smtpConn, error) {
 	dialer := net.Dialer{Deadline: stepsBy}
 	conn, err := dialer.DialContext(ctx, "tcp", s.addr)
 	if err != nil {
-		return fmt.Errorf("smtp connect %s: %w", s.addr, err)
+		return nil, fmt.Errorf("smtp connect %s: %w", s.addr, err)
 	}
-	// Every deadline is set on the TCP connection (TLS passes it down); a
-	// cancelled ctx closes it.
-	defer conn.Close() //nolint:errcheck // the answer that mattered came earlier
+	ok := false
+	defer func() {
+		if !ok {
+			_ = conn.Close()
+		}
+	}()
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
-	setDeadline := func(t time.Time) error {
-		if err := conn.SetDeadline(t); err != nil {
-			return fmt.Errorf("smtp: %w", err)
-		}
-		if ctx.Err() != nil { // cancelled before this deadline replaced the cut
-			_ = conn.SetDeadline(time.Unix(1, 0))
-		}
-		return nil
-	}
-	if err := setDeadline(stepsBy); err != nil {
-		return err
+	if err := setDeadline(ctx, conn, stepsBy); err != nil {
+		return nil, err
 	}
 	var c net.Conn = conn
 	if s.implicitTLS {
 		tc := tls.Client(conn, s.tlsConfig)
 		if err := tc.HandshakeContext(ctx); err != nil {
-			return fmt.Errorf("smtp tls handshake: %w", err)
+			return nil, fmt.Errorf("smtp tls handshake: %w", err)
 		}
 		c = tc
 	}
 	client, err := smtp.NewClient(c, s.host)
 	if err != nil {
-		return classify("greeting", err)
+		return nil, classify("greeting", err)
 	}
 	if err := client.Hello("localhost"); err != nil {
-		return classify("EHLO", err)
+		return nil, classify("EHLO", err)
 	}
 	if !s.implicitTLS && !s.plain {
 		if ok, _ := client.Extension("STARTTLS"); !ok {
 			// A man in the middle strips STARTTLS: send nothing.
-			return errors.New("smtp: the server does not offer STARTTLS and SMTP_URL does not say tls=none; nothing was sent")
+			return nil, errors.New("smtp: the server does not offer STARTTLS and SMTP_URL does not say tls=none; nothing was sent")
 		}
 		if err := client.StartTLS(s.tlsConfig); err != nil {
-			return classify("STARTTLS", err)
+			return nil, classify("STARTTLS", err)
 		}
 	}
 	if s.user != "" {
 		if err := client.Auth(s.auth(client)); err != nil {
-			return classify("AUTH", err)
+			return nil, classify("AUTH", err)
 		}
 	}
-	if err := client.Mail(from); err != nil {
-		return classify("MAIL FROM", err)
+	ok = true
+	return &smtpConn{conn: conn, client: client}, nil
+}
+
+// transact sends msg on sc, whose session is ready for MAIL, and keeps sc
+// for the next message if the server answered 250 to the data; otherwise sc
+// is closed. retry is true when sc was a kept one that failed before any of
+// the message went out (a broken connection, or 421: the server closes
+// it), so that a new connection may carry the message instead.
+func (s *SMTPSender) transact(ctx context.Context, sc *smtpConn, stepsBy time.Time, msg *gomail.Msg, from string, rcpts []string) (err error, retry bool) {
+	kept := sc.messages > 0
+	accepted := false
+	stop := context.AfterFunc(ctx, func() { _ = sc.conn.SetDeadline(time.Unix(1, 0)) })
+	defer func() {
+		// A connection whose cut may have fired is never kept.
+		if stop() && accepted && ctx.Err() == nil {
+			s.keep(sc, time.Now().Add(s.timeout))
+			return
+		}
+		if accepted {
+			// 250: sent. QUIT is a courtesy.
+			_ = setDeadline(ctx, sc.conn, time.Now().Add(s.timeout))
+			_ = sc.client.Quit()
+		}
+		_ = sc.conn.Close()
+	}()
+	before := func(step string, err error, classify func(string, error) error) (error, bool) {
+		var tpErr *textproto.Error
+		if kept && (!errors.As(err, &tpErr) || tpErr.Code == 421) && ctx.Err() == nil && time.Now().Before(stepsBy) {
+			return fmt.Errorf("smtp %s on a kept connection: %w", step, err), true
+		}
+		return classify(step, err), false
+	}
+	if err := setDeadline(ctx, sc.conn, stepsBy); err != nil {
+		return err, false
+	}
+	if err := sc.client.Mail(from); err != nil {
+		return before("MAIL FROM", err, classify)
 	}
 	for _, r := range rcpts {
-		if err := client.Rcpt(r); err != nil {
-			return permanentIf5xx("RCPT TO", err)
+		if err := sc.client.Rcpt(r); err != nil {
+			return before("RCPT TO", err, permanentIf5xx)
 		}
 	}
-	w, err := client.Data()
+	w, err := sc.client.Data()
 	if err != nil {
-		return permanentIf5xx("DATA", err)
+		return before("DATA", err, permanentIf5xx)
 	}
 	if _, err := msg.WriteTo(w); err != nil {
 		// The final dot never went out: the server discards what it got.
-		return fmt.Errorf("smtp write data: %w", err)
+		return fmt.Errorf("smtp write data: %w", err), false
 	}
-	if err := setDeadline(time.Now().Add(s.dataTimeout)); err != nil {
-		return err
+	if err := setDeadline(ctx, sc.conn, time.Now().Add(s.dataTimeout)); err != nil {
+		return err, false
 	}
 	if err := w.Close(); err != nil {
 		var tpErr *textproto.Error
 		if errors.As(err, &tpErr) {
-			return permanentIf5xx("end of data", err)
+			return permanentIf5xx("end of data", err), false
 		}
-		return fmt.Errorf("%w: %v", errAmbiguous, err)
+		return fmt.Errorf("%w: %v", errAmbiguous, err), false
 	}
-	// 250: sent. QUIT is a courtesy.
-	_ = setDeadline(time.Now().Add(s.timeout))
-	_ = client.Quit()
+	accepted = true
+	return nil, false
+}
+
+// setDeadline sets every deadline of conn (TLS passes them down), unless
+// ctx was cancelled before it replaced the cut.
+func setDeadline(ctx context.Context, conn net.Conn, t time.Time) error {
+	if err := conn.SetDeadline(t); err != nil {
+		return fmt.Errorf("smtp: %w", err)
+	}
+	if ctx.Err() != nil {
+		_ = conn.SetDeadline(time.Unix(1, 0))
+	}
 	return nil
 }
 

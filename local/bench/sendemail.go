@@ -26,12 +26,16 @@ type noopSender struct{}
 
 func (noopSender) Send(context.Context, *gomail.Msg) error { return nil }
 
+// sendemailConfig is sendemail's defaults but for the batch's pace: the
+// lease and SMTP timeouts are the service's own, which Validate accepts
+// (the lease outlasts one whole conversation), so that the claims taken
+// with a batch are used as a deployed service uses them.
 func sendemailConfig(e *env, prefix, smtpURL string) sendemail.Config {
 	return sendemail.Config{
 		Config: quiet, DatabaseURL: e.dbURL, DBMaxConns: 8, RedisURL: redistest.URL(), StreamPrefix: prefix,
 		Group: "sendemail", BatchSize: 64, Concurrency: 8, Block: time.Second, ClaimIdle: time.Minute,
-		ClaimInterval: 15 * time.Second, MaxDeliveries: 5, SendAttempts: 3, Lease: 45 * time.Second,
-		SMTPURL: smtpURL, SMTPTimeout: 10 * time.Second, From: "Bench <welcome@example.com>",
+		ClaimInterval: 15 * time.Second, MaxDeliveries: 5, SendAttempts: 3, Lease: 15 * time.Minute,
+		SMTPURL: smtpURL, SMTPTimeout: 10 * time.Second, SMTPDataTimeout: 10 * time.Minute, From: "Bench <welcome@example.com>",
 		Subject: "Welcome, {{.Name}}!", DrainTimeout: time.Hour, Background: true,
 	}
 }
@@ -149,9 +153,9 @@ func benchSendEmail(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 	e.logf("end to end: %d emails, p50 %.2f ms, p99 %.2f ms", len(lat), ms(percentile(lat, 50)), ms(percentile(lat, 99)))
 	return []Figure{
 		compare("sendemail, no-op sender", noopRate, "entries/s", "bare XREADGROUP+XACK", bareRate).
-			note("each entry: a send claim and a mark in PostgreSQL"),
+			note("each batch: one claim statement; marks group-committed"),
 		compare("sendemail through a local SMTP server", smtpRate, "entries/s", "no-op sender", noopRate).
-			note("one SMTP connection per email"),
+			note("connections kept between emails"),
 		Figure{Name: fmt.Sprintf("end to end 201 -> email accepted p50 at %d/s", s.E2ERate), Value: ms(percentile(lat, 50)), Unit: "ms"},
 		Figure{Name: fmt.Sprintf("end to end 201 -> email accepted p99 at %d/s", s.E2ERate), Value: ms(percentile(lat, 99)), Unit: "ms"},
 	}, nil
