@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -133,6 +134,26 @@ func (c *Consumer) EnsureGroup(ctx context.Context) error {
 	return nil
 }
 
+// checkGroup notices a reply saying that the stream or the group is gone:
+// Redis lost data (restarted without persistence, flushed, the stream
+// deleted). The group is then created again, at the start of whatever the
+// stream holds, by the next EnsureGroup: entries the relay publishes again
+// are read, and the send records make those already emailed no-ops. It
+// returns err.
+func (c *Consumer) checkGroup(ctx context.Context, err error) error {
+	if re, ok := rueidis.IsRedisErr(err); !ok || !strings.HasPrefix(re.Error(), "NOGROUP") {
+		return err
+	}
+	c.groupOnce.Lock()
+	defer c.groupOnce.Unlock()
+	if c.groupOK {
+		c.groupOK = false
+		c.logger.WarnContext(ctx, "the consumer group is gone (Redis lost data, or the stream was deleted); creating it again",
+			slog.String("stream", c.stream), slog.String("group", c.group))
+	}
+	return err
+}
+
 // read runs XREADGROUP from id (">" for new entries, an id for this
 // consumer's own pending ones), blocking up to block when it is positive.
 func (c *Consumer) read(ctx context.Context, id string, block time.Duration) ([]rueidis.XRangeEntry, error) {
@@ -151,7 +172,7 @@ func (c *Consumer) read(ctx context.Context, id string, block time.Duration) ([]
 		return nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", c.stream, err)
+		return nil, fmt.Errorf("read %s: %w", c.stream, c.checkGroup(ctx, err))
 	}
 	return res[c.stream], nil
 }
@@ -163,7 +184,7 @@ func (c *Consumer) claim(ctx context.Context, cursor string) (next string, entri
 	reply, err := c.client.Do(ctx, c.client.B().Xautoclaim().Key(c.stream).Group(c.group).Consumer(c.name).
 		MinIdleTime(strconv.FormatInt(c.claimIdle.Milliseconds(), 10)).Start(cursor).Count(c.batchSize).Build()).ToArray()
 	if err != nil {
-		return "", nil, 0, fmt.Errorf("claim idle entries of %s: %w", c.stream, err)
+		return "", nil, 0, fmt.Errorf("claim idle entries of %s: %w", c.stream, c.checkGroup(ctx, err))
 	}
 	if len(reply) < 2 {
 		return "", nil, 0, fmt.Errorf("claim idle entries of %s: short reply", c.stream)
@@ -315,7 +336,7 @@ dispatch:
 	}
 	if len(ack) > 0 {
 		if err := c.client.Do(ctx, c.client.B().Xack().Key(c.stream).Group(c.group).Id(ack...).Build()).Error(); err != nil {
-			firstErr = cmpErr(firstErr, fmt.Errorf("acknowledge %d entries: %w", len(ack), err))
+			firstErr = cmpErr(firstErr, fmt.Errorf("acknowledge %d entries: %w", len(ack), c.checkGroup(ctx, err)))
 		}
 	}
 	return stats, firstErr
@@ -431,6 +452,12 @@ func (c *Consumer) Run(ctx context.Context, claimInterval time.Duration) {
 		}
 	})
 	for ctx.Err() == nil {
+		if err := c.EnsureGroup(ctx); err != nil {
+			if !health.failed(ctx, c.logger, err) {
+				return
+			}
+			continue
+		}
 		if health.failing() {
 			// Every entry read raises its delivery count: read none until
 			// the send records can be reached again.

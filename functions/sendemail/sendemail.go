@@ -172,6 +172,9 @@ func (s *Service) Health(ctx context.Context) serve.Health {
 	h := serve.Check(ctx, map[string]func(context.Context) error{
 		"postgres": s.pool.Ping,
 		"redis":    func(ctx context.Context) error { return stream.Ping(ctx, s.redis) },
+		// The group exists, or is created now: a Redis that lost it is not
+		// healthy until the group is back.
+		"group": s.consumer.EnsureGroup,
 	})
 	h.Details = map[string]any{"consumer": s.consumer.name, "stream": s.consumer.stream, "group": s.consumer.group}
 	return h

@@ -1,0 +1,88 @@
+package sendemail
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outboxfn/outbox/shared/redistest"
+	"github.com/outboxfn/outbox/shared/stream"
+)
+
+// A Redis that forgets (restarted without persistence, flushed, its stream
+// deleted) takes the consumer group with it. sendemail must create the
+// group again by itself and go on, not answer NOGROUP until restarted.
+func TestTheConsumerGroupIsCreatedAgainWhenRedisForgetsIt(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	tests := []struct {
+		name   string
+		forget func(t *testing.T, b *testBundle, server *redistest.Server)
+	}{
+		{"after a restart without persistence", func(t *testing.T, b *testBundle, server *redistest.Server) {
+			server.Stop()
+			server.Start()
+		}},
+		{"after the stream was deleted", func(t *testing.T, b *testBundle, server *redistest.Server) {
+			require.NoError(t, b.redis.Do(ctx, b.redis.B().Del().Key(b.stream).Build()).Error())
+		}},
+	}
+	for _, tt := range tests {
+		for _, mode := range []string{"background loop", "trigger"} {
+			t.Run(tt.name+", "+mode, func(t *testing.T) {
+				t.Parallel()
+				server := redistest.StartServer(t)
+				b := setup(t)
+				client, err := stream.NewClient(server.URL())
+				require.NoError(t, err)
+				t.Cleanup(client.Close)
+				b.redis = client
+				s := b.service(t, func(c *Config) { c.RedisURL = server.URL(); c.Background = mode == "background loop" })
+				if mode == "background loop" {
+					require.NoError(t, s.Start(ctx))
+				}
+				send := func(id int64, email string) {
+					b.add(t, id, email, "A")
+					if mode == "trigger" {
+						rec := httptest.NewRecorder()
+						s.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/", nil))
+						require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+					}
+				}
+				require.NoError(t, s.consumer.EnsureGroup(ctx))
+				send(1, "one@example.com")
+				b.smtp.WaitFor(t, 1, 5*time.Second)
+
+				tt.forget(t, b, server)
+				// The relay publishes again (issue 12 makes it replay what Redis
+				// lost); the consumer must read it without a restart.
+				published := false
+				for deadline := time.Now().Add(10 * time.Second); b.smtp.Count() < 2 && time.Now().Before(deadline); {
+					if !published {
+						e := stream.Event{EventID: "00000000-0000-4000-8000-000000000002", EventType: "user.created",
+							AggregateType: "user", AggregateID: "2", OccurredAt: time.Now(),
+							Payload: `{"user_id": 2, "email": "two@example.com", "name": "B"}`}
+						cmd := b.redis.B().Xadd().Key(b.stream).Id("*").FieldValue()
+						f := e.Fields()
+						for i := 0; i+1 < len(f); i += 2 {
+							cmd = cmd.FieldValue(f[i], f[i+1])
+						}
+						published = b.redis.Do(ctx, cmd.Build()).Error() == nil
+					}
+					if mode == "trigger" {
+						s.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(http.MethodPost, "/", nil))
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
+				assert.Equal(t, 2, b.smtp.Count(), "the email after Redis forgot was not sent")
+				h := s.Health(ctx)
+				assert.True(t, h.OK, "health after recovery: %+v", h)
+			})
+		}
+	}
+}
