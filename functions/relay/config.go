@@ -13,9 +13,10 @@ type Config struct {
 	// DatabaseURL must reach PostgreSQL directly: LISTEN and the relay's
 	// session-level advisory locks do not survive a transaction pooler.
 	DatabaseURL string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" desc:"PostgreSQL connection URL. The relay needs a direct connection (not PgBouncer in transaction mode) for LISTEN and its advisory locks. Default the local server."`
-	// DBMaxConns caps the pool: the drainer holds one connection while it
-	// drains, the HTTP trigger and health checks use others.
-	DBMaxConns int32 `envconfig:"DB_MAX_CONNS" default:"4" desc:"Largest number of pooled PostgreSQL connections, besides the one LISTEN connection. Default 4."`
+	// DBMaxConns caps the pool: a drain holds two connections (its own and
+	// the batch claimed ahead) and needs a third beside them when it takes
+	// over the streams; health checks and the backlog use what is left.
+	DBMaxConns int32 `envconfig:"DB_MAX_CONNS" default:"4" desc:"Largest number of pooled PostgreSQL connections, besides the one LISTEN connection; at least 3 (a drain uses two, and a third beside them when it starts). Default 4."`
 	// RedisURL is the Redis the streams live in.
 	RedisURL string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). Default the local server."`
 	// StreamPrefix is prepended to the aggregate type to name a stream.
@@ -53,8 +54,8 @@ func (c Config) Validate() error {
 		return err
 	}
 	switch {
-	case c.DBMaxConns < 2:
-		return fmt.Errorf("DB_MAX_CONNS must be at least 2 for the relay, not %d", c.DBMaxConns)
+	case c.DBMaxConns < 3:
+		return fmt.Errorf("DB_MAX_CONNS must be at least 3 for the relay, not %d", c.DBMaxConns)
 	case c.BatchSize < 1 || c.BatchSize > 10000:
 		return fmt.Errorf("RELAY_BATCH_SIZE must be between 1 and 10000, not %d", c.BatchSize)
 	case c.PollInterval < 10*time.Millisecond:

@@ -15,8 +15,10 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// The relay's two advisory locks, keyed by hashtext of a name so that they
-// are easy to find in pg_locks (objid holds the key) and to document:
+// The relay's three advisory locks, keyed by hashtext of a name so that
+// they are easy to document and to find in pg_locks: as one bigint key,
+// classid holds its high 32 bits and objid its low ones, so match them with
+// objid::int = hashtext('…').
 //
 //   - drainLock is held, at session level, by the one relay that drains. It
 //     keeps stream order equal to claim order when several relays run.
@@ -27,7 +29,10 @@ import (
 //     that has just taken the drain lock waits for it exclusively: the
 //     session that held the drain lock may be gone while the batch it
 //     claimed ahead, on another connection, is still open, and claiming
-//     past that batch's locked rows would publish later rows first.
+//     past that batch's locked rows would publish later rows first. A batch
+//     claimed ahead checks, holding the claim lock, that its drain session
+//     still holds the drain lock, so that one claimed late cannot slip in
+//     after a new drainer has started either.
 const (
 	drainLock = "hashtext('outbox.relay.drain')"
 	busyLock  = "hashtext('outbox.relay.busy')"
@@ -513,6 +518,14 @@ func (c *claimed) rollback(ctx context.Context) {
 	}
 }
 
+// drainLockHeldSQL fails (division by zero) unless the session with pid $1
+// holds the drain lock.
+const drainLockHeldSQL = `SELECT 1 / count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND pid = $1::int
+  AND objid::bigint = (` + drainLock + `::bigint & 4294967295)
+  AND classid::bigint = (` + drainLock + `::bigint >> 32 & 4294967295)
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`
+
 // claim begins a transaction on connection slot (acquiring it from the pool
 // the first time) and claims up to batchSize rows, sorted by id.
 func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) (*claimed, error) {
@@ -530,9 +543,12 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) 
 	b := &pgx.Batch{}
 	b.Queue("BEGIN")
 	b.Queue("SELECT pg_advisory_xact_lock_shared(" + claimLock + ")")
+	if slot != 0 {
+		b.Queue(drainLockHeldSQL, conns[0].Conn().PgConn().PID())
+	}
 	b.Queue(claimSQL, d.batchSize)
 	results := c.conn.SendBatch(ctx, b)
-	for range 2 {
+	for range b.Len() - 1 {
 		if _, err := results.Exec(); err != nil {
 			results.Close()
 			c.rollback(ctx)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -197,6 +198,11 @@ func (s *session) takeOver(ctx context.Context, exist rowsExist) error {
 	found := make(map[string]struct{})
 	for name, n := range byStream {
 		entries, err := c.Do(ctx, c.B().Xrevrange().Key(name).End("+").Start("-").Count(int64(n+verifyTail)).Build()).AsXRange()
+		if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "WRONGTYPE") {
+			// A key of another type holds the name: no XADD landed there,
+			// and the events go to outbox_dead when claimed again.
+			continue
+		}
 		if err != nil && !rueidis.IsRedisNil(err) {
 			return fmt.Errorf("find in-flight events in %s: %w", name, err)
 		}

@@ -5,10 +5,12 @@
 // # Guarantees
 //
 // Every committed outbox row reaches its stream (<prefix><aggregate type>) at
-// least once, in outbox id order, and the relay suppresses its own
-// re-publications (see [Publisher]). One relay drains at a time, holding an
-// advisory lock; other instances wait for it and take over when its
-// connection dies.
+// least once, or the outbox_dead table when Redis refuses it, and the relay
+// suppresses its own re-publications (see [Publisher]). Entries are in id
+// order within a batch and in claim order across batches (see [Drainer.Drain]
+// and the README for what that means per aggregate). One relay drains at a
+// time, holding an advisory lock; other instances wait for it and take over
+// when its session ends.
 //
 // # Invocation
 //
@@ -375,11 +377,12 @@ const triggerWatch = time.Second
 // up to triggerWatch (and never past stopBy) for one of them to end, and
 // drains again.
 func (s *Service) drainAfterWriters(ctx context.Context, res *Result, stopBy time.Time) error {
-	if len(res.Writers) == 0 {
+	if s.looping.Load() && (len(res.Writers) > 0 || !res.Complete) {
+		// The loop's next drain takes over what is left, and the writers.
+		s.ring()
 		return nil
 	}
-	if s.looping.Load() {
-		s.ring()
+	if len(res.Writers) == 0 {
 		return nil
 	}
 	until := time.Now().Add(triggerWatch)

@@ -153,8 +153,10 @@ func benchSendEmail(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 	e.logf("end to end: %d emails, p50 %.2f ms, p99 %.2f ms", len(lat), ms(percentile(lat, 50)), ms(percentile(lat, 99)))
 	return []Figure{
 		compare("sendemail, no-op sender", noopRate, "entries/s", "bare XREADGROUP+XACK", bareRate).
+			target("ratio >= 0.03", noopRate/bareRate >= 0.03).
 			note("each batch: one claim statement; marks group-committed"),
 		compare("sendemail through a local SMTP server", smtpRate, "entries/s", "no-op sender", noopRate).
+			target("ratio >= 0.45", smtpRate/noopRate >= 0.45).
 			note("connections kept between emails"),
 		Figure{Name: fmt.Sprintf("end to end 201 -> email accepted p50 at %d/s", s.E2ERate), Value: ms(percentile(lat, 50)), Unit: "ms"},
 		Figure{Name: fmt.Sprintf("end to end 201 -> email accepted p99 at %d/s", s.E2ERate), Value: ms(percentile(lat, 99)), Unit: "ms"},

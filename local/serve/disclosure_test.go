@@ -55,11 +55,11 @@ func TestHealthDisclosesNothing(t *testing.T) {
 
 	cu, err := createuser.New(ctx, createuser.Config{Config: lc, DatabaseURL: dbURL, DBMaxConns: 2, RequestTimeout: time.Second}, logger)
 	require.NoError(t, err)
-	rl, err := relay.New(ctx, relay.Config{Config: lc, DatabaseURL: dbURL, DBMaxConns: 2, RedisURL: redisURL,
+	rl, err := relay.New(ctx, relay.Config{Config: lc, DatabaseURL: dbURL, DBMaxConns: 3, RedisURL: redisURL,
 		StreamPrefix: "outbox:", BatchSize: 10, PollInterval: time.Hour, DedupeWindow: time.Hour,
 		DrainTimeout: time.Second, ReconnectDelay: time.Second}, logger)
 	require.NoError(t, err)
-	se, err := sendemail.New(ctx, sendemail.Config{Config: lc, DatabaseURL: dbURL, DBMaxConns: 2, RedisURL: redisURL,
+	se, err := sendemail.New(ctx, sendemail.Config{Config: lc, DatabaseURL: dbURL, DBMaxConns: 3, RedisURL: redisURL,
 		StreamPrefix: "outbox:", Group: "sendemail", ConsumerName: "host-db7.internal-1234", BatchSize: 16, Concurrency: 1,
 		Block: 100 * time.Millisecond, ClaimIdle: time.Minute, ClaimInterval: time.Minute, MaxDeliveries: 5, SendAttempts: 1,
 		Lease: 30 * time.Second, SMTPURL: smtpURL, SMTPTimeout: time.Second, From: "Example <welcome@example.com>",
