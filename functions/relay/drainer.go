@@ -103,6 +103,10 @@ type Result struct {
 	Dead int `json:"dead"`
 	// Batches counts transactions that claimed at least one row.
 	Batches int `json:"batches"`
+	// Unreplicated counts batches that fewer replicas than
+	// RELAY_REDIS_WAIT_REPLICAS acknowledged in time; they were committed
+	// anyway, and a failover may drop them.
+	Unreplicated int `json:"unreplicated_batches,omitempty"`
 	// Complete is false when the drain stopped at its deadline with rows
 	// possibly left.
 	Complete bool `json:"complete"`
@@ -117,6 +121,7 @@ func (r *Result) add(o Result) {
 	r.Duplicates += o.Duplicates
 	r.Dead += o.Dead
 	r.Batches += o.Batches
+	r.Unreplicated += o.Unreplicated
 	r.Complete, r.Writers = o.Complete, o.Writers
 }
 
@@ -632,6 +637,9 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 	}
 	sess.committed(cur.rows)
 	res.Batches++
+	if p.unreplicated {
+		res.Unreplicated++
+	}
 	res.Relayed += p.added
 	res.Dead += len(p.refused)
 	res.Duplicates += len(cur.rows) - p.added - len(p.refused)

@@ -15,6 +15,7 @@ import (
 	"github.com/outboxfn/outbox/shared/config"
 	"github.com/outboxfn/outbox/shared/outbox"
 	"github.com/outboxfn/outbox/shared/pgtest"
+	"github.com/outboxfn/outbox/shared/redistest"
 	"github.com/outboxfn/outbox/shared/stream"
 )
 
@@ -276,4 +277,37 @@ func TestTheRelayTrimsWhatEveryGroupAcknowledged(t *testing.T) {
 			assert.Contains(t, e.Payload, fmt.Sprintf(`"seq": %d`, 4+i))
 		}
 	})
+}
+
+func TestABatchWaitsForAReplicaWhenAsked(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	b := setup(t)
+	primary := redistest.StartServer(t)
+	replica := redistest.StartReplica(t, primary)
+	onReplica, err := stream.NewClient(replica.URL())
+	require.NoError(t, err)
+	t.Cleanup(onReplica.Close)
+	s := b.relay(t, func(c *Config) {
+		c.RedisURL, c.WaitReplicas, c.WaitTimeout = primary.URL(), 1, 200*time.Millisecond
+	})
+	replicated := func() int64 {
+		n, err := onReplica.Do(ctx, onReplica.B().Xlen().Key(stream.Name(b.prefix, "user")).Build()).AsInt64()
+		require.NoError(t, err)
+		return n
+	}
+
+	b.insert(t, "user", "a", 1, 50)
+	res, err := s.Drain(ctx, time.Now().Add(5*time.Second))
+	require.NoError(t, err)
+	assert.Zero(t, res.Unreplicated)
+	assert.Equal(t, int64(50), replicated(), "when the drain returns, the replica has every entry")
+
+	replica.Pause()
+	b.insert(t, "user", "a", 51, 5)
+	res, err = s.Drain(ctx, time.Now().Add(5*time.Second))
+	replica.Resume()
+	require.NoError(t, err, "a replica that does not answer delays a batch, it does not stop the relay")
+	assert.Equal(t, 1, res.Unreplicated, "the batch no replica confirmed is counted")
+	assert.Equal(t, 0, b.outboxCount(t))
 }

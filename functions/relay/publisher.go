@@ -61,6 +61,10 @@ type Publisher struct {
 	epochKey  string
 	markerKey string
 	window    time.Duration
+	// waitReplicas, when positive, is how many replicas must acknowledge a
+	// batch (WAIT) before its rows are deleted, waiting up to waitTimeout.
+	waitReplicas int64
+	waitTimeout  time.Duration
 	// timeout bounds each round trip; rueidis retries reads until the
 	// context ends, which must not be the caller's whole deadline.
 	timeout time.Duration
@@ -229,6 +233,9 @@ func (s *session) close() {
 type published struct {
 	// added counts the events added to a stream.
 	added int
+	// unreplicated is set when fewer replicas than asked for acknowledged
+	// the batch within the wait.
+	unreplicated bool
 	// refused maps the index of each event that could not be published to
 	// the reason: its aggregate type names no valid stream, or Redis
 	// refused its XADD. Its row belongs in outbox_dead.
@@ -273,15 +280,20 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 		cmds = append(cmds, c.B().Set().Key(p.markerKey).Value(rueidis.BinaryString(s.marker())).
 			Px(p.window).Build())
 	}
+	queued := len(cmds) - 1 // commands inside the MULTI
+	cmds = append(cmds, c.B().Exec().Build())
+	exec := len(cmds) - 1
+	if p.waitReplicas > 0 {
+		// Before the rows are deleted, the batch should be on a replica
+		// too: a failover then cannot drop it.
+		cmds = append(cmds, c.B().Wait().Numreplicas(p.waitReplicas).Timeout(p.waitTimeout.Milliseconds()).Build())
+	}
 	// The next batch's WATCH rides along with this one's EXEC.
-	cmds = append(cmds, c.B().Exec().Build(),
-		c.B().Watch().Key(p.epochKey).Build(),
-		c.B().Get().Key(p.epochKey).Build())
+	cmds = append(cmds, c.B().Watch().Key(p.epochKey).Build(), c.B().Get().Key(p.epochKey).Build())
 	s.cmds, s.sent = cmds[:0], sent
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	results := c.DoMulti(ctx, cmds...)
-	exec := len(results) - 3
 	for i, r := range results {
 		if err := r.Error(); err != nil && !(i == exec && rueidis.IsRedisNil(err)) {
 			return res, s.fail(fmt.Errorf("publish batch: %w", err))
@@ -294,8 +306,8 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	if err != nil {
 		return res, s.fail(fmt.Errorf("publish batch: read EXEC reply: %w", err))
 	}
-	if want := len(cmds) - 4; len(replies) != want { // all but MULTI, EXEC, WATCH, GET
-		return res, s.fail(fmt.Errorf("publish batch: EXEC answered %d replies for %d commands", len(replies), want))
+	if len(replies) != queued {
+		return res, s.fail(fmt.Errorf("publish batch: EXEC answered %d replies for %d commands", len(replies), queued))
 	}
 	// A runtime error fails only its own command: an XADD refused (a key
 	// of another type holds the stream's name) is skipped, the rest ran.
@@ -311,6 +323,10 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 		if err := r.Error(); err != nil {
 			return res, s.fail(fmt.Errorf("publish batch: write in-flight marker: %w", err))
 		}
+	}
+	if p.waitReplicas > 0 {
+		acked, _ := results[exec+1].AsInt64()
+		res.unreplicated = acked < p.waitReplicas
 	}
 	if current, _ := results[len(results)-1].ToString(); current != s.epoch {
 		s.err = fmt.Errorf("publish batch: %w", ErrSuperseded)

@@ -88,6 +88,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 		return nil, err
 	}
 	publisher := NewPublisher(client, cfg.StreamPrefix, cfg.DedupeWindow)
+	publisher.waitReplicas, publisher.waitTimeout = int64(cfg.WaitReplicas), cfg.WaitTimeout
 	// A relay waiting for another's drain lock gives up after a poll
 	// interval and tries again on its next wake-up.
 	drainer := NewDrainer(pool, publisher, cfg.BatchSize, cfg.PollInterval, logger)
@@ -200,6 +201,10 @@ func (s *Service) run(ctx context.Context) {
 		if failing != nil {
 			s.logger.InfoContext(ctx, "relay recovered", slog.Duration("after", time.Since(failingSince)))
 			failing = nil
+		}
+		if res.Unreplicated > 0 {
+			s.logger.WarnContext(ctx, "batches committed without the replicas' confirmation; a Redis failover now could drop them",
+				slog.Int("batches", res.Unreplicated), slog.Int("replicas_asked", s.cfg.WaitReplicas))
 		}
 		if res.Batches > 0 {
 			s.logger.DebugContext(ctx, "drained",

@@ -100,6 +100,8 @@ type Settings struct {
 	// IdleBaseline and IdleDuration are how long the idle relay's CPU is
 	// measured alone and with transactions held open.
 	IdleBaseline time.Duration `json:"idle_baseline"`
+	// WaitBacklog is the backlog drained with and without WAIT.
+	WaitBacklog  int           `json:"wait_backlog"`
 	IdleDuration time.Duration `json:"idle_duration"`
 }
 
@@ -111,6 +113,7 @@ var fullSettings = Settings{
 	E2ERate: 50, E2EDuration: 5 * time.Second,
 	RSSBacklogs:  []int{250_000, 1_000_000},
 	IdleBaseline: 10 * time.Second, IdleDuration: 60 * time.Second,
+	WaitBacklog: 100_000,
 }
 
 var smokeSettings = Settings{
@@ -120,4 +123,5 @@ var smokeSettings = Settings{
 	Entries: 200, SMTPEntries: 50,
 	E2ERate: 20, E2EDuration: 300 * time.Millisecond,
 	IdleBaseline: 300 * time.Millisecond, IdleDuration: 500 * time.Millisecond,
+	WaitBacklog: 2_000,
 }

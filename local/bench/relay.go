@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"slices"
@@ -541,4 +542,101 @@ func dbTransactions(ctx context.Context, e *env) (int64, error) {
 	err = conn.QueryRow(ctx, `SELECT xact_commit + xact_rollback FROM pg_stat_database, pg_stat_clear_snapshot()
 		WHERE datname = current_database()`).Scan(&n)
 	return n, err
+}
+
+// benchWait measures what RELAY_REDIS_WAIT_REPLICAS=1 costs: the relay
+// drains the same backlog into a private primary with one replica, with and
+// without waiting for the replica's confirmation of each batch.
+func benchWait(ctx context.Context, e *env, s Settings) ([]Figure, error) {
+	primary, err := startRedis(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer primary.stop()
+	replica, err := startRedis(ctx, "--replicaof", "127.0.0.1", strconv.Itoa(primary.port))
+	if err != nil {
+		return nil, err
+	}
+	defer replica.stop()
+	if _, err := e.pool.Exec(ctx, `TRUNCATE outbox`); err != nil {
+		return nil, err
+	}
+	drain := func(wait int) (float64, int, error) {
+		rl, err := relay.New(ctx, relay.Config{Config: quiet, DatabaseURL: e.dbURL, DBMaxConns: 4, RedisURL: primary.url(),
+			StreamPrefix: e.freshPrefix("wait"), BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour,
+			DrainTimeout: time.Hour, ReconnectDelay: time.Second, WaitReplicas: wait, WaitTimeout: time.Second},
+			logging.New(nopWriter{}, quiet))
+		if err != nil {
+			return 0, 0, err
+		}
+		defer rl.Close()
+		if err := fill(ctx, e, "outbox", s.WaitBacklog); err != nil {
+			return 0, 0, err
+		}
+		t := time.Now()
+		res, err := rl.Drain(ctx, time.Time{})
+		if err != nil {
+			return 0, 0, err
+		}
+		return float64(res.Relayed) / time.Since(t).Seconds(), res.Unreplicated, nil
+	}
+	var plain, waited []float64
+	unreplicated := 0
+	for range 3 {
+		r, _, err := drain(0)
+		if err != nil {
+			return nil, err
+		}
+		plain = append(plain, r)
+		r, u, err := drain(1)
+		if err != nil {
+			return nil, err
+		}
+		waited, unreplicated = append(waited, r), unreplicated+u
+	}
+	p, w := median(plain), median(waited)
+	e.logf("relay into a primary with one replica: %.0f events/s, %.0f with WAIT 1 (%d batches unconfirmed)", p, w, unreplicated)
+	return []Figure{
+		compare(fmt.Sprintf("relay drain of %d rows, WAIT for 1 replica", s.WaitBacklog), w, "events/s", "the same, no WAIT", p).
+			note(fmt.Sprintf("private primary + replica on this machine; %d batches unconfirmed", unreplicated)),
+	}, nil
+}
+
+// redisProcess is a private redis-server the benchmark starts and kills.
+type redisProcess struct {
+	port int
+	cmd  *exec.Cmd
+}
+
+func (r *redisProcess) url() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", r.port) }
+
+func (r *redisProcess) stop() {
+	_ = r.cmd.Process.Kill()
+	_ = r.cmd.Wait()
+}
+
+// startRedis starts redis-server on a free loopback port, without
+// persistence, and waits until it answers (and, for a replica, until its
+// link to the primary is up).
+func startRedis(ctx context.Context, args ...string) (*redisProcess, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	_ = ln.Close()
+	cmd := exec.CommandContext(ctx, "redis-server", append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--logfile", ""}, args...)...)
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start redis-server: %w", err)
+	}
+	r := &redisProcess{port: port, cmd: cmd}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		out, err := exec.CommandContext(ctx, "redis-cli", "-p", strconv.Itoa(port), "INFO", "replication").Output()
+		if err == nil && (len(args) == 0 || strings.Contains(string(out), "master_link_status:up")) {
+			return r, nil
+		}
+	}
+	r.stop()
+	return nil, fmt.Errorf("redis-server on port %d did not come up", port)
 }

@@ -86,7 +86,10 @@ type env struct {
 }
 
 func newEnv(ctx context.Context, out io.Writer) (*env, error) {
-	url, drop, err := pgtest.Create(ctx, "outbox_bench")
+	// A database of its own per run: a benchmark and the smoke run of
+	// make test may run at the same time, and creating a database drops any
+	// of the same name.
+	url, drop, err := pgtest.Create(ctx, "outbox_bench_"+randomHex(4))
 	if err != nil {
 		return nil, err
 	}
@@ -169,6 +172,7 @@ func Run(ctx context.Context, s Settings, only string, out io.Writer) (*Report, 
 		{"createuser over HTTP vs the same transaction over pgx", benchCreateUser},
 		{"doorbell cost", benchDoorbell},
 		{"relay drain", benchDrain},
+		{"relay WAIT", benchWait},
 		{"wake-up latency", benchWakeup},
 		{"idle relay", benchIdle},
 		{"sendemail", benchSendEmail},

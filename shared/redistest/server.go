@@ -5,6 +5,8 @@ import (
 	"net"
 	"os/exec"
 	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -15,11 +17,45 @@ type Server struct {
 	t    testing.TB
 	port int
 	cmd  *exec.Cmd
+	args []string // extra redis-server arguments
 }
 
-// StartServer starts redis-server on a free port and stops it when t ends.
-// It skips t if redis-server is not installed.
-func StartServer(t testing.TB) *Server {
+// StartReplica starts a private redis-server that replicates primary, and
+// waits until the replication link is up.
+func StartReplica(t testing.TB, primary *Server) *Server {
+	t.Helper()
+	s := StartServer(t, "--replicaof", "127.0.0.1", strconv.Itoa(primary.port))
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		out, err := exec.Command("redis-cli", "-p", strconv.Itoa(s.port), "INFO", "replication").Output()
+		if err == nil && strings.Contains(string(out), "master_link_status:up") {
+			return s
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("redistest: replica on port %d did not connect to its primary", s.port)
+	return nil
+}
+
+// Pause stops the server's process without ending it (SIGSTOP), as a frozen
+// host would; Resume lets it go on.
+func (s *Server) Pause() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		_ = s.cmd.Process.Signal(syscall.SIGSTOP)
+	}
+}
+
+// Resume undoes Pause.
+func (s *Server) Resume() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		_ = s.cmd.Process.Signal(syscall.SIGCONT)
+	}
+}
+
+// StartServer starts redis-server on a free port, with args added to its
+// command line, and stops it when t ends. It skips t if redis-server is not
+// installed.
+func StartServer(t testing.TB, args ...string) *Server {
 	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Skip("redis-server is not installed")
@@ -30,7 +66,7 @@ func StartServer(t testing.TB) *Server {
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	_ = ln.Close()
-	s := &Server{t: t, port: port}
+	s := &Server{t: t, port: port, args: args}
 	s.Start()
 	t.Cleanup(s.Stop)
 	return s
@@ -42,8 +78,9 @@ func (s *Server) URL() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.p
 // Start (re)starts the server and waits until it accepts connections.
 func (s *Server) Start() {
 	s.t.Helper()
-	s.cmd = exec.Command("redis-server", "--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "")
+	args := append([]string{"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", ""}, s.args...)
+	s.cmd = exec.Command("redis-server", args...)
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatalf("redistest: start redis-server: %v", err)
 	}
@@ -63,6 +100,7 @@ func (s *Server) Stop() {
 	if s.cmd == nil || s.cmd.Process == nil {
 		return
 	}
+	_ = s.cmd.Process.Signal(syscall.SIGCONT) // a paused process dies only once resumed
 	_ = s.cmd.Process.Kill()
 	_ = s.cmd.Wait()
 	s.cmd = nil
