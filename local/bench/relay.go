@@ -606,6 +606,7 @@ func benchWait(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 type redisProcess struct {
 	port int
 	cmd  *exec.Cmd
+	dir  string
 }
 
 func (r *redisProcess) url() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", r.port) }
@@ -613,6 +614,7 @@ func (r *redisProcess) url() string { return fmt.Sprintf("redis://127.0.0.1:%d/0
 func (r *redisProcess) stop() {
 	_ = r.cmd.Process.Kill()
 	_ = r.cmd.Wait()
+	_ = os.RemoveAll(r.dir)
 }
 
 // startRedis starts redis-server on a free loopback port, without
@@ -625,12 +627,18 @@ func startRedis(ctx context.Context, args ...string) (*redisProcess, error) {
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	_ = ln.Close()
+	// A directory of its own: a replica writes the copy it receives there.
+	dir, err := os.MkdirTemp("", "bench-redis-")
+	if err != nil {
+		return nil, err
+	}
 	cmd := exec.CommandContext(ctx, "redis-server", append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--logfile", ""}, args...)...)
+		"--save", "", "--appendonly", "no", "--logfile", "", "--dir", dir}, args...)...)
 	if err := cmd.Start(); err != nil {
+		os.RemoveAll(dir)
 		return nil, fmt.Errorf("start redis-server: %w", err)
 	}
-	r := &redisProcess{port: port, cmd: cmd}
+	r := &redisProcess{port: port, cmd: cmd, dir: dir}
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		out, err := exec.CommandContext(ctx, "redis-cli", "-p", strconv.Itoa(port), "INFO", "replication").Output()
 		if err == nil && (len(args) == 0 || strings.Contains(string(out), "master_link_status:up")) {

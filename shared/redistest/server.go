@@ -66,7 +66,8 @@ func StartServer(t testing.TB, args ...string) *Server {
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	_ = ln.Close()
-	s := &Server{t: t, port: port, args: args}
+	// A directory of its own: a replica writes the copy it receives there.
+	s := &Server{t: t, port: port, args: append([]string{"--dir", t.TempDir()}, args...)}
 	s.Start()
 	t.Cleanup(s.Stop)
 	return s
