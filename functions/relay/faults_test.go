@@ -220,6 +220,7 @@ func TestAnEventRedisRefusesIsKeptNotLost(t *testing.T) {
 			assert.Equal(t, 1, left+dead, "the refused event vanished")
 			assert.Equal(t, 1, dead, "the refused event should be in outbox_dead")
 			assert.Len(t, b.entries(t, "user"), 4, "the good events must flow past the bad one")
+			assert.EqualValues(t, 1, s.Health(ctx).Details.(map[string]any)["dead"], "health counts the dead events")
 		})
 	}
 }

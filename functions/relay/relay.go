@@ -144,6 +144,10 @@ func (s *Service) Health(ctx context.Context) serve.Health {
 	if b, err := s.Backlog(ctx); err == nil {
 		details["backlog"], details["oldest_age_seconds"] = b.Events, b.OldestAgeSeconds
 	}
+	if d, err := outbox.MeasureDead(ctx, s.pool); err == nil {
+		// Events Redis refused: each one is worth an alert.
+		details["dead"] = d.Count
+	}
 	h.Details = details
 	return h
 }
