@@ -249,3 +249,24 @@ func withApplicationName(t *testing.T, u, name string) string {
 	parsed.RawQuery = q.Encode()
 	return parsed.String()
 }
+
+func TestADeafListenerIsNoticedAndReplaced(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	target, err := url.Parse(b.url)
+	require.NoError(t, err)
+	proxy := tcpproxy.Start(t, target.Host)
+	t.Cleanup(proxy.Thaw)
+	s := b.relay(t, func(c *Config) { c.DatabaseURL = proxy.URL(b.url) })
+	s.pingEvery = 100 * time.Millisecond
+	start(t, s)
+
+	// The network goes silent without breaking the connection: nothing
+	// fails, the listener just hears nothing.
+	proxy.Freeze()
+	waitFor(t, 5*time.Second, "the relay notices that its listener is deaf", func() bool { return !s.listening.Load() })
+	proxy.Thaw()
+	waitFor(t, 15*time.Second, "the listener is back", s.listening.Load)
+	b.insert(t, "user", "a", 1, 1)
+	waitFor(t, 5*time.Second, "an insert wakes the relay again", func() bool { return len(b.entries(t, "user")) == 1 })
+}

@@ -71,6 +71,10 @@ type Service struct {
 	listening atomic.Bool
 	// looping is true while the background loop runs.
 	looping atomic.Bool
+	// heard is when the listener last heard a notification (UnixNano);
+	// pingEvery is how often the relays ping it.
+	heard     atomic.Int64
+	pingEvery time.Duration
 }
 
 // New builds a relay from cfg. Nothing connects until it is used.
@@ -97,7 +101,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 	}
 	return &Service{
 		cfg: cfg, pool: pool, redis: client, drainer: drainer, logger: logger,
-		bell: make(chan struct{}, 1),
+		bell: make(chan struct{}, 1), pingEvery: defaultPingEvery,
 	}, nil
 }
 
@@ -296,10 +300,42 @@ func (s *Service) ring() {
 	}
 }
 
+// pingChannel carries the relays' pings: an empty notification each relay
+// sends every pingEvery, so that every listener hears something at least
+// that often while its connection works.
+const (
+	pingChannel      = "outbox_relay_ping"
+	defaultPingEvery = 30 * time.Second
+)
+
 // listen keeps a LISTEN connection up and rings the bell on every
 // notification and after every (re)connect, when notifications sent while
 // disconnected may have been lost.
+//
+// A connection can also go deaf without failing: a network that drops
+// packets silently leaves it waiting for a notification that never comes,
+// for as long as TCP keepalive takes, or for ever over a proxy that still
+// answers. So the relay pings the channel pingChannel every pingEvery and
+// starts the listener again when it heard nothing for two pings.
 func (s *Service) listen(ctx context.Context) {
+	for ctx.Err() == nil {
+		lctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			s.listenUntil(lctx)
+		}()
+		deaf := s.watchListener(lctx)
+		cancel()
+		<-done
+		if deaf && s.listening.Swap(false) {
+			s.logger.WarnContext(ctx, "listener heard nothing, not even the relays' pings; reconnecting",
+				slog.Duration("silent_for", 2*s.pingEvery))
+		}
+	}
+}
+
+func (s *Service) listenUntil(ctx context.Context) {
 	l := &pgxlisten.Listener{
 		Connect: func(ctx context.Context) (*pgx.Conn, error) {
 			return pg.Connect(ctx, s.cfg.DatabaseURL, 5*time.Second)
@@ -315,7 +351,31 @@ func (s *Service) listen(ctx context.Context) {
 		ReconnectDelay: s.cfg.ReconnectDelay,
 	}
 	l.Handle(outbox.Channel, doorbell{s})
+	l.Handle(pingChannel, pong{s})
 	_ = l.Listen(ctx) // returns only when ctx is done
+}
+
+// watchListener pings every pingEvery until ctx is done, and reports true
+// as soon as a connected listener has heard nothing for two pings.
+func (s *Service) watchListener(ctx context.Context) (deaf bool) {
+	s.heard.Store(time.Now().UnixNano())
+	ticker := time.NewTicker(s.pingEvery)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-ticker.C:
+		}
+		if s.listening.Load() && time.Since(time.Unix(0, s.heard.Load())) > 2*s.pingEvery {
+			return true
+		}
+		go func() {
+			ctx, cancel := context.WithTimeout(ctx, s.pingEvery)
+			defer cancel()
+			_, _ = s.pool.Exec(ctx, "SELECT pg_notify('"+pingChannel+"', '')") // a failure shows as silence
+		}()
+	}
 }
 
 // doorbell is the LISTEN handler. It only rings: draining inline would stall
@@ -323,15 +383,25 @@ func (s *Service) listen(ctx context.Context) {
 type doorbell struct{ s *Service }
 
 func (d doorbell) HandleNotification(context.Context, *pgconn.Notification, *pgx.Conn) error {
+	d.s.heard.Store(time.Now().UnixNano())
 	d.s.ring()
 	return nil
 }
 
 func (d doorbell) HandleBacklog(ctx context.Context, _ string, _ *pgx.Conn) error {
+	d.s.heard.Store(time.Now().UnixNano())
 	if !d.s.listening.Swap(true) {
 		d.s.logger.InfoContext(ctx, "listening for outbox notifications")
 	}
 	d.s.ring()
+	return nil
+}
+
+// pong hears the relays' pings.
+type pong struct{ s *Service }
+
+func (p pong) HandleNotification(context.Context, *pgconn.Notification, *pgx.Conn) error {
+	p.s.heard.Store(time.Now().UnixNano())
 	return nil
 }
 
