@@ -2,26 +2,31 @@
 // template that is migrated once, so tests can run in parallel, commit,
 // LISTEN and NOTIFY, and never see each other's rows.
 //
-// The server is DATABASE_URL's (default: the local one). The template is named
-// after a hash of the migration files, so a changed schema gets a new one.
+// It is a thin layer over github.com/peterldowns/pgtestdb, which keeps one
+// template per schema (named after a hash of sql/migrations) and serialises
+// its creation across concurrently running test binaries. This package adds
+// the server from DATABASE_URL, our own migration code, and dropping every
+// database at the end, even a failed test's with connections left open.
 package pgtest
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
+	"database/sql"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io/fs"
 	"net/url"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" database/sql driver pgtestdb connects with
+	"github.com/peterldowns/pgtestdb"
 
 	"github.com/outboxfn/outbox/shared/logging"
 	"github.com/outboxfn/outbox/shared/pg"
@@ -40,26 +45,26 @@ func AdminURL() string {
 	return DefaultURL
 }
 
-var template = sync.OnceValues(prepareTemplate)
-
 // New creates a migrated database for t and returns its URL. The database is
 // dropped when t ends.
 func New(t testing.TB) string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	url, drop, err := Create(ctx, "outbox_test_"+randomHex(6))
+	conf, err := config()
 	if err != nil {
 		t.Fatalf("pgtest: %v", err)
 	}
+	name := pgtestdb.Custom(hintTB{t}, conf, migrator{}).Database
+	// Cleanups run last-registered first, so this drop comes before
+	// pgtestdb's, which would keep a failed test's database and cannot drop
+	// one the test left connections open to.
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if err := drop(ctx); err != nil {
+		if err := dropDatabase(ctx, name); err != nil {
 			t.Errorf("pgtest: %v", err)
 		}
 	})
-	return url
+	return WithDatabase(AdminURL(), name)
 }
 
 // NewPool is New plus a pool on the new database, closed when t ends: what
@@ -79,32 +84,43 @@ func NewPool(t testing.TB) (string, *pgxpool.Pool) {
 // that name first) and returns its URL and a function that drops it. It is
 // for benchmarks and tools; tests use New.
 func Create(ctx context.Context, name string) (url string, drop func(context.Context) error, err error) {
-	tmpl, err := template()
+	conf, err := config()
 	if err != nil {
 		return "", nil, err
 	}
+	// pgtestdb reports through a testing.TB; without a test, its failures
+	// come back here as a panic.
+	tb := &toolTB{}
+	defer func() {
+		if r := recover(); r != nil {
+			f, ok := r.(fatal)
+			if !ok {
+				panic(r)
+			}
+			err = f.err
+		}
+	}()
+	clone := pgtestdb.Custom(tb, conf, migrator{}).Database
+
 	conn, err := pgx.Connect(ctx, AdminURL())
 	if err != nil {
-		return "", nil, fmt.Errorf("connect to %s: %w (is PostgreSQL running? `make services` starts it)", redact(AdminURL()), err)
+		tb.cleanup()
+		return "", nil, fmt.Errorf("connect to %s: %w", redact(AdminURL()), err)
 	}
 	defer conn.Close(ctx)
-	ident := pgx.Identifier{name}.Sanitize()
-	if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+ident+" WITH (FORCE)"); err != nil {
-		return "", nil, fmt.Errorf("drop old database %s: %w", name, err)
+	if err := dropOn(ctx, conn, name); err != nil {
+		tb.cleanup()
+		return "", nil, fmt.Errorf("drop old database: %w", err)
 	}
-	if _, err := conn.Exec(ctx, "CREATE DATABASE "+ident+" TEMPLATE "+pgx.Identifier{tmpl}.Sanitize()); err != nil {
-		return "", nil, fmt.Errorf("create database %s: %w", name, err)
+	// Nobody is connected to the clone yet (Custom opens its *sql.DB
+	// lazily and closes it), so it can be renamed.
+	if _, err := conn.Exec(ctx, "ALTER DATABASE "+pgx.Identifier{clone}.Sanitize()+" RENAME TO "+pgx.Identifier{name}.Sanitize()); err != nil {
+		tb.cleanup()
+		return "", nil, fmt.Errorf("rename %s to %s: %w", clone, name, err)
 	}
 	drop = func(ctx context.Context) error {
-		conn, err := pgx.Connect(ctx, AdminURL())
-		if err != nil {
-			return fmt.Errorf("connect to drop %s: %w", name, err)
-		}
-		defer conn.Close(ctx)
-		if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+ident+" WITH (FORCE)"); err != nil {
-			return fmt.Errorf("drop database %s: %w", name, err)
-		}
-		return nil
+		defer tb.cleanup()
+		return dropDatabase(ctx, name)
 	}
 	return WithDatabase(AdminURL(), name), drop, nil
 }
@@ -133,49 +149,114 @@ func WithOptions(u, options string) string {
 	return parsed.String()
 }
 
-// prepareTemplate makes sure a migrated template for the current migrations
-// exists. Test binaries of several packages run at once, so creation is
-// serialised by an advisory lock and published by a rename: a template is
-// either complete or not there.
-func prepareTemplate() (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	hash, err := migrationsHash()
-	if err != nil {
-		return "", err
+// config is pgtestdb's view of AdminURL. Tests connect as the admin user,
+// not as a role pgtestdb would create, so that they need no privilege beyond
+// what DATABASE_URL has and behave as they did before pgtestdb.
+func config() (pgtestdb.Config, error) {
+	u, err := url.Parse(AdminURL())
+	if err != nil || u.Scheme == "" {
+		return pgtestdb.Config{}, errors.New("pgtest: DATABASE_URL must be a postgres:// URL")
 	}
-	name := "outbox_tmpl_" + hash
+	port := u.Port()
+	if port == "" {
+		port = "5432"
+	}
+	password, _ := u.User.Password()
+	// pgtestdb pastes these into a URL without escaping them.
+	escaped := strings.TrimPrefix(url.UserPassword("", password).String(), ":")
+	return pgtestdb.Config{
+		DriverName: "pgx",
+		Host:       u.Hostname(),
+		Port:       port,
+		User:       u.User.Username(),
+		Password:   escaped,
+		Database:   strings.TrimPrefix(u.Path, "/"),
+		Options:    u.RawQuery,
+		TestRole: &pgtestdb.Role{
+			Username: u.User.Username(),
+			Password: escaped,
+		},
+	}, nil
+}
+
+// migrator builds templates with the code that migrates production, so
+// tests run against exactly the schema it makes.
+type migrator struct{}
+
+// Hash names the template after the migration files.
+func (migrator) Hash() (string, error) { return migrationsHash() }
+
+// Migrate applies sql/migrations to the new, empty template.
+func (migrator) Migrate(ctx context.Context, _ *sql.DB, conf pgtestdb.Config) error {
+	if _, err := pg.Migrate(ctx, WithDatabase(AdminURL(), conf.Database), logging.Discard()); err != nil {
+		return fmt.Errorf("migrate template: %w", err)
+	}
+	return nil
+}
+
+// hintTB prefixes pgtestdb's failures with the package and the server, and
+// says how to start the local one: it is the usual cause.
+type hintTB struct{ testing.TB }
+
+func (tb hintTB) Fatalf(format string, args ...any) {
+	tb.TB.Helper()
+	tb.TB.Fatalf("pgtest: %s (server %s; `make services` starts the local one)", fmt.Sprintf(format, args...), redact(AdminURL()))
+}
+
+// Logf drops pgtestdb's "testdbconf: <url>" line: the URL would carry
+// DATABASE_URL's password into every verbose test log.
+func (tb hintTB) Logf(format string, args ...any) {
+	if strings.HasPrefix(format, "testdbconf") {
+		return
+	}
+	tb.TB.Helper()
+	tb.TB.Logf(format, args...)
+}
+
+// toolTB is the testing.TB pgtestdb needs, for Create, which has no test.
+type toolTB struct {
+	cleanups []func()
+}
+
+// fatal carries a pgtestdb failure from toolTB.Fatalf to Create.
+type fatal struct{ err error }
+
+func (*toolTB) Helper()              {}
+func (*toolTB) Logf(string, ...any)  {}
+func (*toolTB) Failed() bool         { return false }
+func (tb *toolTB) Cleanup(fn func()) { tb.cleanups = append(tb.cleanups, fn) }
+
+// Fatalf must not return: pgtestdb carries on with nil values after it.
+func (*toolTB) Fatalf(format string, args ...any) {
+	panic(fatal{fmt.Errorf("pgtest: %s (server %s)", fmt.Sprintf(format, args...), redact(AdminURL()))})
+}
+
+// cleanup runs pgtestdb's cleanups; after a rename they find nothing to
+// drop, but they close what pgtestdb opened.
+func (tb *toolTB) cleanup() {
+	defer func() { _ = recover() }() // a failure here leaves a database behind, nothing worse
+	for i := len(tb.cleanups) - 1; i >= 0; i-- {
+		tb.cleanups[i]()
+	}
+	tb.cleanups = nil
+}
+
+func dropDatabase(ctx context.Context, name string) error {
 	conn, err := pgx.Connect(ctx, AdminURL())
 	if err != nil {
-		return "", fmt.Errorf("connect to %s: %w (is PostgreSQL running? `make services` starts it)", redact(AdminURL()), err)
+		return fmt.Errorf("connect to drop %s: %w", name, err)
 	}
 	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock(hashtext('outbox.pgtest'))"); err != nil {
-		return "", fmt.Errorf("lock template creation: %w", err)
-	}
-	defer conn.Exec(context.WithoutCancel(ctx), "SELECT pg_advisory_unlock(hashtext('outbox.pgtest'))") //nolint:errcheck // closing the connection releases it too
+	return dropOn(ctx, conn, name)
+}
 
-	var exists bool
-	if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name).Scan(&exists); err != nil {
-		return "", fmt.Errorf("look for template: %w", err)
+// dropOn drops name even if connections to it are open: a test that leaked
+// one has failed already, and its database must not outlive it.
+func dropOn(ctx context.Context, conn *pgx.Conn, name string) error {
+	if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+pgx.Identifier{name}.Sanitize()+" WITH (FORCE)"); err != nil {
+		return fmt.Errorf("drop database %s: %w", name, err)
 	}
-	if exists {
-		return name, nil
-	}
-	building := name + "_building"
-	if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+pgx.Identifier{building}.Sanitize()+" WITH (FORCE)"); err != nil {
-		return "", fmt.Errorf("drop half-built template: %w", err)
-	}
-	if _, err := conn.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{building}.Sanitize()); err != nil {
-		return "", fmt.Errorf("create template: %w", err)
-	}
-	if _, err := pg.Migrate(ctx, WithDatabase(AdminURL(), building), logging.Discard()); err != nil {
-		return "", fmt.Errorf("migrate template: %w", err)
-	}
-	if _, err := conn.Exec(ctx, "ALTER DATABASE "+pgx.Identifier{building}.Sanitize()+" RENAME TO "+pgx.Identifier{name}.Sanitize()); err != nil {
-		return "", fmt.Errorf("publish template: %w", err)
-	}
-	return name, nil
+	return nil
 }
 
 func migrationsHash() (string, error) {
@@ -196,12 +277,6 @@ func migrationsHash() (string, error) {
 		return "", fmt.Errorf("hash migrations: %w", err)
 	}
 	return hex.EncodeToString(h.Sum(nil))[:12], nil
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
 }
 
 func redact(u string) string {
