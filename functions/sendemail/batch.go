@@ -3,6 +3,7 @@ package sendemail
 import (
 	"context"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/sethvargo/go-retry"
@@ -27,39 +28,46 @@ type batchResult[Res any] struct {
 	err error
 }
 
-// startBatcher runs run on batches of up to 256 requests until close. run
-// returns one result per request, or an error for the whole batch.
-func startBatcher[Req, Res any](queue int, run func([]Req) ([]Res, error)) *batcher[Req, Res] {
+// startBatcher runs run on batches of up to limit requests until close,
+// with up to runs batches under way at once. run returns one result per
+// request, or an error for the whole batch.
+func startBatcher[Req, Res any](queue, limit, runs int, run func([]Req) ([]Res, error)) *batcher[Req, Res] {
 	b := &batcher[Req, Res]{reqs: make(chan batchRequest[Req, Res], queue), done: make(chan struct{})}
-	go func() {
-		defer close(b.done)
-		for first := range b.reqs {
-			batch := []batchRequest[Req, Res]{first}
-		more:
-			for len(batch) < 256 {
-				select {
-				case r, ok := <-b.reqs:
-					if !ok {
+	var wg sync.WaitGroup
+	for range runs {
+		wg.Go(func() {
+			for first := range b.reqs {
+				batch := []batchRequest[Req, Res]{first}
+			more:
+				for len(batch) < limit {
+					select {
+					case r, ok := <-b.reqs:
+						if !ok {
+							break more
+						}
+						batch = append(batch, r)
+					default:
 						break more
 					}
-					batch = append(batch, r)
-				default:
-					break more
+				}
+				reqs := make([]Req, len(batch))
+				for i, r := range batch {
+					reqs[i] = r.req
+				}
+				res, err := run(reqs)
+				for i, r := range batch {
+					if err != nil {
+						r.result <- batchResult[Res]{err: err}
+					} else {
+						r.result <- batchResult[Res]{res: res[i]}
+					}
 				}
 			}
-			reqs := make([]Req, len(batch))
-			for i, r := range batch {
-				reqs[i] = r.req
-			}
-			res, err := run(reqs)
-			for i, r := range batch {
-				if err != nil {
-					r.result <- batchResult[Res]{err: err}
-				} else {
-					r.result <- batchResult[Res]{res: res[i]}
-				}
-			}
-		}
+		})
+	}
+	go func() {
+		wg.Wait()
+		close(b.done)
 	}()
 	return b
 }
@@ -89,7 +97,7 @@ type claimResult struct {
 // claimEach).
 func (c *Consumer) startClaims(ctx context.Context) *batcher[claimRequest, claimResult] {
 	ctx = context.WithoutCancel(ctx)
-	return startBatcher(c.concurrency, func(reqs []claimRequest) ([]claimResult, error) {
+	return startBatcher(c.concurrency, claimBatch, 1, func(reqs []claimRequest) ([]claimResult, error) {
 		return c.claimEach(ctx, reqs, c.sends.Claim), nil
 	})
 }
@@ -132,12 +140,28 @@ func (c *Consumer) claimEach(ctx context.Context, reqs []claimRequest, run func(
 // markResult says whether a mark found its claim no longer the marker's.
 type markResult struct{ lost bool }
 
+const (
+	// claimBatch bounds the renewals and retries claimed in one statement.
+	claimBatch = 256
+	// markBatch bounds the marks written in one statement: they share one
+	// timeout and fail together, and a failed mark is a duplicate email
+	// if this process then dies.
+	markBatch = 64
+	// markRuns is how many mark statements may be under way at once. With
+	// at most 2 × concurrency emails sent and not yet marked, a send
+	// waits for marks to commit; a second statement commits beside the
+	// first (PostgreSQL flushes their WAL together) instead of after it.
+	markRuns = 2
+)
+
 // startMarks batches marks. Marks are written even during shutdown
 // (failing here costs a duplicate email), with a few seconds of retries;
-// after that the fact is kept in memory (recordSent).
-func (c *Consumer) startMarks(ctx context.Context) *batcher[mark, markResult] {
+// after that the fact is kept in memory (recordSent). The first failed
+// attempt is reported to dbErr at once, before the retries: no further
+// send of the batch starts while its mark might not be written.
+func (c *Consumer) startMarks(ctx context.Context, dbErr *errOnce) *batcher[mark, markResult] {
 	ctx = context.WithoutCancel(ctx)
-	return startBatcher(c.concurrency, func(marks []mark) ([]markResult, error) {
+	return startBatcher(c.concurrency, markBatch, markRuns, func(marks []mark) ([]markResult, error) {
 		var lost []string
 		b := retry.WithMaxRetries(4, retry.NewExponential(100*time.Millisecond))
 		err := retry.Do(ctx, b, func(ctx context.Context) error {
@@ -145,6 +169,9 @@ func (c *Consumer) startMarks(ctx context.Context) *batcher[mark, markResult] {
 			defer cancel()
 			var err error
 			lost, err = c.sends.MarkSent(ctx, marks)
+			if err != nil {
+				dbErr.set(err)
+			}
 			return retry.RetryableError(err)
 		})
 		if err != nil {

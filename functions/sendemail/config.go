@@ -42,7 +42,7 @@ type Config struct {
 	// SendAttempts is how often one delivery tries a transient SMTP failure.
 	SendAttempts int `envconfig:"SENDEMAIL_SEND_ATTEMPTS" default:"3" desc:"Tries per delivery on a transient SMTP failure (4xx, network), with exponential backoff from 200ms, before the entry is left pending. Default 3."`
 	// Lease is how long a send claim keeps other consumers off one email.
-	Lease time.Duration `envconfig:"SENDEMAIL_LEASE" default:"15m" desc:"How long a consumer's claim on one email (taken with its read batch, and renewed right before the send unless what is left still covers a whole conversation) keeps others from sending it; must exceed one whole conversation (2 × SMTP_TIMEOUT + SMTP_DATA_TIMEOUT). A send whose answer never came is retried only after it. Default 15m."`
+	Lease time.Duration `envconfig:"SENDEMAIL_LEASE" default:"15m" desc:"How long a consumer's claim on one email keeps others from sending it; must exceed one whole conversation (2 × SMTP_TIMEOUT + SMTP_DATA_TIMEOUT). Claims are taken ahead of the sends, 2 × SENDEMAIL_CONCURRENCY emails at a time, and renewed right before a send unless what is left still covers the conversation and half the rest of the lease for the mark. A send whose answer never came is retried only after it. Default 15m."`
 	// SMTPURL is the mail server; empty writes .eml files to MailboxDir.
 	SMTPURL string `envconfig:"SMTP_URL" desc:"Mail server, smtp://user:pass@host:port (STARTTLS required; ?tls=none for a local catcher without TLS and without credentials) or smtps://… (TLS from the start). Any other tls= value is refused. Empty writes each email as an .eml file into MAILBOX_DIR. Default empty."`
 	// SMTPTimeout bounds an SMTP conversation up to the end of the data.

@@ -205,13 +205,17 @@ func (c *Consumer) claim(ctx context.Context, cursor string) (next string, entri
 // handle processes entries, then acknowledges the finished ones in one
 // command and dead-letters the failed ones.
 //
-// The emails of the batch are claimed together in one statement
-// (claimAhead); each claim is used for its send only if its lease still
-// covers that whole conversation when it starts, and is renewed right
-// before the send otherwise (see deliver and covers), so a claim never
-// has to last the batch. Once ctx ends no further send starts; the
-// entries not started stay pending, their claims released, for whoever
-// comes next.
+// The emails of the batch are claimed ahead of their sends, a window of
+// 2 × SENDEMAIL_CONCURRENCY at a time in one statement each, the next
+// window while half of the current one is still to start (see
+// claimWindows): a consumer killed mid-batch holds back only a few times
+// its concurrency, not the batch, for the lease. Each claim is used for its
+// send only if its lease still leaves the mark enough time after the
+// longest conversation (see deliver and covers), and is renewed right
+// before the send otherwise, so a claim never has to last the batch. Once
+// ctx ends, or the database failed a claim or a mark, no further send
+// starts; the entries not started stay pending, their claims released, for
+// whoever comes next.
 func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry) (Stats, error) {
 	var stats Stats
 	outcomes := make([]outcome, len(entries))
@@ -234,47 +238,47 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry) (S
 		jobs[i] = j
 	}
 	var dbErr errOnce
-	ahead := c.claimAhead(ctx, jobs, outcomes, &dbErr)
-	claims, marks := c.startClaims(ctx), c.startMarks(ctx)
+	ahead := c.claimWindows(ctx, jobs, outcomes, &dbErr)
+	claims, marks := c.startClaims(ctx), c.startMarks(ctx, &dbErr)
 	// sem bounds the conversations under way, not the marks that follow
 	// them: a send does not wait for the commit of the one before.
 	sem := make(chan struct{}, c.concurrency)
+	// unmarked bounds the emails being sent or sent whose mark has not
+	// committed yet: what a crash would send twice, and what a database
+	// that stopped writing lets out unrecorded.
+	unmarked := make(chan struct{}, 2*c.concurrency)
 	var wg sync.WaitGroup
 dispatch:
-	for i, j := range jobs {
-		if j == nil {
-			continue
-		}
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-		}
-		if ctx.Err() != nil || dbErr.get() != nil {
-			// Not started: the entry stays pending, its claim released.
-			var unstarted []claimRequest
-			for k := i; k < len(jobs); k++ {
-				if jobs[k] == nil {
-					continue
-				}
-				outcomes[k] = outcome{kind: outcomeRetry, err: cmpErr(dbErr.get(), errors.New("not started: shutting down"))}
-				if ahead[k].token != "" {
-					unstarted = append(unstarted, claimRequest{key: jobs[k].key, token: ahead[k].token})
-				}
+	for w, win := range ahead.windows {
+		ahead.wait(w)
+		for n, i := range win {
+			j := jobs[i]
+			if j == nil {
+				continue
 			}
-			c.releaseUnstarted(ctx, unstarted)
-			break dispatch
-		}
-		wg.Go(func() {
-			released := false
-			release := func() {
-				if !released {
-					released = true
-					<-sem
-				}
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
 			}
-			defer release()
-			outcomes[i] = c.deliver(ctx, j, ahead[i], claims, marks, &dbErr, release)
-		})
+			if ctx.Err() != nil || dbErr.get() != nil {
+				ahead.stop(w, n, cmpErr(dbErr.get(), errors.New("not started: shutting down")))
+				break dispatch
+			}
+			if n >= len(win)/2 {
+				ahead.start(w + 1)
+			}
+			wg.Go(func() {
+				released := false
+				release := func() {
+					if !released {
+						released = true
+						<-sem
+					}
+				}
+				defer release()
+				outcomes[i] = c.deliver(ctx, j, ahead.held[i], claims, marks, &dbErr, release, unmarked)
+			})
+		}
 	}
 	wg.Wait()
 	claims.close()
@@ -342,41 +346,126 @@ dispatch:
 	return stats, firstErr
 }
 
-// claimAhead claims the emails of jobs in one statement, each under a
-// token of its own, and returns the claims taken by index. A job that
-// cannot be claimed gets its outcome and is dropped from jobs. A job whose
-// email this process sent but could not record is left to deliver, which
-// records it first.
-func (c *Consumer) claimAhead(ctx context.Context, jobs []*job, outcomes []outcome, dbErr *errOnce) []heldClaim {
-	ahead := make([]heldClaim, len(jobs))
-	if ctx.Err() != nil {
-		return ahead // nothing starts; dispatch leaves every entry pending
-	}
-	var reqs []claimRequest
-	var idx []int
+// aheadClaims are the claims a batch takes ahead of its sends, a window at
+// a time (see Consumer.claimWindows). A window's claims are written by the
+// goroutine that takes them, and read once wait returned.
+type aheadClaims struct {
+	c        *Consumer
+	ctx      context.Context
+	jobs     []*job
+	outcomes []outcome
+	dbErr    *errOnce
+	// held is the claim taken for each job, by index; windows are the job
+	// indexes of each window, in order.
+	held    []heldClaim
+	windows [][]int
+	done    []chan struct{} // nil until the window's claim started
+}
+
+// claimWindows splits jobs into windows of 2 × concurrency and takes the
+// first one's claims. Sends starting from one window hide the round trip
+// of the next one's claim (handle starts it once half the window started),
+// and a window is small enough that a consumer killed mid-batch holds back
+// only what it was sending and about to send.
+func (c *Consumer) claimWindows(ctx context.Context, jobs []*job, outcomes []outcome, dbErr *errOnce) *aheadClaims {
+	a := &aheadClaims{c: c, ctx: ctx, jobs: jobs, outcomes: outcomes, dbErr: dbErr, held: make([]heldClaim, len(jobs))}
+	size := 2 * c.concurrency
+	var win []int
 	for i, j := range jobs {
 		if j == nil {
 			continue
 		}
-		if _, owed := c.unrecorded.Load(j.key); owed {
+		win = append(win, i)
+		if len(win) == size {
+			a.windows, win = append(a.windows, win), nil
+		}
+	}
+	if len(win) > 0 {
+		a.windows = append(a.windows, win)
+	}
+	a.done = make([]chan struct{}, len(a.windows))
+	a.start(0)
+	return a
+}
+
+// start takes window w's claims in the background, once; nothing is
+// claimed once ctx ended or the database failed (nothing more starts).
+func (a *aheadClaims) start(w int) {
+	if w >= len(a.windows) || a.done[w] != nil {
+		return
+	}
+	done := make(chan struct{})
+	a.done[w] = done
+	if a.ctx.Err() != nil || a.dbErr.get() != nil {
+		close(done)
+		return
+	}
+	go func() {
+		defer close(done)
+		a.claim(a.windows[w])
+	}()
+}
+
+// wait starts window w's claims if that has not happened yet, and waits
+// for them.
+func (a *aheadClaims) wait(w int) {
+	a.start(w)
+	<-a.done[w]
+}
+
+// claim claims the emails of the jobs at idx in one statement, each under
+// a token of its own. A job that cannot be claimed gets its outcome and is
+// dropped from jobs. A job whose email this process sent but could not
+// record is left to deliver, which records it first.
+func (a *aheadClaims) claim(idx []int) {
+	var reqs []claimRequest
+	var at []int
+	for _, i := range idx {
+		j := a.jobs[i]
+		if _, owed := a.c.unrecorded.Load(j.key); owed {
 			continue
 		}
-		reqs = append(reqs, claimRequest{key: j.key, eventID: j.eventID, token: newToken(c.name)})
-		idx = append(idx, i)
+		reqs = append(reqs, claimRequest{key: j.key, eventID: j.eventID, token: newToken(a.c.name)})
+		at = append(at, i)
 	}
 	if len(reqs) == 0 {
-		return ahead
+		return
 	}
 	asked := time.Now()
-	for n, res := range c.claimEach(context.WithoutCancel(ctx), reqs, c.sends.ClaimAhead) {
-		i := idx[n]
-		if o, ok := claimOutcome(res, dbErr); !ok {
-			outcomes[i], jobs[i] = o, nil
+	for n, res := range a.c.claimEach(context.WithoutCancel(a.ctx), reqs, a.c.sends.ClaimAhead) {
+		i := at[n]
+		if o, ok := claimOutcome(res, a.dbErr); !ok {
+			a.outcomes[i], a.jobs[i] = o, nil
 			continue
 		}
-		ahead[i] = heldClaim{token: reqs[n].token, asked: asked}
+		a.held[i] = heldClaim{token: reqs[n].token, asked: asked}
 	}
-	return ahead
+}
+
+// stop gives every job from position n of window w on the outcome err
+// (it stays pending) and releases the claims taken for them, once the
+// claims under way have returned.
+func (a *aheadClaims) stop(w, n int, err error) {
+	var unstarted []claimRequest
+	for k := w; k < len(a.windows); k++ {
+		if a.done[k] != nil {
+			<-a.done[k]
+		}
+		from := 0
+		if k == w {
+			from = n
+		}
+		for _, i := range a.windows[k][from:] {
+			if a.jobs[i] == nil {
+				continue
+			}
+			a.outcomes[i] = outcome{kind: outcomeRetry, err: err}
+			if a.held[i].token != "" {
+				unstarted = append(unstarted, claimRequest{key: a.jobs[i].key, token: a.held[i].token})
+			}
+		}
+	}
+	a.c.releaseUnstarted(a.ctx, unstarted)
 }
 
 // releaseUnstarted releases the claims taken ahead of sends that will not

@@ -1,9 +1,12 @@
 package sendemail
 
-// One email, from a decoded entry to "sent" (or why not). The invariant this
-// file keeps: a conversation with the mail server starts only under a claim
-// taken right before it, and an email the server answered 250 to is never
-// sent again by this process, nor released for another to send.
+// One email, from a decoded entry to "sent" (or why not). The invariants
+// this file keeps: a conversation with the mail server starts only under a
+// claim whose lease outlasts it by at least half the slack a fresh claim
+// leaves (taken ahead with its window, or renewed or taken right before
+// the send; see covers); no conversation starts once the database failed
+// to record a send of the batch; and an email the server answered 250 to
+// is never sent again by this process, nor released for another to send.
 
 import (
 	"context"
@@ -80,30 +83,33 @@ func (c *Consumer) prepare(e rueidis.XRangeEntry) (*job, outcome) {
 }
 
 // heldClaim is a claim taken for a job ahead of its send, together with
-// the other jobs of its batch (see Consumer.claimAhead).
+// the other jobs of its window (see Consumer.claimWindows).
 type heldClaim struct {
 	token string
 	// asked is when the claim statement was about to be sent.
 	asked time.Time
 }
 
-// covers says whether a claim asked for at asked still covers a whole
-// conversation that starts now, and so may be used for it without a round
-// trip.
+// covers says whether a claim asked for at asked may be used, without a
+// round trip, for a conversation that starts now.
 //
 // The claim's lease was set from the database's now() when its statement
 // ran, which was after asked; every consumer compares it with the
 // database's clock. So it runs out no earlier than asked + lease, as long
 // as that clock runs no faster than this process's monotonic clock (the
 // same assumption a claim taken right before the send relies on). The
-// conversation ends by now + sendLimit (sendOnce cuts it there). A claim
-// that does not cover it is renewed first, right before the send, and then
-// covers it as a fresh claim would (Validate makes the lease longer than
-// sendLimit). With a lease no longer than one conversation (a setting
-// Validate refuses, but tests use) no claim taken ahead covers one, and
-// every email is claimed right before its send.
+// conversation ends by now + sendLimit (sendOnce cuts it there), and its
+// mark must commit before the lease runs out, or another consumer may
+// send the email again. A fresh claim leaves the mark lease - sendLimit
+// after the longest conversation; one taken ahead is used only while it
+// still leaves at least half of that, so that a mark delayed by less than
+// half of that slack never costs a duplicate. A claim that does not is
+// renewed first, right before the send. With a lease no longer than one
+// conversation (a setting Validate refuses, but tests use) no claim taken
+// ahead is used, and every email is claimed right before its send.
 func (c *Consumer) covers(asked time.Time) bool {
-	return time.Since(asked)+c.sendLimit < c.sends.lease
+	slack := c.sends.lease - c.sendLimit
+	return slack > 0 && time.Since(asked)+c.sendLimit+slack/2 < c.sends.lease
 }
 
 // claimOutcome turns a claim's answer into the outcome of a delivery that
@@ -125,13 +131,16 @@ func claimOutcome(res claimResult, dbErr *errOnce) (o outcome, ok bool) {
 }
 
 // deliver sees one email through: up to sendAttempts conversations, each
-// under a claim that covers it (ahead, the claim taken with its batch, for
-// the first if it still does; otherwise one taken right before it). A send the server
-// answered 250 to is sent, whatever fails after; a send whose answer never
-// came keeps its claim, so that it is retried only once the lease has run
-// out. sent is called once a conversation ended in 250, before the mark:
-// the next send need not wait for this one's commit.
-func (c *Consumer) deliver(ctx context.Context, j *job, ahead heldClaim, claims *batcher[claimRequest, claimResult], marks *batcher[mark, markResult], dbErr *errOnce, sent func()) outcome {
+// under a claim that covers it (ahead, the claim taken with its window, for
+// the first if it still does; otherwise one taken right before it). A send
+// the server answered 250 to is sent, whatever fails after; a send whose
+// answer never came keeps its claim, so that it is retried only once the
+// lease has run out. sent is called once a conversation ended in 250,
+// before the mark: the next send need not wait for this one's commit. A
+// slot of unmarked is held from before the claim is checked until the
+// mark committed (or the send failed), and no send starts once dbErr is
+// set: its mark could not be written either.
+func (c *Consumer) deliver(ctx context.Context, j *job, ahead heldClaim, claims *batcher[claimRequest, claimResult], marks *batcher[mark, markResult], dbErr *errOnce, sent func(), unmarked chan struct{}) outcome {
 	if o, ok := c.recordUnrecorded(ctx, j.key); ok {
 		return o
 	}
@@ -145,25 +154,62 @@ func (c *Consumer) deliver(ctx context.Context, j *job, ahead heldClaim, claims 
 	})
 	defer stopCut()
 	dbCtx := context.WithoutCancel(ctx)
+	// notStarted leaves the email pending, releasing the claim token
+	// holds (if any) so that it waits for nobody's lease.
+	notStarted := func(token string, err error) outcome {
+		if token != "" {
+			c.releaseUnstarted(ctx, []claimRequest{{key: j.key, token: token}})
+		}
+		return outcome{kind: outcomeRetry, err: err}
+	}
 	backoff := retry.WithJitterPercent(20, retry.NewExponential(200*time.Millisecond))
 	for try := 1; ; try++ {
-		token := ahead.token
-		if try > 1 || token == "" {
-			token = newToken(c.name)
+		// The claim held now: the one taken ahead, before the first try
+		// only (a failed try released its claim).
+		prior := ""
+		if try == 1 {
+			prior = ahead.token
 		}
+		// The slot is taken before the claim is judged: waiting for it
+		// (for marks to commit) takes time off the claim's lease.
+		select {
+		case unmarked <- struct{}{}:
+		case <-ctx.Done():
+			return notStarted(prior, fmt.Errorf("not started: shutting down: %w", ctx.Err()))
+		}
+		if ctx.Err() != nil {
+			<-unmarked
+			return notStarted(prior, fmt.Errorf("not started: shutting down: %w", ctx.Err()))
+		}
+		if err := dbErr.get(); err != nil {
+			<-unmarked
+			return notStarted(prior, fmt.Errorf("not started: the send records failed: %w", err))
+		}
+		token := prior
 		// A renewal (the same token) or a new claim, right before the send.
-		if try > 1 || ahead.token == "" || !c.covers(ahead.asked) {
+		if prior == "" || !c.covers(ahead.asked) {
+			if token == "" {
+				token = newToken(c.name)
+			}
 			res, _ := claims.do(claimRequest{key: j.key, eventID: j.eventID, token: token})
 			if o, ok := claimOutcome(res, dbErr); !ok {
+				<-unmarked
 				return o
 			}
+		}
+		// A mark may have failed while the claim was taken.
+		if err := dbErr.get(); err != nil {
+			<-unmarked
+			return notStarted(token, fmt.Errorf("not started: the send records failed: %w", err))
 		}
 
 		err := c.sendOnce(sendCtx, j.msg)
 		if err == nil {
 			sent()
+			defer func() { <-unmarked }()
 			return c.recordSent(dbCtx, j, token, marks)
 		}
+		<-unmarked
 		ambiguous := errors.Is(err, errAmbiguous)
 		opCtx, cancelOp := context.WithTimeout(dbCtx, redisTimeout)
 		if errors.Is(err, errPermanent) {

@@ -17,8 +17,11 @@
 // A consumer claims the send of each email by the business fact it
 // represents ("welcome:<user id>") in PostgreSQL, under a token of its own
 // and with a lease longer than the longest conversation: the emails of a
-// read batch in one statement, and each claim is renewed right before its
-// send if what is left of its lease no longer covers a whole conversation.
+// read batch 2 × SENDEMAIL_CONCURRENCY at a time, one statement each, and
+// each claim is renewed right before its send if what is left of its lease
+// no longer covers a whole conversation and half the rest for the mark.
+// At most 2 × SENDEMAIL_CONCURRENCY emails are sent and not yet marked at
+// any time, and no send starts once a mark failed.
 // Once the server answered 250 to the message data
 // the email is sent, whatever fails after, and is marked so before the
 // entry is acknowledged. A redelivered or duplicated event finds the mark

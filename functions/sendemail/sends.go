@@ -30,8 +30,10 @@ const (
 // Sends keeps the send records in PostgreSQL: durable, and shared by every
 // consumer instance.
 //
-// A claim is taken for one email right before each conversation about it,
-// under a token drawn for that claim, and lasts the lease. Only the
+// A claim is taken for one email ahead of its conversation, together with
+// a few others in one statement (ClaimAhead), or right before it (Claim,
+// also to renew a claim taken ahead under the same token), under a token
+// drawn for that claim, and lasts the lease. Only the
 // token's holder can release it, count a failure or forget it; a mark
 // records the email as sent whoever holds the claim, because that is a fact
 // (and says whether the claim was still this one's).
@@ -66,9 +68,9 @@ func (s *Sends) Claim(ctx context.Context, reqs []claimRequest) ([]claimState, e
 	return s.claim(ctx, reqs, false)
 }
 
-// ClaimAhead is Claim for claims taken with a batch, ahead of sends that
-// may start a good while later: its commit waits for the WAL flush (one
-// flush for the batch), so that a PostgreSQL crash cannot lose a claim
+// ClaimAhead is Claim for the claims of a window of a batch, taken ahead
+// of sends that may start a while later: its commit waits for the WAL
+// flush (one flush for the window), so that a PostgreSQL crash cannot lose a claim
 // that sends are still to rely on.
 func (s *Sends) ClaimAhead(ctx context.Context, reqs []claimRequest) ([]claimState, error) {
 	return s.claim(ctx, reqs, true)

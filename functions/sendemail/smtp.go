@@ -27,7 +27,9 @@ import (
 //     ([errAmbiguous]); that wait gets SMTP_DATA_TIMEOUT (RFC 5321 §4.5.3.2.6
 //     asks for 10 minutes).
 //   - The whole conversation is bounded: every step but that wait shares one
-//     SMTP_TIMEOUT, QUIT gets at most another; see [SMTPSender.Limit].
+//     SMTP_TIMEOUT; see [SMTPSender.Limit]. QUIT, on a connection that is
+//     not kept, is said in the background within another SMTP_TIMEOUT:
+//     the send (and so its mark) never waits for it.
 //
 // A connection whose last message got its 250 is kept for the next message
 // (RFC 5321 §3.3: after a transaction ends the session is ready for the
@@ -50,6 +52,13 @@ type SMTPSender struct {
 
 	mu   sync.Mutex
 	idle []*smtpConn // most recently used last
+	// quitting holds the connections saying goodbye in the background,
+	// each with a channel closed once it is closed.
+	quitting map[*smtpConn]chan struct{}
+	// closed is set by Close: no connection is kept after it, and a
+	// goodbye gets no later than closeBy.
+	closed  bool
+	closeBy time.Time
 }
 
 // smtpConn is a session ready for MAIL.
@@ -132,7 +141,9 @@ func NewSMTPSender(rawURL string, timeout, dataTimeout time.Duration) (*SMTPSend
 }
 
 // Limit is the longest one conversation can last: SMTP_TIMEOUT up to the
-// end of the data, SMTP_DATA_TIMEOUT for the answer, SMTP_TIMEOUT for QUIT.
+// end of the data, SMTP_DATA_TIMEOUT for the answer, and SMTP_TIMEOUT
+// more, which QUIT once took before Send returned (it no longer does; the
+// margin is kept, so that the settings Validate accepts do not change).
 func (s *SMTPSender) Limit() time.Duration { return SendLimit(s.timeout, s.dataTimeout) }
 
 // SendLimit is [SMTPSender.Limit] for these settings.
@@ -183,33 +194,66 @@ func (s *SMTPSender) take() *smtpConn {
 }
 
 // keep puts a connection whose last message got its 250 back for the next
-// message, or says goodbye to it.
-func (s *SMTPSender) keep(sc *smtpConn, quitBy time.Time) {
+// message, or says goodbye to it (in the background: the message is sent,
+// and its mark must not wait for a courtesy). Once Close was called no
+// connection is kept: nothing would ever close it.
+func (s *SMTPSender) keep(sc *smtpConn) {
 	sc.messages++
 	sc.idleFrom = time.Now()
 	s.mu.Lock()
-	if sc.messages < keepMessages && len(s.idle) < keepConns {
+	defer s.mu.Unlock()
+	if !s.closed && sc.messages < keepMessages && len(s.idle) < keepConns {
 		s.idle = append(s.idle, sc)
-		s.mu.Unlock()
 		return
 	}
-	s.mu.Unlock()
-	_ = sc.conn.SetDeadline(quitBy)
-	_ = sc.client.Quit()
-	_ = sc.conn.Close()
+	s.goodbye(sc, time.Now().Add(s.timeout))
 }
 
-// Close says goodbye to the kept connections, within a second in all.
-func (s *SMTPSender) Close() error {
-	s.mu.Lock()
-	idle := s.idle
-	s.idle = nil
-	s.mu.Unlock()
-	by := time.Now().Add(time.Second)
-	for _, sc := range idle {
-		_ = sc.conn.SetDeadline(by)
+// goodbye sends QUIT on sc and closes it in the background, by by (by
+// closeBy once Close was called). s.mu is held.
+func (s *SMTPSender) goodbye(sc *smtpConn, by time.Time) {
+	if s.closed && s.closeBy.Before(by) {
+		by = s.closeBy
+	}
+	// Set here, under s.mu, so that Close's earlier deadline cannot be
+	// overwritten by a later one.
+	_ = sc.conn.SetDeadline(by)
+	if s.quitting == nil {
+		s.quitting = make(map[*smtpConn]chan struct{})
+	}
+	done := make(chan struct{})
+	s.quitting[sc] = done
+	go func() {
+		defer close(done)
 		_ = sc.client.Quit()
 		_ = sc.conn.Close()
+		s.mu.Lock()
+		delete(s.quitting, sc)
+		s.mu.Unlock()
+	}()
+}
+
+// Close says goodbye to the kept connections and to those already saying
+// it, within a second in all. A send under way when Close is called does
+// not keep its connection.
+func (s *SMTPSender) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.closeBy = time.Now().Add(time.Second)
+	for sc := range s.quitting {
+		_ = sc.conn.SetDeadline(s.closeBy)
+	}
+	for _, sc := range s.idle {
+		s.goodbye(sc, s.closeBy)
+	}
+	s.idle = nil
+	waits := make([]chan struct{}, 0, len(s.quitting))
+	for _, done := range s.quitting {
+		waits = append(waits, done)
+	}
+	s.mu.Unlock()
+	for _, done := range waits {
+		<-done
 	}
 	return nil
 }
@@ -276,15 +320,11 @@ func (s *SMTPSender) transact(ctx context.Context, sc *smtpConn, stepsBy time.Ti
 	accepted := false
 	stop := context.AfterFunc(ctx, func() { _ = sc.conn.SetDeadline(time.Unix(1, 0)) })
 	defer func() {
-		// A connection whose cut may have fired is never kept.
+		// A connection whose cut may have fired is never kept, nor told
+		// goodbye: its deadline is in the past.
 		if stop() && accepted && ctx.Err() == nil {
-			s.keep(sc, time.Now().Add(s.timeout))
+			s.keep(sc)
 			return
-		}
-		if accepted {
-			// 250: sent. QUIT is a courtesy.
-			_ = setDeadline(ctx, sc.conn, time.Now().Add(s.timeout))
-			_ = sc.client.Quit()
 		}
 		_ = sc.conn.Close()
 	}()

@@ -78,7 +78,8 @@ func TestAClaimTakenWithItsBatchIsRenewedWhenItNoLongerCoversASend(t *testing.T)
 	b := setup(t)
 	ctx := context.Background()
 	// A conversation may last 2 × 600 ms + 100 ms, the lease 1.4 s: a
-	// claim taken with the batch covers the sends that start within 100 ms.
+	// claim taken ahead is used for the sends that start within 50 ms (it
+	// must leave the mark half of the 100 ms a fresh claim leaves).
 	// Sixteen messages one at a time (4 delayed replies each on a kept
 	// connection, 11 on a new one) take 1.8 s.
 	b.smtp.SetReplyDelay(25 * time.Millisecond)
