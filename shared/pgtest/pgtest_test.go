@@ -116,7 +116,7 @@ func TestCreateReplacesADatabaseOfTheSameNameAndDropRemovesIt(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	name := "outbox_pgtest_create_" + strconv.FormatInt(time.Now().UnixNano(), 36)
-	u, drop, err := pgtest.Create(ctx, name)
+	u, _, err := pgtest.Create(ctx, name) // the next Create replaces it
 	require.NoError(t, err)
 	require.Equal(t, name, databaseName(t, u))
 	conn, err := pgx.Connect(ctx, u)
@@ -125,7 +125,7 @@ func TestCreateReplacesADatabaseOfTheSameNameAndDropRemovesIt(t *testing.T) {
 	require.NoError(t, err)
 	conn.Close(ctx)
 
-	u, drop, err = pgtest.Create(ctx, name)
+	u, drop, err := pgtest.Create(ctx, name)
 	require.NoError(t, err)
 	conn, err = pgx.Connect(ctx, u)
 	require.NoError(t, err)
