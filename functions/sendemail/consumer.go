@@ -110,6 +110,23 @@ type Consumer struct {
 
 	groupOnce sync.Mutex
 	groupOK   bool
+
+	// unmarked bounds, across every batch this process handles at once
+	// (the loop, its claim loop, triggers), the emails being sent or
+	// sent and not yet marked.
+	unmarkedOnce sync.Once
+	unmarked     chan struct{}
+
+	flushMu     sync.Mutex
+	flushing    bool
+	flushClosed bool
+	flushStop   chan struct{}
+	flushWG     sync.WaitGroup
+}
+
+func (c *Consumer) unmarkedSlots() chan struct{} {
+	c.unmarkedOnce.Do(func() { c.unmarked = make(chan struct{}, 2*c.concurrency) })
+	return c.unmarked
 }
 
 // redisTimeout bounds one Redis round trip that does not block.
@@ -246,7 +263,7 @@ func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry) (S
 	// unmarked bounds the emails being sent or sent whose mark has not
 	// committed yet: what a crash would send twice, and what a database
 	// that stopped writing lets out unrecorded.
-	unmarked := make(chan struct{}, 2*c.concurrency)
+	unmarked := c.unmarkedSlots()
 	var wg sync.WaitGroup
 dispatch:
 	for w, win := range ahead.windows {
@@ -580,6 +597,7 @@ func (c *Consumer) Pass(ctx context.Context, stopBy time.Time) (Stats, error) {
 	if err := c.EnsureGroup(ctx); err != nil {
 		return Stats{}, err
 	}
+	c.flushUnrecorded(ctx)
 	stats, err := c.ClaimIdle(ctx, stopBy)
 	if err != nil {
 		return stats, err

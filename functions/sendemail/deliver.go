@@ -197,10 +197,15 @@ func (c *Consumer) deliver(ctx context.Context, j *job, ahead heldClaim, claims 
 				return o
 			}
 		}
-		// A mark may have failed while the claim was taken.
+		// A mark may have failed, or shutdown begun, while the claim was
+		// taken.
 		if err := dbErr.get(); err != nil {
 			<-unmarked
 			return notStarted(token, fmt.Errorf("not started: the send records failed: %w", err))
+		}
+		if ctx.Err() != nil {
+			<-unmarked
+			return notStarted(token, fmt.Errorf("not started: shutting down: %w", ctx.Err()))
 		}
 
 		err := c.sendOnce(sendCtx, j.msg)
@@ -271,6 +276,7 @@ func (c *Consumer) recordSent(ctx context.Context, j *job, token string, marks *
 	lost := res.lost
 	if err != nil {
 		c.unrecorded.Store(j.key, m)
+		c.startFlusher()
 		c.logger.ErrorContext(ctx, "email sent but not yet recorded; the entry stays pending and the mark is retried",
 			slog.String("key", j.key), slog.Any("error", err))
 		return outcome{kind: outcomeRetry, err: err}
@@ -304,4 +310,65 @@ func (c *Consumer) flushUnrecorded(ctx context.Context) {
 		c.recordUnrecorded(ctx, k.(string))
 		return ctx.Err() == nil
 	})
+}
+
+// startFlusher retries the marks this process owes in the background, with
+// backoff, until none is owed or the consumer is closed: in trigger mode
+// nothing else retries them unless this instance happens to take the same
+// entry again before the claim runs out.
+func (c *Consumer) startFlusher() {
+	c.flushMu.Lock()
+	defer c.flushMu.Unlock()
+	if c.flushing || c.flushClosed {
+		return
+	}
+	if c.flushStop == nil {
+		c.flushStop = make(chan struct{})
+	}
+	c.flushing = true
+	stop := c.flushStop
+	c.flushWG.Go(func() {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go func() {
+			select {
+			case <-stop:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+		b := retry.WithCappedDuration(2*time.Second, retry.NewExponential(200*time.Millisecond))
+		for {
+			d, _ := b.Next()
+			select {
+			case <-stop:
+				c.flushMu.Lock()
+				c.flushing = false
+				c.flushMu.Unlock()
+				return
+			case <-time.After(d):
+			}
+			c.flushUnrecorded(ctx)
+			c.flushMu.Lock()
+			empty := true
+			c.unrecorded.Range(func(any, any) bool { empty = false; return false })
+			if empty {
+				c.flushing = false
+				c.flushMu.Unlock()
+				return
+			}
+			c.flushMu.Unlock()
+		}
+	})
+}
+
+// stopFlusher stops the background retries of owed marks and waits for them.
+func (c *Consumer) stopFlusher() {
+	c.flushMu.Lock()
+	c.flushClosed = true
+	if c.flushStop != nil {
+		close(c.flushStop)
+	}
+	c.flushMu.Unlock()
+	c.flushWG.Wait()
 }

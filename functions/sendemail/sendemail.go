@@ -163,6 +163,7 @@ func (s *Service) HandlerTimeout() time.Duration { return s.cfg.DrainTimeout + 5
 // Close releases the pool, the Redis client and the mail server's
 // connections kept for the next message.
 func (s *Service) Close() {
+	s.consumer.stopFlusher()
 	if c, ok := s.consumer.sender.(io.Closer); ok {
 		_ = c.Close()
 	}

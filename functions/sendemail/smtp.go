@@ -202,7 +202,13 @@ func (s *SMTPSender) keep(sc *smtpConn) {
 	sc.idleFrom = time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.closed && sc.messages < keepMessages && len(s.idle) < keepConns {
+	if s.closed {
+		// Close has returned or is waiting for others: nothing would
+		// wait for a goodbye started now.
+		_ = sc.conn.Close()
+		return
+	}
+	if sc.messages < keepMessages && len(s.idle) < keepConns {
 		s.idle = append(s.idle, sc)
 		return
 	}
