@@ -190,7 +190,7 @@ func TestCloseLeavesNoGoodbyeRunningBehindIt(t *testing.T) {
 	require.Zero(t, quitting, "Close returned while a goodbye goroutine it never waits for still runs")
 }
 
-// Holds? A mark that fails once (its retry succeeds) stops the batch; the
+// A mark that fails once (its retry succeeds) stops the batch; the
 // rest is sent once, after the claim idle time, not after the lease.
 func TestAMarkThatFailsOnceLeavesTheRestOfTheBatchForTheNextPassNotForTheLease(t *testing.T) {
 	t.Parallel()
@@ -237,17 +237,10 @@ func TestAMarkThatFailsOnceLeavesTheRestOfTheBatchForTheNextPassNotForTheLease(t
 		return b.pending(t) == 0
 	}, 10*time.Second, 100*time.Millisecond)
 	t.Logf("the rest followed in %s", time.Since(start))
-	got := map[string]int{}
-	for _, m := range b.smtp.Messages() {
-		got[m.To[0]]++
-	}
-	require.Len(t, got, 16)
-	for to, n := range got {
-		require.Equal(t, 1, n, to)
-	}
+	b.requireOneEmailEach(t, 16)
 }
 
-// Holds? Stop while sends are under way and marks are slow: every email
+// Stop while sends are under way and marks are slow: every email
 // accepted is recorded and acknowledged, nothing not started stays claimed.
 func TestStopWhileMarksAreSlowLeavesNothingClaimedAndNothingUnrecorded(t *testing.T) {
 	t.Parallel()

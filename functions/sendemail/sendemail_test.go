@@ -132,6 +132,20 @@ func (b *testBundle) deadLetters(t *testing.T) []rueidis.XRangeEntry {
 	return entries
 }
 
+// requireOneEmailEach checks that the server accepted exactly one message
+// for each of n recipients.
+func (b *testBundle) requireOneEmailEach(t *testing.T, n int) {
+	t.Helper()
+	got := map[string]int{}
+	for _, m := range b.smtp.Messages() {
+		got[m.To[0]]++
+	}
+	require.Len(t, got, n)
+	for to, n := range got {
+		require.Equal(t, 1, n, to)
+	}
+}
+
 func pass(t *testing.T, s *Service) Stats {
 	t.Helper()
 	stats, err := s.consumer.Pass(context.Background(), time.Now().Add(30*time.Second))
