@@ -294,8 +294,14 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	results := c.DoMulti(ctx, cmds...)
+	wait := -1
+	if p.waitReplicas > 0 {
+		wait = exec + 1
+	}
 	for i, r := range results {
-		if err := r.Error(); err != nil && !(i == exec && rueidis.IsRedisNil(err)) {
+		// A refused or failed WAIT leaves the batch published and the
+		// connection usable: the batch counts as unreplicated.
+		if err := r.Error(); err != nil && i != wait && !(i == exec && rueidis.IsRedisNil(err)) {
 			return res, s.fail(fmt.Errorf("publish batch: %w", err))
 		}
 	}

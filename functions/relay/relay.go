@@ -210,10 +210,7 @@ func (s *Service) run(ctx context.Context) {
 			s.logger.InfoContext(ctx, "relay recovered", slog.Duration("after", time.Since(failingSince)))
 			failing = nil
 		}
-		if res.Unreplicated > 0 {
-			s.logger.WarnContext(ctx, "batches committed without the replicas' confirmation; a Redis failover now could drop them",
-				slog.Int("batches", res.Unreplicated), slog.Int("replicas_asked", s.cfg.WaitReplicas))
-		}
+		s.warnUnreplicated(ctx, res)
 		if res.Batches > 0 {
 			s.logger.DebugContext(ctx, "drained",
 				slog.Int("relayed", res.Relayed), slog.Int("duplicates_skipped", res.Duplicates),
@@ -293,6 +290,14 @@ func (w *watch) check(ctx context.Context, q querier) (bool, error) {
 	return false, err
 }
 
+// warnUnreplicated logs the batches of a drain that no replica confirmed.
+func (s *Service) warnUnreplicated(ctx context.Context, res Result) {
+	if res.Unreplicated > 0 {
+		s.logger.WarnContext(ctx, "batches committed without the replicas' confirmation (WAIT timed out or was refused); a Redis failover now could drop them",
+			slog.Int("batches", res.Unreplicated), slog.Int("replicas_asked", s.cfg.WaitReplicas))
+	}
+}
+
 func (s *Service) ring() {
 	select {
 	case s.bell <- struct{}{}:
@@ -367,13 +372,25 @@ func (s *Service) watchListener(ctx context.Context) (deaf bool) {
 			return false
 		case <-ticker.C:
 		}
-		if s.listening.Load() && time.Since(time.Unix(0, s.heard.Load())) > 2*s.pingEvery {
+		// Two pings and a half: one ping late by less than an interval is
+		// not silence.
+		if s.listening.Load() && time.Since(time.Unix(0, s.heard.Load())) > 5*s.pingEvery/2 {
 			return true
 		}
 		go func() {
 			ctx, cancel := context.WithTimeout(ctx, s.pingEvery)
 			defer cancel()
-			_, _ = s.pool.Exec(ctx, "SELECT pg_notify('"+pingChannel+"', '')") // a failure shows as silence
+			conn, err := s.pool.Acquire(ctx)
+			if err != nil {
+				if st := s.pool.Stat(); st.AcquiredConns() >= st.MaxConns() {
+					// The pool was busy, not the network: this ping says
+					// nothing about the listener.
+					s.heard.Store(time.Now().UnixNano())
+				}
+				return
+			}
+			defer conn.Release()
+			_, _ = conn.Exec(ctx, "SELECT pg_notify('"+pingChannel+"', '')") // a failure shows as silence
 		}()
 	}
 }
@@ -425,6 +442,7 @@ func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err == nil {
 		err = s.drainAfterWriters(ctx, &res, stopBy)
 	}
+	s.warnUnreplicated(ctx, res)
 	busy := errors.Is(err, ErrBusy)
 	if err != nil && !busy {
 		s.logger.WarnContext(ctx, "triggered drain failed", slog.Any("error", err))
