@@ -211,23 +211,19 @@ func NewDrainer(pool *pgxpool.Pool, publisher *Publisher, batchSize int, lockWai
 // background loop's) waits its turn.
 func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (res Result, err error) {
 	wait := d.lockWait
+	var gaveUp <-chan time.Time // never, without a deadline
 	if !stopBy.IsZero() {
 		wait = min(wait, time.Until(stopBy))
 		t := time.NewTimer(wait)
 		defer t.Stop()
-		select {
-		case d.sem <- struct{}{}:
-		case <-t.C:
-			return res, ErrBusy
-		case <-ctx.Done():
-			return res, ctx.Err()
-		}
-	} else {
-		select {
-		case d.sem <- struct{}{}:
-		case <-ctx.Done():
-			return res, ctx.Err()
-		}
+		gaveUp = t.C
+	}
+	select {
+	case d.sem <- struct{}{}:
+	case <-gaveUp:
+		return res, ErrBusy
+	case <-ctx.Done():
+		return res, ctx.Err()
 	}
 	defer func() { <-d.sem }()
 	conn, err := d.pool.Acquire(ctx)

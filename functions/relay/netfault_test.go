@@ -34,9 +34,7 @@ type silenced struct {
 func silence(t *testing.T, backlog int) *silenced {
 	t.Helper()
 	b := setup(t)
-	target, err := url.Parse(b.url)
-	require.NoError(t, err)
-	proxy := tcpproxy.Start(t, target.Host)
+	proxy := b.proxy(t)
 	a := b.relay(t, func(c *Config) {
 		c.DatabaseURL = withApplicationName(t, proxy.URL(b.url), "relay-a")
 		// Many short transactions, so that A is still draining when frozen.
@@ -138,9 +136,7 @@ func TestASilentNetworkDoesNotHoldTheDrainLock(t *testing.T) {
 func TestAStandbyDoesNotOvertakeTheBatchAClaimAheadStillHolds(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	target, err := url.Parse(b.url)
-	require.NoError(t, err)
-	proxy := tcpproxy.Start(t, target.Host)
+	proxy := b.proxy(t)
 	a := b.relay(t, func(c *Config) {
 		c.DatabaseURL = withApplicationName(t, proxy.URL(b.url), "relay-a")
 		c.BatchSize = 10
@@ -201,7 +197,7 @@ func TestAStandbyDoesNotOvertakeTheBatchAClaimAheadStillHolds(t *testing.T) {
 		standbyDone <- err
 	}()
 	time.Sleep(500 * time.Millisecond)
-	_, err = b.pool.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+	_, err := b.pool.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 		WHERE application_name = 'relay-a' AND datname = current_database()`)
 	require.NoError(t, err)
 	require.NoError(t, <-standbyDone)
@@ -250,12 +246,18 @@ func withApplicationName(t *testing.T, u, name string) string {
 	return parsed.String()
 }
 
+// proxy starts a TCP proxy in front of the test database.
+func (b *testBundle) proxy(t *testing.T) *tcpproxy.Proxy {
+	t.Helper()
+	target, err := url.Parse(b.url)
+	require.NoError(t, err)
+	return tcpproxy.Start(t, target.Host)
+}
+
 func TestADeafListenerIsNoticedAndReplaced(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	target, err := url.Parse(b.url)
-	require.NoError(t, err)
-	proxy := tcpproxy.Start(t, target.Host)
+	proxy := b.proxy(t)
 	t.Cleanup(proxy.Thaw)
 	s := b.relay(t, func(c *Config) { c.DatabaseURL = proxy.URL(b.url) })
 	s.pingEvery = 100 * time.Millisecond

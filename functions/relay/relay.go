@@ -335,7 +335,7 @@ func (s *Service) listen(ctx context.Context) {
 		<-done
 		if deaf && s.listening.Swap(false) {
 			s.logger.WarnContext(ctx, "listener heard nothing, not even the relays' pings; reconnecting",
-				slog.Duration("silent_for", 2*s.pingEvery))
+				slog.Duration("silent_for", s.deafAfter()))
 		}
 	}
 }
@@ -363,7 +363,7 @@ func (s *Service) listenUntil(ctx context.Context) {
 // watchListener pings every pingEvery until ctx is done, and reports true
 // as soon as a connected listener has heard nothing for two pings.
 func (s *Service) watchListener(ctx context.Context) (deaf bool) {
-	s.heard.Store(time.Now().UnixNano())
+	s.hear()
 	ticker := time.NewTicker(s.pingEvery)
 	defer ticker.Stop()
 	for {
@@ -372,9 +372,7 @@ func (s *Service) watchListener(ctx context.Context) (deaf bool) {
 			return false
 		case <-ticker.C:
 		}
-		// Two pings and a half: one ping late by less than an interval is
-		// not silence.
-		if s.listening.Load() && time.Since(time.Unix(0, s.heard.Load())) > 5*s.pingEvery/2 {
+		if s.listening.Load() && time.Since(time.Unix(0, s.heard.Load())) > s.deafAfter() {
 			return true
 		}
 		go func() {
@@ -385,7 +383,7 @@ func (s *Service) watchListener(ctx context.Context) (deaf bool) {
 				if st := s.pool.Stat(); st.AcquiredConns() >= st.MaxConns() {
 					// The pool was busy, not the network: this ping says
 					// nothing about the listener.
-					s.heard.Store(time.Now().UnixNano())
+					s.hear()
 				}
 				return
 			}
@@ -395,18 +393,25 @@ func (s *Service) watchListener(ctx context.Context) (deaf bool) {
 	}
 }
 
+// hear notes that the listener heard something.
+func (s *Service) hear() { s.heard.Store(time.Now().UnixNano()) }
+
+// deafAfter is the silence after which a listener counts as deaf: two pings
+// and a half, so that one ping late by less than an interval is not silence.
+func (s *Service) deafAfter() time.Duration { return 5 * s.pingEvery / 2 }
+
 // doorbell is the LISTEN handler. It only rings: draining inline would stall
 // the listener.
 type doorbell struct{ s *Service }
 
 func (d doorbell) HandleNotification(context.Context, *pgconn.Notification, *pgx.Conn) error {
-	d.s.heard.Store(time.Now().UnixNano())
+	d.s.hear()
 	d.s.ring()
 	return nil
 }
 
 func (d doorbell) HandleBacklog(ctx context.Context, _ string, _ *pgx.Conn) error {
-	d.s.heard.Store(time.Now().UnixNano())
+	d.s.hear()
 	if !d.s.listening.Swap(true) {
 		d.s.logger.InfoContext(ctx, "listening for outbox notifications")
 	}
@@ -418,7 +423,7 @@ func (d doorbell) HandleBacklog(ctx context.Context, _ string, _ *pgx.Conn) erro
 type pong struct{ s *Service }
 
 func (p pong) HandleNotification(context.Context, *pgconn.Notification, *pgx.Conn) error {
-	p.s.heard.Store(time.Now().UnixNano())
+	p.s.hear()
 	return nil
 }
 

@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"sync"
 	"testing"
 	"time"
@@ -17,7 +16,6 @@ import (
 
 	"github.com/outboxfn/outbox/shared/redistest"
 	"github.com/outboxfn/outbox/shared/stream"
-	"github.com/outboxfn/outbox/shared/tcpproxy"
 )
 
 // The longest WAIT timeout Validate accepts must not turn a paused replica
@@ -105,9 +103,7 @@ func TestABusyPoolDoesNotMakeAWorkingListenerDeaf(t *testing.T) {
 func TestARowCommittedWhileDeafIsRelayedAfterTheReplace(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	target, err := url.Parse(b.url)
-	require.NoError(t, err)
-	proxy := tcpproxy.Start(t, target.Host)
+	proxy := b.proxy(t)
 	t.Cleanup(proxy.Thaw)
 	s := b.relay(t, func(c *Config) { c.DatabaseURL = proxy.URL(b.url) })
 	s.pingEvery = 100 * time.Millisecond

@@ -241,8 +241,10 @@ func TestEmailsSentButNotRecordedStayBoundedByTheConcurrency(t *testing.T) {
 	require.LessOrEqual(t, worst, 2*2, "a crash now would send this many emails twice")
 }
 
-func TestCloseLeavesNoConnectionOpenBehindASendUnderWay(t *testing.T) {
-	t.Parallel()
+// senderAndWelcome starts a test SMTP server and returns it, a sender to it
+// and one welcome message.
+func senderAndWelcome(t *testing.T) (*smtptest.Server, *SMTPSender, *gomail.Msg) {
+	t.Helper()
 	srv := smtptest.Start(t)
 	sender, err := NewSMTPSender(srv.URL(), 5*time.Second, 5*time.Second)
 	require.NoError(t, err)
@@ -250,6 +252,12 @@ func TestCloseLeavesNoConnectionOpenBehindASendUnderWay(t *testing.T) {
 	require.NoError(t, err)
 	msg, err := m.Welcome(Recipient{UserID: 1, Email: "ada@example.com", Name: "Ada"}, "7f1c2a5e-1a1b-4c2d-8e3f-0a1b2c3d4e5f")
 	require.NoError(t, err)
+	return srv, sender, msg
+}
+
+func TestCloseLeavesNoConnectionOpenBehindASendUnderWay(t *testing.T) {
+	t.Parallel()
+	srv, sender, msg := senderAndWelcome(t)
 	srv.SetReplyDelay(100 * time.Millisecond)
 	done := make(chan error, 1)
 	go func() { done <- sender.Send(context.Background(), msg) }()

@@ -170,13 +170,7 @@ func TestNoSendStartsOnceShutdownBeganEvenIfTheClaimBeforeItWasSlow(t *testing.T
 // R2-4: a goodbye begun after Close outlives it.
 func TestCloseLeavesNoGoodbyeRunningBehindIt(t *testing.T) {
 	t.Parallel()
-	srv := smtptest.Start(t)
-	sender, err := NewSMTPSender(srv.URL(), 5*time.Second, 5*time.Second)
-	require.NoError(t, err)
-	m, err := NewMailer("Example <welcome@example.com>", "Hi")
-	require.NoError(t, err)
-	msg, err := m.Welcome(Recipient{UserID: 1, Email: "ada@example.com", Name: "Ada"}, "7f1c2a5e-1a1b-4c2d-8e3f-0a1b2c3d4e5f")
-	require.NoError(t, err)
+	srv, sender, msg := senderAndWelcome(t)
 	srv.SetReplyDelay(200 * time.Millisecond)
 	done := make(chan error, 1)
 	go func() { done <- sender.Send(context.Background(), msg) }()
