@@ -3,12 +3,13 @@
 // the functions' defaults).
 //
 //	outboxctl migrate                       apply pending migrations
-//	outboxctl status [-json]                backlog, dead outbox rows, streams, groups, consumers, dead letters
+//	outboxctl status [-json]                backlog, dead outbox rows, retained events, streams, groups, consumers, dead letters
 //	outboxctl outbox-dead list [-count N] [-json]  events the relay could not publish
 //	outboxctl outbox-dead requeue (ID... | -all)   move them back into the outbox, event ids kept
 //	outboxctl dlq list [-count N] [-json]   dead letters with their reasons
 //	outboxctl dlq redrive (ID... | -all)    move dead letters back to their stream
 //	outboxctl dlq drop (ID... | -all)       delete dead letters
+//	outboxctl replay (-since T | -event-id ID,...) [-dry-run]  publish retained events again
 //	outboxctl purge [-older-than 720h]      delete old send records and idempotency keys
 //	outboxctl envdoc README.md              regenerate the README's configuration tables
 //	outboxctl render [-set|-text N=V]... F  fill a Cloud Run manifest's ${N} placeholders, quoted
@@ -43,7 +44,8 @@ const usage = `usage: outboxctl <command> [flags]
 
 commands:
   migrate                      apply pending migrations to DATABASE_URL
-  status [-json]               outbox backlog and oldest event, dead outbox rows, stream lengths,
+  status [-json]               outbox backlog and oldest event, dead outbox rows, retained
+                               relayed events and the relay's replays under way, stream lengths,
                                each group's pending count and lag, consumers and their idle
                                times, dead letters
   outbox-dead list [-count N] [-json]
@@ -54,8 +56,20 @@ commands:
   dlq list [-count N] [-json]  dead letters with their reasons and delivery counts
   dlq redrive (ID... | -all)   move dead letters back to their stream, one MULTI/EXEC each
   dlq drop (ID... | -all)      delete dead letters
+  replay (-since TIME [-until TIME] [-type AGGREGATE] | -event-id UUID[,UUID...]) [-dry-run]
+                               publish again, to their streams and with the relay's fields, the
+                               relayed events the relay still retains (RELAY_RETENTION), in the
+                               order it published them: those of the batches relayed from -since
+                               until -until (RFC3339, or a duration meaning that long ago; -until
+                               defaults to now), of -type only if given; or the events named (a
+                               scan of all retained events; if one is not retained, nothing is
+                               published). -dry-run prints how many events each stream would get.
+                               Consumers may have these events already: they drop the copies by
+                               event_id (sendemail: by its send records, which purge keeps)
   purge [-older-than 720h]     delete send records and idempotency keys older than that,
-                               1000 rows per statement
+                               1000 rows per statement; refuses an age below the largest of
+                               24h, RELAY_DEDUPE_WINDOW and RELAY_RETENTION, and keeps the send
+                               records created since the oldest batch still retained
   envdoc FILE                  regenerate the configuration tables in FILE (README.md)
   render [-set NAME=VALUE]... [-text NAME=VALUE]... FILE
                                print a Cloud Run manifest with its ${NAME} placeholders filled
@@ -125,7 +139,7 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 		}
 		fmt.Fprintf(out, "schema at version %d\n", version)
 		return nil
-	case "status", "dlq", "purge", "outbox-dead":
+	case "status", "dlq", "purge", "outbox-dead", "replay":
 		// outbox-dead needs only PostgreSQL, so it works while Redis is down.
 		o, closeOps, err := openOps(ctx, cfg, out, args[0] != "outbox-dead")
 		if err != nil {
@@ -143,7 +157,8 @@ func openOps(ctx context.Context, cfg Config, out io.Writer, withRedis bool) (*o
 	if err != nil {
 		return nil, nil, fmt.Errorf("open database: %w", err)
 	}
-	o := &ops{pool: pool, prefix: cfg.StreamPrefix, group: cfg.Group, out: out, dedupeWindow: cfg.DedupeWindow}
+	o := &ops{pool: pool, prefix: cfg.StreamPrefix, group: cfg.Group, out: out,
+		dedupeWindow: cfg.DedupeWindow, retention: cfg.Retention}
 	if !withRedis {
 		return o, pool.Close, nil
 	}
@@ -154,11 +169,17 @@ func openOps(ctx context.Context, cfg Config, out io.Writer, withRedis bool) (*o
 	return o, func() { o.redis.Close(); pool.Close() }, nil
 }
 
-// command runs status, dlq …, outbox-dead … or purge with their flags.
+// command runs status, dlq …, outbox-dead …, replay or purge with their
+// flags.
 func (o *ops) command(ctx context.Context, args []string) error {
+	name := args[0]
+	if name == "replay" {
+		// No time limit: a day of events can take longer than ten
+		// minutes, and an interrupted replay only has to be run again.
+		return o.replayCommand(ctx, args[1:])
+	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	name := args[0]
 	if name == "dlq" {
 		if len(args) < 2 {
 			return fmt.Errorf("%w: dlq needs list, redrive or drop", errUsage)
@@ -262,10 +283,17 @@ func (o *ops) command(ctx context.Context, args []string) error {
 		fmt.Fprintf(o.out, "%s: %d rows back in the outbox\n", name, n)
 		return nil
 	case "purge":
-		deleted, err := o.purge(ctx, *olderThan)
-		for table, n := range deleted {
-			fmt.Fprintf(o.out, "purged %d rows of %s older than %s\n", n, table, *olderThan)
+		p, err := o.purge(ctx, *olderThan)
+		if p.SendsBefore.IsZero() {
+			return err // refused, or failed before deleting anything
 		}
+		if p.Clamped {
+			fmt.Fprintf(o.out, "email_sends: keeping the records created since %s, when the oldest batch still retained was relayed "+
+				"(outbox_relay_batches, RELAY_RETENTION): a replay would send those emails again without them\n",
+				p.SendsBefore.UTC().Format(time.RFC3339))
+		}
+		fmt.Fprintf(o.out, "purged %d rows of email_sends created before %s\n", p.Deleted["email_sends"], p.SendsBefore.UTC().Format(time.RFC3339))
+		fmt.Fprintf(o.out, "purged %d rows of idempotency_keys older than %s\n", p.Deleted["idempotency_keys"], *olderThan)
 		return err
 	default:
 		return fmt.Errorf("%w: unknown command %q", errUsage, name)

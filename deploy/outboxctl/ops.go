@@ -29,6 +29,9 @@ type Config struct {
 	Group        string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"sendemail's consumer group, whose dead letters dlq works on. Default sendemail."`
 	// DedupeWindow is the relay's; purge never goes below it.
 	DedupeWindow time.Duration `envconfig:"RELAY_DEDUPE_WINDOW" default:"24h" desc:"The relay's dedupe window: purge refuses -older-than below it (and below 24h). Default 24h."`
+	// Retention is the relay's; purge never goes below it either, since
+	// a replay re-delivers every event retained.
+	Retention time.Duration `envconfig:"RELAY_RETENTION" default:"24h" desc:"How long the relay keeps relayed events to publish them again: purge refuses -older-than below it, and keeps the send records of events still retained. Default 24h."`
 }
 
 // ops holds the connections the operating commands work with.
@@ -38,8 +41,9 @@ type ops struct {
 	prefix string
 	group  string
 	out    io.Writer
-	// dedupeWindow raises the smallest age purge accepts.
+	// dedupeWindow and retention raise the smallest age purge accepts.
 	dedupeWindow time.Duration
+	retention    time.Duration
 }
 
 func (o *ops) userStream() string { return stream.Name(o.prefix, events.AggregateUser) }
@@ -49,8 +53,29 @@ func (o *ops) deadStream() string { return sendemail.DeadLetterStream(o.userStre
 type Status struct {
 	Outbox outbox.Backlog `json:"outbox"`
 	// OutboxDead is what the relay could not publish (see outbox-dead).
-	OutboxDead outbox.Dead    `json:"outbox_dead"`
-	Streams    []StreamStatus `json:"streams"`
+	OutboxDead outbox.Dead `json:"outbox_dead"`
+	// Retained is what the relay keeps to publish again (see replay).
+	Retained Retained `json:"retained"`
+	// Replays lists the streams the relay is publishing again.
+	Replays []StreamReplay `json:"replays"`
+	Streams []StreamStatus `json:"streams"`
+}
+
+// Retained counts the relayed events the relay keeps for RELAY_RETENTION.
+type Retained struct {
+	Events int64 `json:"events"`
+	// OldestRelayedAt is when the oldest batch still retained was relayed;
+	// nil when none is.
+	OldestRelayedAt *time.Time `json:"oldest_relayed_at"`
+}
+
+// StreamReplay is a stream whose retained events the relay is publishing
+// again, because Redis lost some of them.
+type StreamReplay struct {
+	AggregateType string `json:"aggregate_type"`
+	Stream        string `json:"stream"`
+	// FromBatch is the first batch still to publish again.
+	FromBatch int64 `json:"from_batch"`
 }
 
 // StreamStatus describes one stream and its groups.
@@ -86,6 +111,12 @@ func (o *ops) status(ctx context.Context) (Status, error) {
 		return s, err
 	}
 	if s.OutboxDead, err = outbox.MeasureDead(ctx, o.pool); err != nil {
+		return s, err
+	}
+	if s.Retained, err = o.retained(ctx); err != nil {
+		return s, err
+	}
+	if s.Replays, err = o.replays(ctx, nil); err != nil {
 		return s, err
 	}
 	keys, err := o.streams(ctx)
@@ -132,6 +163,19 @@ func (o *ops) status(ctx context.Context) (Status, error) {
 	return s, nil
 }
 
+// retained measures what the relay keeps in outbox_relayed.
+func (o *ops) retained(ctx context.Context) (Retained, error) {
+	var r Retained
+	// count(*) reads the whole table, a day of traffic by default: slow
+	// for a health check, fine for an operator's command.
+	err := o.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM outbox_relayed),
+		(SELECT min(relayed_at) FROM outbox_relay_batches)`).Scan(&r.Events, &r.OldestRelayedAt)
+	if err != nil {
+		return r, fmt.Errorf("measure retained events: %w", err)
+	}
+	return r, nil
+}
+
 // streams lists the streams under the prefix, dead-letter streams and the
 // relay's own keys left out.
 func (o *ops) streams(ctx context.Context) ([]string, error) {
@@ -173,6 +217,18 @@ func printStatus(w io.Writer, s Status) {
 	} else {
 		fmt.Fprintf(w, "outbox dead: %d events the relay could not publish, oldest dead %.1fs (outboxctl outbox-dead list)\n",
 			s.OutboxDead.Count, s.OutboxDead.OldestAgeSeconds)
+	}
+	switch {
+	case s.Retained.OldestRelayedAt == nil && s.Retained.Events == 0:
+		fmt.Fprintln(w, "retained: none")
+	case s.Retained.OldestRelayedAt == nil:
+		fmt.Fprintf(w, "retained: %d relayed events\n", s.Retained.Events)
+	default:
+		fmt.Fprintf(w, "retained: %d relayed events, oldest batch relayed %s (%.1fs ago)\n", s.Retained.Events,
+			s.Retained.OldestRelayedAt.UTC().Format(time.RFC3339), time.Since(*s.Retained.OldestRelayedAt).Seconds())
+	}
+	for _, r := range s.Replays {
+		fmt.Fprintf(w, "stream %s: replay under way from batch %d\n", r.Stream, r.FromBatch)
 	}
 	if len(s.Streams) == 0 {
 		fmt.Fprintln(w, "no streams yet")
@@ -307,40 +363,70 @@ func (o *ops) dlqEach(ctx context.Context, ids []string, act func(rueidis.XRange
 const purgeBatch = 1000
 
 // minPurgeAge is the smallest age purge accepts whatever the relay's
-// dedupe window: a day, well past any lease or claim time.
+// dedupe window and retention: a day, well past any lease or claim time.
 const minPurgeAge = 24 * time.Hour
 
 var errPurgeTooYoung = errors.New("purge age too small")
+
+// Purged is what purge did.
+type Purged struct {
+	// Deleted counts the rows deleted from each table.
+	Deleted map[string]int64
+	// SendsBefore is the creation time before which send records were
+	// deleted: now less the age, or the oldest retained batch's time when
+	// that is earlier (Clamped).
+	SendsBefore time.Time
+	Clamped     bool
+}
 
 // purge deletes send records of emails that were sent, and idempotency
 // keys, older than age, in small batches. A send record that is not
 // finished (a claim, an email still being retried) is never deleted: that
 // would let a second consumer send the same email. A record of an email
 // that went to the dead-letter stream is deleted when it gets there.
-// Relayed outbox rows are deleted by the relay itself; none are retained.
-func (o *ops) purge(ctx context.Context, age time.Duration) (map[string]int64, error) {
-	if least := max(minPurgeAge, o.dedupeWindow); age < least {
-		return nil, fmt.Errorf("%w: -older-than %s is below %s (the larger of a day and RELAY_DEDUPE_WINDOW); younger records still guard against duplicates",
-			errPurgeTooYoung, age, least)
+//
+// Nor is a send record created since the oldest batch the relay retains
+// (outbox_relay_batches) was relayed, whatever the age: a replay, the
+// relay's or outboxctl's, re-delivers that batch's events, and without
+// their records their emails would go out again. Relayed events themselves
+// are purged by the relay after RELAY_RETENTION.
+func (o *ops) purge(ctx context.Context, age time.Duration) (Purged, error) {
+	p := Purged{Deleted: map[string]int64{}}
+	if least := max(minPurgeAge, o.dedupeWindow, o.retention); age < least {
+		return p, fmt.Errorf("%w: -older-than %s is below %s (the largest of a day, RELAY_DEDUPE_WINDOW and RELAY_RETENTION); "+
+			"younger records still guard against duplicates of events the relay may publish again", errPurgeTooYoung, age, least)
 	}
-	deleted := map[string]int64{}
-	for _, t := range []struct{ table, key, finished string }{
-		{"email_sends", "key", " AND sent_at IS NOT NULL"},
-		{"idempotency_keys", "key", ""},
+	var horizon time.Time
+	var oldest *time.Time
+	err := o.pool.QueryRow(ctx, `SELECT now() - $1::interval, (SELECT min(relayed_at) FROM outbox_relay_batches)`, age).
+		Scan(&horizon, &oldest)
+	if err != nil {
+		return p, fmt.Errorf("find the oldest retained batch: %w", err)
+	}
+	p.SendsBefore = horizon
+	if oldest != nil && oldest.Before(horizon) {
+		p.SendsBefore, p.Clamped = *oldest, true
+	}
+	for _, t := range []struct {
+		table, finished string
+		before          time.Time
+	}{
+		{"email_sends", " AND sent_at IS NOT NULL", p.SendsBefore},
+		{"idempotency_keys", "", horizon},
 	} {
 		for {
-			tag, err := o.pool.Exec(ctx, `DELETE FROM `+t.table+` WHERE `+t.key+` IN (
-				SELECT `+t.key+` FROM `+t.table+` WHERE created_at < now() - $1::interval`+t.finished+` LIMIT $2)`, age, purgeBatch)
+			tag, err := o.pool.Exec(ctx, `DELETE FROM `+t.table+` WHERE key IN (
+				SELECT key FROM `+t.table+` WHERE created_at < $1`+t.finished+` LIMIT $2)`, t.before, purgeBatch)
 			if err != nil {
-				return deleted, fmt.Errorf("purge %s: %w", t.table, err)
+				return p, fmt.Errorf("purge %s: %w", t.table, err)
 			}
-			deleted[t.table] += tag.RowsAffected()
+			p.Deleted[t.table] += tag.RowsAffected()
 			if tag.RowsAffected() < purgeBatch {
 				break
 			}
 		}
 	}
-	return deleted, nil
+	return p, nil
 }
 
 // DeadRow is one row of outbox_dead: an event the relay could not publish.

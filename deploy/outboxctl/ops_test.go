@@ -122,6 +122,34 @@ func TestStatus(t *testing.T) {
 	require.Equal(t, s.OutboxDead.Count, decoded.OutboxDead.Count)
 }
 
+func TestStatusShowsRetainedEventsAndReplays(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	b.retainedFixture(t)
+	b.replaying(t, map[string]int64{"user": 3, "order": 0})
+
+	s, err := b.ops.status(ctx)
+	require.NoError(t, err)
+	require.EqualValues(t, 6, s.Retained.Events)
+	require.NotNil(t, s.Retained.OldestRelayedAt)
+	require.WithinDuration(t, time.Now().Add(-5*time.Hour), *s.Retained.OldestRelayedAt, 5*time.Second)
+	require.Equal(t, []StreamReplay{{AggregateType: "user", Stream: b.ops.prefix + "user", FromBatch: 3}}, s.Replays)
+
+	require.NoError(t, b.ops.command(ctx, []string{"status"}))
+	require.Contains(t, b.out.String(), "retained: 6 relayed events, oldest batch relayed ")
+	require.Contains(t, b.out.String(), "stream "+b.ops.prefix+"user: replay under way from batch 3\n")
+	require.NotContains(t, b.out.String(), "stream "+b.ops.prefix+"order: replay")
+	b.out.Reset()
+	require.NoError(t, b.ops.command(ctx, []string{"status", "-json"}))
+	var decoded Status
+	require.NoError(t, json.Unmarshal(b.out.Bytes(), &decoded))
+	require.Equal(t, s.Retained.Events, decoded.Retained.Events)
+	require.True(t, s.Retained.OldestRelayedAt.Equal(*decoded.Retained.OldestRelayedAt))
+	require.Equal(t, s.Replays, decoded.Replays)
+	require.Contains(t, b.out.String(), `"retained":{"events":6,"oldest_relayed_at":"`)
+}
+
 func TestDeadLetters(t *testing.T) {
 	t.Parallel()
 
@@ -195,9 +223,10 @@ func TestPurge(t *testing.T) {
 			INSERT INTO idempotency_keys (key, request_hash, status, response, created_at)
 			VALUES ('old', '\x00', 201, '{}', now() - interval '31 days'), ('new', '\x00', 201, '{}', now())`)
 		require.NoError(t, err)
-		deleted, err := b.ops.purge(ctx, 30*24*time.Hour)
+		p, err := b.ops.purge(ctx, 30*24*time.Hour)
 		require.NoError(t, err)
-		require.Equal(t, map[string]int64{"email_sends": 2500, "idempotency_keys": 1}, deleted)
+		require.Equal(t, map[string]int64{"email_sends": 2500, "idempotency_keys": 1}, p.Deleted)
+		require.False(t, p.Clamped, "no batch is retained")
 		var sends, keys int
 		require.NoError(t, b.ops.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM email_sends), (SELECT count(*) FROM idempotency_keys)`).Scan(&sends, &keys))
 		require.Equal(t, 500, sends)
@@ -218,9 +247,72 @@ func TestPurge(t *testing.T) {
 			_, err := b.ops.purge(ctx, age)
 			require.ErrorIs(t, err, errPurgeTooYoung, "age %s", age)
 		}
-		deleted, err := b.ops.purge(ctx, 30*24*time.Hour)
+		p, err := b.ops.purge(ctx, 30*24*time.Hour)
 		require.NoError(t, err)
-		require.Zero(t, deleted["email_sends"], "unsent records are claims in use or emails still being retried")
+		require.Zero(t, p.Deleted["email_sends"], "unsent records are claims in use or emails still being retried")
+	})
+
+	t.Run("refuses an age below RELAY_RETENTION", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		b.ops.dedupeWindow = 24 * time.Hour
+		b.ops.retention = 72 * time.Hour
+		_, err := b.ops.pool.Exec(ctx, `
+			INSERT INTO email_sends (key, event_id, sent_at, created_at) VALUES ('welcome:1', gen_random_uuid(), now(), now() - interval '60 hours')`)
+		require.NoError(t, err)
+		for _, age := range []time.Duration{24 * time.Hour, 48 * time.Hour, 72*time.Hour - time.Second} {
+			err := b.ops.command(ctx, []string{"purge", "-older-than", age.String()})
+			require.ErrorIs(t, err, errPurgeTooYoung, "age %s", age)
+			require.ErrorContains(t, err, "below 72h0m0s")
+			require.ErrorContains(t, err, "RELAY_RETENTION")
+			require.ErrorContains(t, err, "RELAY_DEDUPE_WINDOW")
+		}
+		require.Equal(t, 1, b.count(t, "email_sends"), "a refused purge deletes nothing")
+		_, err = b.ops.purge(ctx, 72*time.Hour)
+		require.NoError(t, err)
+		b.ops.retention = 0 // the relay retains nothing: the day and the dedupe window remain
+		_, err = b.ops.purge(ctx, 24*time.Hour)
+		require.NoError(t, err)
+	})
+
+	t.Run("keeps send records created since the oldest retained batch, whatever the age", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		b.ops.retention = 24 * time.Hour
+		// The relay has not purged for a while: its oldest batch was
+		// relayed 35 days ago, and replaying it would re-deliver events
+		// whose emails were sent since then.
+		oldest := time.Now().Add(-35 * 24 * time.Hour).Truncate(time.Microsecond)
+		b.retain(t, 1, stream.Event{EventID: uuid.NewString(), EventType: "user.created", AggregateType: "user",
+			AggregateID: "1", Payload: "{}", OccurredAt: oldest, OutboxID: 1}, oldest)
+		_, err := b.ops.pool.Exec(ctx, `
+			INSERT INTO email_sends (key, event_id, sent_at, created_at) VALUES
+				('40 days', gen_random_uuid(), now(), now() - interval '40 days'),
+				('at the batch', gen_random_uuid(), now(), $1),
+				('34 days', gen_random_uuid(), now(), now() - interval '34 days'),
+				('1 day', gen_random_uuid(), now(), now() - interval '1 day')`, oldest)
+		require.NoError(t, err)
+		_, err = b.ops.pool.Exec(ctx, `INSERT INTO idempotency_keys (key, request_hash, status, response, created_at)
+			VALUES ('34 days', '\x00', 201, '{}', now() - interval '34 days')`)
+		require.NoError(t, err)
+
+		require.NoError(t, b.ops.command(ctx, []string{"purge", "-older-than", "720h"}))
+		var kept []string
+		require.NoError(t, b.ops.pool.QueryRow(ctx, `SELECT array_agg(key ORDER BY created_at) FROM email_sends`).Scan(&kept))
+		require.Equal(t, []string{"at the batch", "34 days", "1 day"}, kept)
+		require.Zero(t, b.count(t, "idempotency_keys"), "idempotency keys go by age alone")
+		require.Contains(t, b.out.String(), "keeping the records created since "+oldest.UTC().Format(time.RFC3339))
+		require.Contains(t, b.out.String(), "purged 1 rows of email_sends created before")
+		require.Contains(t, b.out.String(), "purged 1 rows of idempotency_keys older than 720h0m0s")
+
+		_, err = b.ops.pool.Exec(ctx, `DELETE FROM outbox_relay_batches`) // the relay caught up
+		require.NoError(t, err)
+		p, err := b.ops.purge(ctx, 30*24*time.Hour)
+		require.NoError(t, err)
+		require.False(t, p.Clamped)
+		require.EqualValues(t, 2, p.Deleted["email_sends"], "once nothing older is retained, the age alone decides")
 	})
 }
 
@@ -312,6 +404,8 @@ func TestOutboxDead(t *testing.T) {
 		b := setup(t)
 		require.NoError(t, b.ops.command(context.Background(), []string{"status"}))
 		require.Contains(t, b.out.String(), "outbox dead: none")
+		require.Contains(t, b.out.String(), "retained: none")
+		require.NotContains(t, b.out.String(), "replay under way")
 	})
 
 	t.Run("list shows the longest dead first with its error, and -count bounds it", func(t *testing.T) {

@@ -157,6 +157,8 @@ func TestExitStatus(t *testing.T) {
 		{"a stray argument to purge is a usage error, not a purge", []string{"purge", "1h"}, 2},
 		{"a stray argument to status is a usage error", []string{"status", "extra"}, 2},
 		{"a negative count is a usage error", []string{"dlq", "list", "-count", "-1"}, 2},
+		{"a replay without a selection is a usage error", []string{"replay"}, 2},
+		{"a replay by time and by event id is a usage error", []string{"replay", "-since", "1h", "-event-id", "0b7e6a9e-3f0c-4c39-9a53-0e3c3c2f7d11"}, 2},
 		{"a budget over the limit is 1", []string{"budget", "-max-connections", "1", "../cloudrun/relay.yaml"}, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -29,6 +29,9 @@ type Config struct {
 	// DedupeWindow is how long the relay remembers the events of a batch
 	// whose commit it could not confirm; zero turns duplicate suppression off.
 	DedupeWindow time.Duration `envconfig:"RELAY_DEDUPE_WINDOW" default:"24h" desc:"How long the ids of a batch published but not confirmed committed are kept in Redis to suppress re-publication; 0 turns suppression off. Default 24h."`
+	// Retention is how long relayed events stay in PostgreSQL, so that
+	// what Redis loses can be published again.
+	Retention time.Duration `envconfig:"RELAY_RETENTION" default:"24h" desc:"How long relayed events stay in PostgreSQL (table outbox_relayed) after they reached their stream, so that the relay can publish them again when Redis loses them (a flush, a failover, a restart without persistence, a deleted stream) and outboxctl replay can. Purged by the relay, oldest first. outboxctl purge never deletes send records younger than the oldest retained event. 0 turns retention off (what Redis loses is then lost). Default 24h."`
 	// StreamRetention is how long an entry every consumer group has
 	// acknowledged stays in its stream.
 	StreamRetention time.Duration `envconfig:"RELAY_STREAM_RETENTION" default:"1h" desc:"How long a stream keeps an entry that every consumer group of it has read and acknowledged; entries a group still needs, and streams without groups, are never trimmed. Default 1h."`
@@ -75,6 +78,8 @@ func (c Config) Validate() error {
 		// The wait shares the publish's 5 s with the batch's XADDs, and the
 		// batch's transaction sits idle meanwhile.
 		return fmt.Errorf("RELAY_REDIS_WAIT_TIMEOUT must be positive and at most 1s, not %s", c.WaitTimeout)
+	case c.Retention < 0:
+		return fmt.Errorf("RELAY_RETENTION must not be negative, not %s", c.Retention)
 	case c.StreamRetention < 0:
 		return fmt.Errorf("RELAY_STREAM_RETENTION must not be negative, not %s", c.StreamRetention)
 	case c.TrimInterval < 0:

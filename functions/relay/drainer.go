@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/google/uuid"
@@ -76,6 +77,31 @@ DELETE FROM outbox
 WHERE id = ANY (ARRAY (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
 RETURNING id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at`
 
+// claimRetainSQL is claimSQL that also copies the rows to outbox_relayed,
+// numbered with the batch (nextval, sent just before it), so that they are
+// retained exactly when their delete commits.
+const claimRetainSQL = `
+WITH claimed AS (` + claimSQL + `),
+kept AS (
+  INSERT INTO outbox_relayed (batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at)
+  SELECT currval('outbox_relay_batch'), * FROM claimed)
+SELECT * FROM claimed`
+
+// recordSQL records, in the batch's transaction, where each stream it wrote
+// to stood after it: per batch, for re-publishing the batches a stream lost,
+// and per stream, for noticing that it lost any.
+const recordSQL = `
+WITH r AS (
+  INSERT INTO outbox_relay_batches (aggregate_type, batch, last_ms, last_seq)
+  SELECT t, $2, ms, seq FROM unnest($1::text[], $3::bigint[], $4::bigint[]) AS u (t, ms, seq)
+  RETURNING aggregate_type, batch, last_ms, last_seq)
+INSERT INTO outbox_streams AS s (aggregate_type, batch, last_ms, last_seq, entries_added)
+SELECT r.aggregate_type, r.batch, r.last_ms, r.last_seq, a.added
+FROM r JOIN unnest($1::text[], $5::bigint[]) AS a (t, added) ON a.t = r.aggregate_type
+ON CONFLICT (aggregate_type) DO UPDATE
+SET batch = excluded.batch, last_ms = excluded.last_ms, last_seq = excluded.last_seq,
+    entries_added = excluded.entries_added, updated_at = now()`
+
 // row is one claimed outbox row.
 type row struct {
 	ID            int64
@@ -103,6 +129,9 @@ type Result struct {
 	Dead int `json:"dead"`
 	// Batches counts transactions that claimed at least one row.
 	Batches int `json:"batches"`
+	// Replayed counts retained events published again because Redis had
+	// lost them.
+	Replayed int `json:"replayed,omitempty"`
 	// Unreplicated counts batches that fewer replicas than
 	// RELAY_REDIS_WAIT_REPLICAS acknowledged in time; they were committed
 	// anyway, and a failover may drop them.
@@ -122,6 +151,7 @@ func (r *Result) add(o Result) {
 	r.Dead += o.Dead
 	r.Batches += o.Batches
 	r.Unreplicated += o.Unreplicated
+	r.Replayed += o.Replayed
 	r.Complete, r.Writers = o.Complete, o.Writers
 }
 
@@ -157,6 +187,11 @@ type Drainer struct {
 	trimmer   *Trimmer
 	trimEvery time.Duration
 	trimmed   time.Time
+
+	// retention is how long relayed events stay in outbox_relayed, for
+	// publishing again what Redis lost; zero turns retention off.
+	retention time.Duration
+	purged    time.Time
 
 	// afterPublish, when set by a test, runs between XADD and COMMIT; an
 	// error abandons the batch there, as a crash would. beforePublish runs
@@ -231,7 +266,8 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (res Result, err 
 		return res, fmt.Errorf("acquire connection: %w", err)
 	}
 	defer conn.Release()
-	if err := d.lockDrain(ctx, conn, wait); err != nil {
+	streams, err := d.lockDrain(ctx, conn, wait)
+	if err != nil {
 		return res, err
 	}
 	// From here on, a failure closes the connection: the server then ends
@@ -240,7 +276,7 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (res Result, err 
 	// Only now, holding the drain lock, may the relay take over the
 	// streams; the round trip to Redis runs while the first batch is
 	// claimed.
-	sess := d.publisher.open(ctx, d.rowsExist)
+	sess := d.publisher.open(ctx, streams, d.rowsExist)
 	defer sess.close()
 
 	for {
@@ -271,6 +307,7 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (res Result, err 
 		if res.Relayed+res.Duplicates+res.Dead-before < d.batchSize {
 			res.Complete = true
 			d.trim(ctx)
+			d.purge(ctx, conn)
 			return res, nil
 		}
 	}
@@ -299,16 +336,20 @@ func (d *Drainer) trim(ctx context.Context) {
 // to let it go. Holding it, the session is ended by the server if it stays
 // idle for SessionIdleTimeout, so that a relay cut off by the network
 // cannot keep it.
-func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn, wait time.Duration) error {
+func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn, wait time.Duration) ([]streamRecord, error) {
 	// lock_timeout turns a long wait into an error without cancelling the
 	// query, which would cost the connection; SET LOCAL lasts as long as
-	// the statements sent together, one implicit transaction.
+	// the statements sent together, one implicit transaction. The
+	// streams' records come in the same round trip, for the takeover.
 	sql := fmt.Sprintf(`SET LOCAL lock_timeout = %d; SELECT pg_advisory_lock(%s);
 		SELECT pg_advisory_xact_lock(%s); SET idle_session_timeout = %d`,
 		max(wait.Milliseconds(), 1), drainLock, claimLock, SessionIdleTimeout.Milliseconds())
+	if d.retention > 0 {
+		sql += "; " + recordedStreamsSQL
+	}
 	ctx, cancel := context.WithTimeout(ctx, wait+statementTimeout)
 	defer cancel()
-	_, err := conn.Exec(ctx, sql)
+	results, err := conn.Conn().PgConn().Exec(ctx, sql).ReadAll()
 	var pgErr *pgconn.PgError
 	switch {
 	case errors.As(err, &pgErr) && pgErr.Code == "55P03": // lock_not_available
@@ -317,14 +358,47 @@ func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn, wait time.D
 		if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
 			conn.Conn().Close(context.WithoutCancel(ctx)) //nolint:errcheck // the pool discards a closed connection
 		}
-		return ErrBusy
+		return nil, ErrBusy
 	case err != nil:
 		// Whether the lock was taken is unknown; closing the connection
 		// releases it if it was.
 		conn.Conn().Close(context.WithoutCancel(ctx)) //nolint:errcheck // the pool discards a closed connection
-		return fmt.Errorf("take drain lock: %w", err)
+		return nil, fmt.Errorf("take drain lock: %w", err)
 	}
-	return nil
+	if d.retention == 0 {
+		return nil, nil
+	}
+	streams, err := parseStreamRecords(results[len(results)-1].Rows)
+	if err != nil {
+		d.unlock(ctx, conn, err)
+		return nil, fmt.Errorf("read recorded streams: %w", err)
+	}
+	return streams, nil
+}
+
+// recordedStreamsSQL reads where PostgreSQL recorded each stream stood.
+const recordedStreamsSQL = `SELECT aggregate_type, last_ms, last_seq, entries_added, coalesce(replay_from, -1) FROM outbox_streams`
+
+// parseStreamRecords reads recordedStreamsSQL's rows, in the text format
+// of the simple protocol that lockDrain's statements go in.
+func parseStreamRecords(rows [][][]byte) ([]streamRecord, error) {
+	out := make([]streamRecord, 0, len(rows))
+	for _, r := range rows {
+		if len(r) != 5 {
+			return nil, fmt.Errorf("want 5 columns, got %d", len(r))
+		}
+		var n [4]int64
+		for i := range n {
+			v, err := strconv.ParseInt(string(r[i+1]), 10, 64)
+			if err != nil {
+				return nil, err
+			}
+			n[i] = v
+		}
+		out = append(out, streamRecord{aggregateType: string(r[0]), last: streamID{ms: uint64(n[0]), seq: uint64(n[1])},
+			added: n[2], replayFrom: n[3]})
+	}
+	return out, nil
 }
 
 // takeBusy takes the busy lock if it is free within busyWait (or at once,
@@ -470,6 +544,14 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, sess *se
 				return false, err
 			}
 		}
+		if sess.needsReplay() {
+			// What Redis lost goes first; the batch is claimed again after.
+			cur.rollback(ctx)
+			if err := d.replay(ctx, conn, sess, res); err != nil {
+				return false, err
+			}
+			continue
+		}
 		n := len(cur.rows)
 		if n == 0 {
 			cur.rollback(ctx)
@@ -481,6 +563,9 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, sess *se
 				}
 				return d.claim(ctx, &conns, 1-cur.slot)
 			})
+			if errors.Is(claimErr, errReplayNeeded) {
+				continue // the batch was rolled back; the replay comes next
+			}
 			if claimErr != nil {
 				return false, claimErr
 			}
@@ -501,10 +586,11 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, sess *se
 
 // claimed is a batch of rows claimed by an open transaction.
 type claimed struct {
-	conn *pgxpool.Conn
-	slot int // which of the drain's connections, and row buffers, it uses
-	rows []row
-	open bool
+	conn  *pgxpool.Conn
+	slot  int // which of the drain's connections, and row buffers, it uses
+	rows  []row
+	open  bool
+	batch int64 // its number in outbox_relayed; zero without retention
 }
 
 func (c *claimed) rollback(ctx context.Context) {
@@ -547,10 +633,21 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) 
 	if slot != 0 {
 		b.Queue(drainLockHeldSQL, conns[0].Conn().PgConn().PID())
 	}
-	b.Queue(claimSQL, d.batchSize)
+	claim := claimSQL
+	if d.retention > 0 {
+		b.Queue("SELECT nextval('outbox_relay_batch')")
+		claim = claimRetainSQL
+	}
+	b.Queue(claim, d.batchSize)
 	results := c.conn.SendBatch(ctx, b)
-	for range b.Len() - 1 {
-		if _, err := results.Exec(); err != nil {
+	for i := range b.Len() - 1 {
+		var err error
+		if d.retention > 0 && i == b.Len()-2 {
+			err = results.QueryRow().Scan(&c.batch)
+		} else {
+			_, err = results.Exec()
+		}
+		if err != nil {
 			results.Close()
 			c.rollback(ctx)
 			return nil, fmt.Errorf("begin batch: %w", err)
@@ -616,10 +713,7 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 		}
 		return nil, p.err
 	}
-	tag, err := cur.conn.Exec(finishCtx, "COMMIT")
-	if err == nil && tag.String() != "COMMIT" {
-		err = fmt.Errorf("transaction was rolled back (%s)", tag)
-	}
+	err := d.commit(finishCtx, cur, p.streams)
 	cur.open = false
 	if err != nil {
 		// The rows may or may not be gone; they stay in flight, in the
@@ -640,6 +734,36 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 	res.Dead += len(p.refused)
 	res.Duplicates += len(cur.rows) - p.added - len(p.refused)
 	return next, claimErr
+}
+
+// commit records where the batch left each stream (with retention on) and
+// commits, in one round trip.
+func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord) error {
+	b := &pgx.Batch{}
+	if d.retention > 0 && len(streams) > 0 {
+		n := len(streams)
+		types, ms, seqs, added := make([]string, n), make([]int64, n), make([]int64, n), make([]int64, n)
+		for i, r := range streams {
+			types[i], ms[i], seqs[i], added[i] = r.aggregateType, int64(r.last.ms), int64(r.last.seq), r.added
+		}
+		b.Queue(recordSQL, types, c.batch, ms, seqs, added)
+	}
+	b.Queue("COMMIT")
+	results := c.conn.SendBatch(ctx, b)
+	defer results.Close()
+	for range b.Len() - 1 {
+		if _, err := results.Exec(); err != nil {
+			return fmt.Errorf("record streams: %w", err)
+		}
+	}
+	tag, err := results.Exec()
+	if err == nil && tag.String() != "COMMIT" {
+		err = fmt.Errorf("transaction was rolled back (%s)", tag)
+	}
+	if err == nil {
+		err = results.Close()
+	}
+	return err
 }
 
 // bury moves the rows that could not be published to outbox_dead, in the
@@ -663,6 +787,11 @@ func (d *Drainer) bury(ctx context.Context, c *claimed, refused map[int]string) 
 		FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[])
 		  AS t (id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, error)`,
 		ids, eventIDs, types, aggregates, eventTypes, payloads, traceparents, created, reasons)
+	if err == nil && d.retention > 0 {
+		// They were copied to outbox_relayed by the claim; not being in a
+		// stream, they must not be published again from there.
+		_, err = c.conn.Exec(ctx, `DELETE FROM outbox_relayed WHERE batch = $1 AND id = ANY ($2)`, c.batch, ids)
+	}
 	if err != nil {
 		return fmt.Errorf("move %d unpublishable events to outbox_dead: %w", n, err)
 	}
@@ -687,4 +816,208 @@ func (d *Drainer) rowsExist(ctx context.Context, ids []int64) (map[int64]string,
 		return nil
 	})
 	return exist, err
+}
+
+// replay publishes again, in order, the retained events of every stream the
+// session found short of what PostgreSQL recorded, and records where the
+// streams stand then. It runs between batches on the drain's own
+// connection, which must not sit idle meanwhile: the server would end its
+// session after SessionIdleTimeout, and the drain lock with it.
+func (d *Drainer) replay(ctx context.Context, conn *pgxpool.Conn, sess *session, res *Result) error {
+	for len(sess.lost) > 0 {
+		l := sess.lost[0]
+		n, err := d.replayStream(ctx, conn, sess, l)
+		res.Replayed += n
+		if err != nil {
+			return fmt.Errorf("publish %s again: %w", d.publisher.streamName(l.aggregateType), err)
+		}
+		sess.lost = sess.lost[1:]
+	}
+	return nil
+}
+
+// replayStream publishes again the batches of one stream that Redis lost:
+// every retained batch after the newest one recorded at or before what the
+// stream kept (all of them when it kept nothing), from the first unfinished
+// one if an earlier re-publication was interrupted. outbox_streams.replay_from
+// says how far it got, so that an interrupted one is taken up again by the
+// next drain, of this relay or another.
+func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *session, l lostStream) (int, error) {
+	start := time.Now()
+	t := l.aggregateType
+	exec := func(sql string, args ...any) error {
+		ctx, cancel := context.WithTimeout(ctx, statementTimeout)
+		defer cancel()
+		_, err := conn.Exec(ctx, sql, args...)
+		return err
+	}
+	var from int64
+	qctx, cancel := context.WithTimeout(ctx, statementTimeout)
+	err := conn.QueryRow(qctx, `SELECT coalesce((SELECT batch FROM outbox_relay_batches
+		WHERE aggregate_type = $1 AND (last_ms, last_seq) <= ($2, $3) ORDER BY batch DESC LIMIT 1), -1) + 1`,
+		t, int64(l.kept.ms), int64(l.kept.seq)).Scan(&from)
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("find the first lost batch: %w", err)
+	}
+	if l.replayFrom >= 0 && l.replayFrom < from {
+		from = l.replayFrom
+	}
+	if err := exec(`UPDATE outbox_streams SET replay_from = $2, updated_at = now() WHERE aggregate_type = $1`, t, from); err != nil {
+		return 0, fmt.Errorf("mark the re-publication: %w", err)
+	}
+	n, batches := 0, 0
+	after := [2]int64{from, -1} // (batch, id) of the last event published again
+	last, added := l.kept, sess.added[t]
+	for {
+		events, numbers, err := d.retained(ctx, conn, t, after)
+		if err != nil {
+			return n, err
+		}
+		if len(events) == 0 {
+			break
+		}
+		ids, a, err := sess.republish(ctx, t, events)
+		if err != nil {
+			return n, err
+		}
+		// Each batch's record now points at where its events are.
+		var bs, ms, seqs []int64
+		for i, b := range numbers {
+			if len(bs) == 0 || bs[len(bs)-1] != b {
+				bs, ms, seqs = append(bs, b), append(ms, 0), append(seqs, 0)
+				batches++
+			}
+			ms[len(ms)-1], seqs[len(seqs)-1] = int64(ids[i].ms), int64(ids[i].seq)
+		}
+		if err := exec(`
+			WITH u AS (UPDATE outbox_relay_batches b SET last_ms = u.ms, last_seq = u.seq
+			  FROM unnest($2::bigint[], $3::bigint[], $4::bigint[]) AS u (batch, ms, seq)
+			  WHERE b.aggregate_type = $1 AND b.batch = u.batch)
+			UPDATE outbox_streams SET replay_from = $5, updated_at = now() WHERE aggregate_type = $1`,
+			t, bs, ms, seqs, numbers[len(numbers)-1]); err != nil {
+			return n, fmt.Errorf("record the re-publication: %w", err)
+		}
+		n += len(events)
+		after = [2]int64{numbers[len(numbers)-1], events[len(events)-1].ID}
+		last, added = ids[len(ids)-1], a
+		if len(events) < d.batchSize {
+			break
+		}
+	}
+	if n == 0 && l.kept == (streamID{}) {
+		// Nothing retained to publish; forget the stream, so that the
+		// next event creates it afresh.
+		err = exec(`DELETE FROM outbox_streams WHERE aggregate_type = $1`, t)
+		delete(sess.added, t)
+	} else {
+		err = exec(`UPDATE outbox_streams SET replay_from = NULL, last_ms = $2, last_seq = $3, entries_added = $4, updated_at = now()
+			WHERE aggregate_type = $1`, t, int64(last.ms), int64(last.seq), max(added, 0))
+		sess.added[t] = max(added, 0)
+	}
+	if err != nil {
+		return n, fmt.Errorf("record the re-publication: %w", err)
+	}
+	d.logger.WarnContext(ctx, "Redis had lost events; published them again from PostgreSQL",
+		slog.String("stream", d.publisher.streamName(t)), slog.String("why", l.why),
+		slog.Int("events", n), slog.Int("batches", batches), slog.Int64("from_batch", from),
+		slog.Duration("took", time.Since(start)))
+	return n, nil
+}
+
+// retained reads the next retained events of aggregate type t after the
+// (batch, id) pair after, in publication order, with their batch numbers.
+func (d *Drainer) retained(ctx context.Context, conn *pgxpool.Conn, t string, after [2]int64) ([]row, []int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
+	defer cancel()
+	rows, err := conn.Query(ctx, `
+		SELECT batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at
+		FROM outbox_relayed WHERE aggregate_type = $1 AND (batch, id) > ($2, $3)
+		ORDER BY batch, id LIMIT $4`, t, after[0], after[1], d.batchSize)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read retained events: %w", err)
+	}
+	var events []row
+	var numbers []int64
+	var r row
+	var b int64
+	_, err = pgx.ForEachRow(rows, []any{&b, &r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt}, func() error {
+		events, numbers = append(events, r), append(numbers, b)
+		r.Payload, r.Traceparent = nil, nil
+		return nil
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("read retained events: %w", err)
+	}
+	return events, numbers, nil
+}
+
+// Purging: the draining relay deletes retained events past the retention
+// window at most every purgeEvery, purgeChunk rows per statement, for at
+// most purgeFor each time, so that no statement holds locks or writes WAL
+// for long and a backlog of purging is worked off over several drains.
+const (
+	purgeEvery = time.Minute
+	purgeChunk = 5000
+	purgeFor   = time.Second
+)
+
+// purge deletes retained events, and their batches' records, past the
+// retention window (all of them when retention is off). A failure is
+// logged: the drain it follows succeeded, and the next purge tries again.
+func (d *Drainer) purge(ctx context.Context, conn *pgxpool.Conn) {
+	if time.Since(d.purged) < purgeEvery {
+		return
+	}
+	d.purged = time.Now()
+	deleted, err := d.purgeOld(ctx, conn)
+	if err != nil {
+		d.logger.WarnContext(ctx, "purge retained events", slog.Any("error", err))
+		return
+	}
+	if deleted > 0 {
+		d.logger.DebugContext(ctx, "purged retained events", slog.Int64("events", deleted))
+	}
+}
+
+func (d *Drainer) purgeOld(ctx context.Context, conn *pgxpool.Conn) (int64, error) {
+	stop := time.Now().Add(purgeFor)
+	horizon := fmt.Sprintf("%d milliseconds", d.retention.Milliseconds())
+	ctx, cancel := context.WithTimeout(ctx, purgeFor+statementTimeout)
+	defer cancel()
+	var newest *int64
+	if err := conn.QueryRow(ctx, `SELECT max(batch) FROM outbox_relay_batches WHERE relayed_at < now() - $1::interval`,
+		horizon).Scan(&newest); err != nil {
+		return 0, fmt.Errorf("find the purge horizon: %w", err)
+	}
+	if newest == nil {
+		return 0, nil
+	}
+	var deleted int64
+	for {
+		tag, err := conn.Exec(ctx, `DELETE FROM outbox_relayed WHERE ctid = ANY (ARRAY (
+			SELECT ctid FROM outbox_relayed WHERE batch <= $1 ORDER BY batch, id LIMIT $2))`, *newest, purgeChunk)
+		if err != nil {
+			return deleted, fmt.Errorf("purge outbox_relayed: %w", err)
+		}
+		deleted += tag.RowsAffected()
+		if tag.RowsAffected() < purgeChunk {
+			break
+		}
+		if time.Now().After(stop) {
+			return deleted, nil // the batches' records go once their events are gone
+		}
+	}
+	for time.Now().Before(stop) {
+		tag, err := conn.Exec(ctx, `DELETE FROM outbox_relay_batches WHERE ctid = ANY (ARRAY (
+			SELECT ctid FROM outbox_relay_batches WHERE batch <= $1 AND relayed_at < now() - $2::interval LIMIT $3))`,
+			*newest, horizon, purgeChunk)
+		if err != nil {
+			return deleted, fmt.Errorf("purge outbox_relay_batches: %w", err)
+		}
+		if tag.RowsAffected() < purgeChunk {
+			break
+		}
+	}
+	return deleted, nil
 }

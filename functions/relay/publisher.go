@@ -98,9 +98,16 @@ type session struct {
 	ready chan struct{}
 	epoch string
 	// inFlight maps the events that may be in a stream while their rows
-	// are still in the outbox to the ids of those rows: the marker's, then
-	// the batch being published until its rows are deleted.
-	inFlight map[eventID]int64
+	// are still in the outbox to those rows: the marker's, then the batch
+	// being published until its rows are deleted.
+	inFlight map[eventID]flight
+	// added is each stream's entries-added counter (by aggregate type) as
+	// this session last saw it; a batch that finds it lower than that plus
+	// what it added wrote into a stream that was deleted and created again.
+	added map[string]int64
+	// lost lists the streams Redis no longer holds all of: they are
+	// published again (see Drainer.replay) before anything else.
+	lost []lostStream
 	// err, once set, fails every later publish: the connection's WATCH
 	// state is unknown, or another relay took over.
 	err  error
@@ -108,13 +115,43 @@ type session struct {
 	sent []int            // reused between batches
 }
 
-// markerRecord is the size of one event in the marker: the outbox row id
-// (8 bytes, big-endian) and the event id (16 bytes).
-const markerRecord = 8 + 16
+// flight is an event published by a batch whose commit is not confirmed.
+type flight struct {
+	row   int64
+	typ   string   // aggregate type
+	entry streamID // the entry it got; zero when not known
+}
+
+// streamRecord is where PostgreSQL recorded a stream stood after the newest
+// batch that wrote to it (the outbox_streams table).
+type streamRecord struct {
+	aggregateType string
+	last          streamID
+	added         int64 // entries-added
+	// replayFrom is the first batch of an unfinished re-publication, or -1.
+	replayFrom int64
+}
+
+// lostStream is a stream Redis no longer holds all of.
+type lostStream struct {
+	aggregateType string
+	// kept is the stream's last-generated-id when Redis kept a prefix of it
+	// (a failover dropped the last writes): the batches recorded at or
+	// before it are still there. Zero when none are: the stream is gone, or
+	// it was deleted and created again.
+	kept streamID
+	// replayFrom is the first batch of an unfinished re-publication, or -1.
+	replayFrom int64
+	why        string
+}
 
 // rowsExist returns, for those of ids that are still rows of the outbox,
 // their aggregate types.
 type rowsExist func(ctx context.Context, ids []int64) (map[int64]string, error)
+
+// markerRecord is the size of one event in the marker: the outbox row id
+// (8 bytes, big-endian) and the event id (16 bytes).
+const markerRecord = 8 + 16
 
 // verifyTail is how many entries beyond the batch in doubt a takeover reads
 // from the end of a stream to find that batch's events: room for entries
@@ -122,21 +159,23 @@ type rowsExist func(ctx context.Context, ids []int64) (map[int64]string, error)
 const verifyTail = 1000
 
 // open starts a session: it takes a new epoch, which from then on fails
-// the EXEC of any relay that held the lock before, and reads the marker
-// those relays left, keeping the records whose rows exist. It must be
-// called only with the drain lock held, and the session closed before the
-// lock is let go.
-func (p *Publisher) open(ctx context.Context, exist rowsExist) *session {
+// the EXEC of any relay that held the lock before, reads the marker those
+// relays left, keeping the records whose rows exist, and compares the
+// streams with what PostgreSQL recorded of them. It must be called only
+// with the drain lock held, and the session closed before the lock is let
+// go. streams are PostgreSQL's records of the streams (none without
+// retention).
+func (p *Publisher) open(ctx context.Context, streams []streamRecord, exist rowsExist) *session {
 	conn, release := p.client.Dedicate()
 	s := &session{p: p, conn: conn, release: release, ready: make(chan struct{})}
 	go func() {
 		defer close(s.ready)
-		s.err = s.takeOver(ctx, exist)
+		s.err = s.takeOver(ctx, streams, exist)
 	}()
 	return s
 }
 
-func (s *session) takeOver(ctx context.Context, exist rowsExist) error {
+func (s *session) takeOver(ctx context.Context, streams []streamRecord, exist rowsExist) error {
 	p, c := s.p, s.conn
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
@@ -146,18 +185,33 @@ func (s *session) takeOver(ctx context.Context, exist rowsExist) error {
 	// the marker: a batch of an older epoch either lands before the GET,
 	// and is in the marker read, or its EXEC fails. The GET after WATCH
 	// proves that nobody took over between the INCR and the WATCH.
-	results := c.DoMulti(ctx,
+	cmds := rueidis.Commands{
 		c.B().Unwatch().Build(),
 		c.B().Incr().Key(p.epochKey).Build(),
 		c.B().Get().Key(p.markerKey).Build(),
-		c.B().Watch().Key(p.epochKey).Build(),
-		c.B().Get().Key(p.epochKey).Build())
-	for _, r := range results {
+	}
+	for _, r := range streams {
+		cmds = append(cmds, c.B().XinfoStream().Key(p.streamName(r.aggregateType)).Build())
+	}
+	cmds = append(cmds, c.B().Watch().Key(p.epochKey).Build(), c.B().Get().Key(p.epochKey).Build())
+	results := c.DoMulti(ctx, cmds...)
+	for i, r := range results {
+		if i >= 3 && i < 3+len(streams) {
+			continue // a stream's XINFO fails when the stream is gone
+		}
 		if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) {
 			c.Close()
 			return fmt.Errorf("take publishing epoch: %w", err)
 		}
 	}
+	s.added = make(map[string]int64, len(streams))
+	for i, r := range streams {
+		if err := s.compare(r, results[3+i]); err != nil {
+			c.Close()
+			return err
+		}
+	}
+	results = append(results[:3], results[3+len(streams):]...)
 	epoch, err := results[1].AsInt64()
 	if err != nil {
 		c.Close()
@@ -167,7 +221,7 @@ func (s *session) takeOver(ctx context.Context, exist rowsExist) error {
 	if current, _ := results[4].ToString(); current != s.epoch {
 		return fmt.Errorf("take publishing epoch: %w", ErrSuperseded)
 	}
-	s.inFlight = make(map[eventID]int64)
+	s.inFlight = make(map[eventID]flight)
 	if p.window == 0 {
 		return nil
 	}
@@ -199,10 +253,10 @@ func (s *session) takeOver(ctx context.Context, exist rowsExist) error {
 	for _, t := range types {
 		byStream[stream.Name(p.prefix, t)]++
 	}
-	found := make(map[string]struct{})
+	found := make(map[string]streamID)
 	for name, n := range byStream {
 		entries, err := c.Do(ctx, c.B().Xrevrange().Key(name).End("+").Start("-").Count(int64(n+verifyTail)).Build()).AsXRange()
-		if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "WRONGTYPE") {
+		if isWrongType(err) {
 			// A key of another type holds the name: no XADD landed there,
 			// and the events go to outbox_dead when claimed again.
 			continue
@@ -211,16 +265,79 @@ func (s *session) takeOver(ctx context.Context, exist rowsExist) error {
 			return fmt.Errorf("find in-flight events in %s: %w", name, err)
 		}
 		for _, e := range entries {
-			found[e.FieldValues[stream.FieldEventID]] = struct{}{}
+			if id, err := parseID(e.ID); err == nil {
+				found[e.FieldValues[stream.FieldEventID]] = id
+			}
 		}
 	}
-	for row := range types {
+	for row, t := range types {
 		id := byRow[row]
-		if _, ok := found[uuid.UUID(id).String()]; ok {
-			s.inFlight[id] = row
+		if entry, ok := found[uuid.UUID(id).String()]; ok {
+			s.inFlight[id] = flight{row: row, typ: t, entry: entry}
 		}
 	}
 	return nil
+}
+
+// compare checks a stream's XINFO STREAM reply against what PostgreSQL
+// recorded of it, and adds it to s.lost when Redis no longer holds every
+// recorded batch.
+func (s *session) compare(r streamRecord, reply rueidis.RedisResult) error {
+	lost := lostStream{aggregateType: r.aggregateType, replayFrom: r.replayFrom}
+	info, err := reply.AsMap()
+	switch {
+	case isNoSuchKey(err):
+		lost.why = "the stream is gone"
+	case isWrongType(err):
+		// A key of another type holds the name: nothing can be published
+		// there, and events for it go to outbox_dead.
+		return nil
+	case err != nil:
+		return fmt.Errorf("read stream %s: %w", s.p.streamName(r.aggregateType), err)
+	default:
+		lastMsg, addedMsg := info["last-generated-id"], info["entries-added"]
+		last, err := lastMsg.ToString()
+		if err != nil {
+			return fmt.Errorf("read last-generated-id of %s: %w", s.p.streamName(r.aggregateType), err)
+		}
+		lastID, err := parseID(last)
+		if err != nil {
+			return fmt.Errorf("read last-generated-id of %s: %w", s.p.streamName(r.aggregateType), err)
+		}
+		added, addedErr := addedMsg.AsInt64() // Redis 7 and later
+		if addedErr == nil {
+			s.added[r.aggregateType] = added
+		}
+		switch {
+		case lastID.less(r.last):
+			lost.kept, lost.why = lastID, "the stream lost its last entries"
+		case addedErr == nil && added < r.added:
+			lost.why = "the stream was deleted and created again"
+		case r.replayFrom >= 0:
+			lost.kept, lost.why = r.last, "a re-publication was interrupted"
+		default:
+			return nil
+		}
+	}
+	s.lost = append(s.lost, lost)
+	return nil
+}
+
+// needsReplay waits for the takeover and reports whether streams must be
+// published again before the next batch.
+func (s *session) needsReplay() bool {
+	<-s.ready
+	return s.err == nil && len(s.lost) > 0
+}
+
+func isNoSuchKey(err error) bool {
+	re, ok := rueidis.IsRedisErr(err)
+	return ok && strings.Contains(re.Error(), "no such key")
+}
+
+func isWrongType(err error) bool {
+	re, ok := rueidis.IsRedisErr(err)
+	return ok && strings.HasPrefix(re.Error(), "WRONGTYPE")
 }
 
 // close waits for the takeover to finish and returns the connection.
@@ -240,21 +357,50 @@ type published struct {
 	// the reason: its aggregate type names no valid stream, or Redis
 	// refused its XADD. Its row belongs in outbox_dead.
 	refused map[int]string
+	// streams says where each stream the batch has events in stood after
+	// it, for PostgreSQL's record.
+	streams []batchRecord
 }
+
+// batchRecord is where one stream stood after a batch: the last entry the
+// batch has in it, and its entries-added counter.
+type batchRecord struct {
+	aggregateType string
+	last          streamID
+	added         int64
+}
+
+// errReplayNeeded is returned by publish when Redis no longer holds
+// everything the relay published to a stream: the stream must be published
+// again first. The batch was not published (or, when the loss showed in its
+// own reply, its events are no longer counted in flight, so that they are
+// published again after the older ones).
+var errReplayNeeded = errors.New("a stream lost events; publishing them again first")
 
 // publish adds the events, in order, to their streams, except those in
 // flight (published before by a batch whose commit was not confirmed), and
 // records them in the marker. The events stay in flight until committed is
 // called.
+//
+// Each stream the batch writes to is read back (XINFO STREAM) inside the
+// same MULTI: if its entries-added counter is lower than this session last
+// saw plus what the batch added, the stream was deleted (and created again
+// by this XADD or another client) since, and the events it held are
+// published again before the batch.
 func (s *session) publish(ctx context.Context, events []row) (published, error) {
 	var res published
 	<-s.ready
 	if s.err != nil {
 		return res, s.err
 	}
+	if len(s.lost) > 0 {
+		return res, errReplayNeeded
+	}
 	p, c := s.p, s.conn
 	cmds := append(s.cmds[:0], c.B().Multi().Build())
 	sent := s.sent[:0] // index of the event each XADD carries
+	counts := make(map[string]int64)
+	var order []string // aggregate types, in the order of their first event
 	for i := range events {
 		e := &events[i]
 		if !outbox.ValidAggregateType(e.AggregateType) {
@@ -263,6 +409,10 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 			res.refuse(i, fmt.Sprintf("aggregate type %q does not name a valid stream", e.AggregateType))
 			continue
 		}
+		if _, ok := counts[e.AggregateType]; !ok {
+			counts[e.AggregateType] = 0
+			order = append(order, e.AggregateType)
+		}
 		if p.window > 0 {
 			if _, seen := s.inFlight[e.EventID]; seen {
 				continue
@@ -270,11 +420,22 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 		}
 		cmds = append(cmds, s.xadd(e))
 		sent = append(sent, i)
+		counts[e.AggregateType]++
+	}
+	infoAt := make(map[string]int, len(order)) // index of each stream's XINFO in the EXEC reply
+	for _, t := range order {
+		if counts[t] > 0 {
+			infoAt[t] = len(cmds) - 1
+			cmds = append(cmds, c.B().XinfoStream().Key(p.streamName(t)).Build())
+		}
 	}
 	if p.window > 0 {
 		for i := range events {
 			if _, refused := res.refused[i]; !refused {
-				s.inFlight[events[i].EventID] = events[i].ID
+				e := &events[i]
+				if f, ok := s.inFlight[e.EventID]; !ok || f.row != e.ID {
+					s.inFlight[e.EventID] = flight{row: e.ID, typ: e.AggregateType}
+				}
 			}
 		}
 		cmds = append(cmds, c.B().Set().Key(p.markerKey).Value(rueidis.BinaryString(s.marker())).
@@ -317,18 +478,55 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	}
 	// A runtime error fails only its own command: an XADD refused (a key
 	// of another type holds the stream's name) is skipped, the rest ran.
+	lastOf := make(map[string]streamID, len(order))
 	for j, i := range sent {
-		if err := replies[j].Error(); err != nil {
-			res.refuse(i, err.Error())
-			delete(s.inFlight, events[i].EventID)
-			continue
+		e := &events[i]
+		id, err := replies[j].ToString()
+		if err == nil {
+			var entry streamID
+			if entry, err = parseID(id); err == nil {
+				lastOf[e.AggregateType] = entry
+				if f, ok := s.inFlight[e.EventID]; ok {
+					f.entry = entry
+					s.inFlight[e.EventID] = f
+				}
+				res.added++
+				continue
+			}
 		}
-		res.added++
+		res.refuse(i, err.Error())
+		counts[e.AggregateType]--
+		delete(s.inFlight, e.EventID)
 	}
-	for _, r := range replies[len(sent):] {
-		if err := r.Error(); err != nil {
+	for i := range events {
+		// Events in flight are in their streams already, at the entry
+		// the takeover found or an earlier publish got.
+		if f, ok := s.inFlight[events[i].EventID]; ok && lastOf[f.typ].less(f.entry) {
+			lastOf[f.typ] = f.entry
+		}
+	}
+	if p.window > 0 {
+		if err := replies[len(replies)-1].Error(); err != nil {
 			return res, s.fail(fmt.Errorf("publish batch: write in-flight marker: %w", err))
 		}
+	}
+	for _, t := range order {
+		last := lastOf[t]
+		if last == (streamID{}) {
+			continue // every event of the batch for that stream was refused
+		}
+		rec := batchRecord{aggregateType: t, last: last, added: s.added[t]}
+		if at, ok := infoAt[t]; ok {
+			// An XINFO fails only when the stream's XADDs were refused.
+			if added, ok := entriesAdded(replies[at]); ok {
+				if before, known := s.added[t]; known && added < before+counts[t] {
+					s.lost = append(s.lost, lostStream{aggregateType: t, replayFrom: -1,
+						why: "the stream was deleted and created again"})
+				}
+				s.added[t], rec.added = added, added
+			}
+		}
+		res.streams = append(res.streams, rec)
 	}
 	if p.waitReplicas > 0 {
 		acked, _ := results[exec+1].AsInt64()
@@ -337,7 +535,31 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	if current, _ := results[len(results)-1].ToString(); current != s.epoch {
 		s.err = fmt.Errorf("publish batch: %w", ErrSuperseded)
 	}
+	if len(s.lost) > 0 {
+		// The batch landed in a stream that lost what came before it: it
+		// is rolled back, and published again after the older events.
+		for i := range events {
+			for _, l := range s.lost {
+				if l.aggregateType == events[i].AggregateType {
+					delete(s.inFlight, events[i].EventID)
+				}
+			}
+		}
+		return res, errReplayNeeded
+	}
 	return res, nil
+}
+
+// entriesAdded reads the entries-added counter from an XINFO STREAM reply;
+// Redis before 7.0 has none.
+func entriesAdded(reply rueidis.RedisMessage) (int64, bool) {
+	info, err := reply.AsMap()
+	if err != nil {
+		return 0, false
+	}
+	m := info["entries-added"]
+	added, err := m.AsInt64()
+	return added, err == nil
 }
 
 func (r *published) refuse(i int, reason string) {
@@ -350,8 +572,8 @@ func (r *published) refuse(i int, reason string) {
 // marker encodes the events in flight.
 func (s *session) marker() []byte {
 	marker := make([]byte, 0, markerRecord*len(s.inFlight))
-	for id, row := range s.inFlight {
-		marker = binary.BigEndian.AppendUint64(marker, uint64(row))
+	for id, f := range s.inFlight {
+		marker = binary.BigEndian.AppendUint64(marker, uint64(f.row))
 		marker = append(marker, id[:]...)
 	}
 	return marker
@@ -373,14 +595,74 @@ func (s *session) committed(events []row) {
 	}
 }
 
-func (s *session) xadd(e *row) rueidis.Completed {
-	p, c := s.p, s.conn
-	name, ok := p.streams[e.AggregateType]
-	if !ok {
-		name = stream.Name(p.prefix, e.AggregateType)
-		p.streams[e.AggregateType] = name
+// republish adds retained events, in order, to the stream of aggregate
+// type t, under the session's fence, and returns the entry each got and the
+// stream's entries-added counter after them (-1 when Redis has none). It is
+// for events whose rows are deleted: no marker covers them, because
+// PostgreSQL's record of the stream does.
+func (s *session) republish(ctx context.Context, t string, events []row) ([]streamID, int64, error) {
+	<-s.ready
+	if s.err != nil {
+		return nil, 0, s.err
 	}
-	b := c.B().Xadd().Key(name).Id("*").FieldValue().
+	p, c := s.p, s.conn
+	cmds := make(rueidis.Commands, 0, len(events)+6)
+	cmds = append(cmds, c.B().Multi().Build())
+	for i := range events {
+		cmds = append(cmds, s.xadd(&events[i]))
+	}
+	cmds = append(cmds, c.B().XinfoStream().Key(p.streamName(t)).Build(), c.B().Exec().Build(),
+		c.B().Watch().Key(p.epochKey).Build(), c.B().Get().Key(p.epochKey).Build())
+	ctx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	results := c.DoMulti(ctx, cmds...)
+	exec := len(events) + 2
+	for i, r := range results {
+		if err := r.Error(); err != nil && !(i == exec && rueidis.IsRedisNil(err)) {
+			return nil, 0, s.fail(fmt.Errorf("publish events again: %w", err))
+		}
+	}
+	replies, err := results[exec].ToArray()
+	if rueidis.IsRedisNil(err) {
+		return nil, 0, s.fail(fmt.Errorf("publish events again: %w", ErrSuperseded))
+	}
+	if err != nil || len(replies) != len(events)+1 {
+		return nil, 0, s.fail(fmt.Errorf("publish events again: EXEC answered %d replies for %d commands (%v)", len(replies), len(events)+1, err))
+	}
+	ids := make([]streamID, len(events))
+	for i := range events {
+		str, err := replies[i].ToString()
+		if err == nil {
+			ids[i], err = parseID(str)
+		}
+		if err != nil {
+			return nil, 0, s.fail(fmt.Errorf("publish events again to %s: %w", p.streamName(t), err))
+		}
+	}
+	added, ok := entriesAdded(replies[len(events)])
+	if !ok {
+		added = -1
+	}
+	if current, _ := results[len(results)-1].ToString(); current != s.epoch {
+		return ids, added, s.fail(fmt.Errorf("publish events again: %w", ErrSuperseded))
+	}
+	return ids, added, nil
+}
+
+// streamName returns the stream of aggregate type t, from a cache that
+// spares the allocations.
+func (p *Publisher) streamName(t string) string {
+	name, ok := p.streams[t]
+	if !ok {
+		name = stream.Name(p.prefix, t)
+		p.streams[t] = name
+	}
+	return name
+}
+
+func (s *session) xadd(e *row) rueidis.Completed {
+	c := s.conn
+	b := c.B().Xadd().Key(s.p.streamName(e.AggregateType)).Id("*").FieldValue().
 		FieldValue(stream.FieldEventID, e.eventIDString()).
 		FieldValue(stream.FieldEventType, e.EventType).
 		FieldValue(stream.FieldAggregateType, e.AggregateType).
