@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math"
 	"slices"
 	"sort"
 	"strings"
@@ -16,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/redis/rueidis"
 
+	"github.com/outboxfn/outbox/shared/outbox"
 	"github.com/outboxfn/outbox/shared/stream"
 )
 
@@ -215,32 +215,31 @@ func (o *ops) replayByTime(ctx context.Context, sel replaySelection, r *Replayed
 		return nil
 	}
 	r.FirstBatch, r.LastBatch = *first, *last
-	// Keyset pages along the primary key: no transaction held open while
-	// Redis is written, and the relay's purge of old batches goes on.
-	after := struct{ batch, id int64 }{r.FirstBatch, math.MinInt64}
-	for {
+	// A run of batches at a time (relayed events are indexed by batch
+	// with BRIN): no transaction held open while Redis is written, and the
+	// relay's purge of old batches goes on.
+	for from := r.FirstBatch; ; {
+		first, last, ok, err := outbox.RetainedRun(ctx, o.pool, sel.aggregateType, from, r.LastBatch, replayChunk)
+		if err != nil || !ok {
+			return err
+		}
 		rows, err := o.pool.Query(ctx, `
 			SELECT `+retainedColumns+` FROM outbox_relayed
-			WHERE (batch, id) > ($1, $2) AND batch <= $3 AND ($4 = '' OR aggregate_type = $4)
-			ORDER BY batch, id LIMIT $5`, after.batch, after.id, r.LastBatch, sel.aggregateType, replayChunk)
+			WHERE batch BETWEEN $1 AND $2 AND ($3 = '' OR aggregate_type = $3)
+			ORDER BY batch, id`, first, last, sel.aggregateType)
 		if err != nil {
-			return fmt.Errorf("read outbox_relayed after batch %d, id %d: %w", after.batch, after.id, err)
+			return fmt.Errorf("read outbox_relayed from batch %d to %d: %w", first, last, err)
 		}
 		page, err := pgx.CollectRows(rows, pgx.RowToStructByPos[retainedEvent])
 		if err != nil {
-			return fmt.Errorf("read outbox_relayed after batch %d, id %d: %w", after.batch, after.id, err)
+			return fmt.Errorf("read outbox_relayed from batch %d to %d: %w", first, last, err)
 		}
-		if len(page) == 0 {
-			return nil
+		if len(page) > 0 {
+			if err := handle(page); err != nil {
+				return err
+			}
 		}
-		if err := handle(page); err != nil {
-			return err
-		}
-		tail := page[len(page)-1]
-		after.batch, after.id = tail.Batch, tail.ID
-		if len(page) < replayChunk {
-			return nil
-		}
+		from = last + 1
 	}
 }
 

@@ -23,8 +23,9 @@ func (b *testBundle) retain(t *testing.T, batch int64, e stream.Event, relayedAt
 	}
 	_, err := b.ops.pool.Exec(context.Background(), `
 		WITH batch AS (
-			INSERT INTO outbox_relay_batches (aggregate_type, batch, last_ms, last_seq, relayed_at)
-			VALUES ($3, $1, 0, 0, $9) ON CONFLICT DO NOTHING)
+			INSERT INTO outbox_relay_batches (aggregate_type, batch, events, last_ms, last_seq, relayed_at)
+			VALUES ($3, $1, 1, 0, 0, $9)
+			ON CONFLICT (batch, aggregate_type) DO UPDATE SET events = outbox_relay_batches.events + 1)
 		INSERT INTO outbox_relayed (batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at)
 		VALUES ($1, $2, $4, $3, $5, $6, $7, $8, $10)`,
 		batch, e.OutboxID, e.AggregateType, e.EventID, e.AggregateID, e.EventType, e.Payload, traceparent, relayedAt, e.OccurredAt)
@@ -143,8 +144,8 @@ func TestReplay(t *testing.T) {
 		// 1234 events in 13 batches, ids falling within each batch and
 		// rising from one batch to the next.
 		_, err := b.ops.pool.Exec(ctx, `
-			INSERT INTO outbox_relay_batches (aggregate_type, batch, last_ms, last_seq, relayed_at)
-			SELECT 'user', g, 0, 0, now() - interval '1 hour' FROM generate_series(0, 12) AS g;
+			INSERT INTO outbox_relay_batches (aggregate_type, batch, events, last_ms, last_seq, relayed_at)
+			SELECT 'user', g, least(100, 1234 - g * 100), 0, 0, now() - interval '1 hour' FROM generate_series(0, 12) AS g;
 			INSERT INTO outbox_relayed (batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, created_at)
 			SELECT i / 100, (i / 100) * 1000 + 99 - i % 100, gen_random_uuid(), 'user', i::text, 'user.created', '{}', now()
 			FROM generate_series(0, 1233) AS i`)

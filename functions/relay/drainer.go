@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"strconv"
 	"time"
@@ -14,6 +15,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outboxfn/outbox/shared/outbox"
 )
 
 // The relay's three advisory locks, keyed by hashtext of a name so that
@@ -77,27 +80,17 @@ DELETE FROM outbox
 WHERE id = ANY (ARRAY (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
 RETURNING id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at`
 
-// claimRetainSQL is claimSQL that also copies the rows to outbox_relayed,
-// numbered with the batch (nextval, sent just before it), so that they are
-// retained exactly when their delete commits.
-const claimRetainSQL = `
-WITH claimed AS (` + claimSQL + `),
-kept AS (
-  INSERT INTO outbox_relayed (batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at)
-  SELECT currval('outbox_relay_batch'), * FROM claimed)
-SELECT * FROM claimed`
-
 // recordSQL records, in the batch's transaction, where each stream it wrote
 // to stood after it: per batch, for re-publishing the batches a stream lost,
 // and per stream, for noticing that it lost any.
 const recordSQL = `
-WITH r AS (
-  INSERT INTO outbox_relay_batches (aggregate_type, batch, last_ms, last_seq)
-  SELECT t, $2, ms, seq FROM unnest($1::text[], $3::bigint[], $4::bigint[]) AS u (t, ms, seq)
-  RETURNING aggregate_type, batch, last_ms, last_seq)
+WITH u AS (
+  SELECT * FROM unnest($1::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[]) AS u (t, events, ms, seq, added)),
+r AS (
+  INSERT INTO outbox_relay_batches (batch, aggregate_type, events, last_ms, last_seq)
+  SELECT $2, t, events, ms, seq FROM u)
 INSERT INTO outbox_streams AS s (aggregate_type, batch, last_ms, last_seq, entries_added)
-SELECT r.aggregate_type, r.batch, r.last_ms, r.last_seq, a.added
-FROM r JOIN unnest($1::text[], $5::bigint[]) AS a (t, added) ON a.t = r.aggregate_type
+SELECT t, $2, ms, seq, added FROM u
 ON CONFLICT (aggregate_type) DO UPDATE
 SET batch = excluded.batch, last_ms = excluded.last_ms, last_seq = excluded.last_seq,
     entries_added = excluded.entries_added, updated_at = now()`
@@ -633,12 +626,10 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) 
 	if slot != 0 {
 		b.Queue(drainLockHeldSQL, conns[0].Conn().PgConn().PID())
 	}
-	claim := claimSQL
 	if d.retention > 0 {
 		b.Queue("SELECT nextval('outbox_relay_batch')")
-		claim = claimRetainSQL
 	}
-	b.Queue(claim, d.batchSize)
+	b.Queue(claimSQL, d.batchSize)
 	results := c.conn.SendBatch(ctx, b)
 	for i := range b.Len() - 1 {
 		var err error
@@ -698,8 +689,19 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 		p, err := sess.publish(finishCtx, cur.rows)
 		done <- outcome{p, err}
 	}()
+	retained := make(chan error, 1)
+	if d.retention > 0 {
+		// The batch's transaction is idle while Redis takes the batch:
+		// it keeps the copy meanwhile.
+		go func() { retained <- d.retain(finishCtx, cur) }()
+	} else {
+		retained <- nil
+	}
 	next, claimErr := claimNext()
 	p := <-done
+	if err := <-retained; p.err == nil {
+		p.err = err
+	}
 	if p.err == nil && d.afterPublish != nil {
 		p.err = d.afterPublish()
 	}
@@ -713,7 +715,7 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 		}
 		return nil, p.err
 	}
-	err := d.commit(finishCtx, cur, p.streams)
+	err := d.commit(finishCtx, cur, p.streams, p.refused)
 	cur.open = false
 	if err != nil {
 		// The rows may or may not be gone; they stay in flight, in the
@@ -736,17 +738,42 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 	return next, claimErr
 }
 
+// retain copies the claimed rows to outbox_relayed, in the batch's
+// transaction, so that they are retained exactly when their delete commits.
+// COPY from the rows in hand costs less than a copy in the claim statement,
+// and it runs while Redis takes the batch, off the drain's critical path.
+func (d *Drainer) retain(ctx context.Context, c *claimed) error {
+	_, err := c.conn.CopyFrom(ctx, pgx.Identifier{"outbox_relayed"},
+		[]string{"batch", "id", "event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "traceparent", "created_at"},
+		pgx.CopyFromSlice(len(c.rows), func(i int) ([]any, error) {
+			r := &c.rows[i]
+			return []any{c.batch, r.ID, r.EventID, r.AggregateType, r.AggregateID, r.EventType, r.Payload, r.Traceparent, r.CreatedAt}, nil
+		}))
+	if err != nil {
+		return fmt.Errorf("retain batch: %w", err)
+	}
+	return nil
+}
+
 // commit records where the batch left each stream (with retention on) and
 // commits, in one round trip.
-func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord) error {
+func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord, refused map[int]string) error {
 	b := &pgx.Batch{}
 	if d.retention > 0 && len(streams) > 0 {
 		n := len(streams)
-		types, ms, seqs, added := make([]string, n), make([]int64, n), make([]int64, n), make([]int64, n)
-		for i, r := range streams {
-			types[i], ms[i], seqs[i], added[i] = r.aggregateType, int64(r.last.ms), int64(r.last.seq), r.added
+		retained := make(map[string]int32, n)
+		for i := range c.rows {
+			if _, dead := refused[i]; !dead {
+				retained[c.rows[i].AggregateType]++
+			}
 		}
-		b.Queue(recordSQL, types, c.batch, ms, seqs, added)
+		types, events := make([]string, n), make([]int32, n)
+		ms, seqs, added := make([]int64, n), make([]int64, n), make([]int64, n)
+		for i, r := range streams {
+			types[i], events[i] = r.aggregateType, retained[r.aggregateType]
+			ms[i], seqs[i], added[i] = int64(r.last.ms), int64(r.last.seq), r.added
+		}
+		b.Queue(recordSQL, types, c.batch, events, ms, seqs, added)
 	}
 	b.Queue("COMMIT")
 	results := c.conn.SendBatch(ctx, b)
@@ -867,15 +894,18 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 		return 0, fmt.Errorf("mark the re-publication: %w", err)
 	}
 	n, batches := 0, 0
-	after := [2]int64{from, -1} // (batch, id) of the last event published again
 	last, added := l.kept, sess.added[t]
-	for {
-		events, numbers, err := d.retained(ctx, conn, t, after)
+	for next := from; ; {
+		events, numbers, end, err := d.retained(ctx, conn, t, next)
 		if err != nil {
 			return n, err
 		}
-		if len(events) == 0 {
+		if end < 0 {
 			break
+		}
+		next = end + 1
+		if len(events) == 0 {
+			continue
 		}
 		ids, a, err := sess.republish(ctx, t, events)
 		if err != nil {
@@ -895,15 +925,11 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 			  FROM unnest($2::bigint[], $3::bigint[], $4::bigint[]) AS u (batch, ms, seq)
 			  WHERE b.aggregate_type = $1 AND b.batch = u.batch)
 			UPDATE outbox_streams SET replay_from = $5, updated_at = now() WHERE aggregate_type = $1`,
-			t, bs, ms, seqs, numbers[len(numbers)-1]); err != nil {
+			t, bs, ms, seqs, next); err != nil {
 			return n, fmt.Errorf("record the re-publication: %w", err)
 		}
 		n += len(events)
-		after = [2]int64{numbers[len(numbers)-1], events[len(events)-1].ID}
 		last, added = ids[len(ids)-1], a
-		if len(events) < d.batchSize {
-			break
-		}
 	}
 	if n == 0 && l.kept == (streamID{}) {
 		// Nothing retained to publish; forget the stream, so that the
@@ -925,17 +951,23 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 	return n, nil
 }
 
-// retained reads the next retained events of aggregate type t after the
-// (batch, id) pair after, in publication order, with their batch numbers.
-func (d *Drainer) retained(ctx context.Context, conn *pgxpool.Conn, t string, after [2]int64) ([]row, []int64, error) {
+// retained reads the retained events of aggregate type t in the run of
+// batches that starts at from and holds about a batch of events, in
+// publication order, with their batch numbers. It returns the run's last
+// batch, or -1 when no batch is retained from there on.
+func (d *Drainer) retained(ctx context.Context, conn *pgxpool.Conn, t string, from int64) ([]row, []int64, int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
 	defer cancel()
+	_, last, ok, err := outbox.RetainedRun(ctx, conn, t, from, math.MaxInt64, d.batchSize)
+	if err != nil || !ok {
+		return nil, nil, -1, err
+	}
 	rows, err := conn.Query(ctx, `
 		SELECT batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at
-		FROM outbox_relayed WHERE aggregate_type = $1 AND (batch, id) > ($2, $3)
-		ORDER BY batch, id LIMIT $4`, t, after[0], after[1], d.batchSize)
+		FROM outbox_relayed WHERE aggregate_type = $1 AND batch BETWEEN $2 AND $3
+		ORDER BY batch, id`, t, from, last)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read retained events: %w", err)
+		return nil, nil, -1, fmt.Errorf("read retained events: %w", err)
 	}
 	var events []row
 	var numbers []int64
@@ -947,9 +979,9 @@ func (d *Drainer) retained(ctx context.Context, conn *pgxpool.Conn, t string, af
 		return nil
 	})
 	if err != nil {
-		return nil, nil, fmt.Errorf("read retained events: %w", err)
+		return nil, nil, -1, fmt.Errorf("read retained events: %w", err)
 	}
-	return events, numbers, nil
+	return events, numbers, last, nil
 }
 
 // Purging: the draining relay deletes retained events past the retention
@@ -993,30 +1025,26 @@ func (d *Drainer) purgeOld(ctx context.Context, conn *pgxpool.Conn) (int64, erro
 	if newest == nil {
 		return 0, nil
 	}
+	// Oldest first, a run of batches of about purgeChunk events at a time;
+	// the batches' records go after their events.
 	var deleted int64
-	for {
-		tag, err := conn.Exec(ctx, `DELETE FROM outbox_relayed WHERE ctid = ANY (ARRAY (
-			SELECT ctid FROM outbox_relayed WHERE batch <= $1 ORDER BY batch, id LIMIT $2))`, *newest, purgeChunk)
+	for time.Now().Before(stop) {
+		first, last, ok, err := outbox.RetainedRun(ctx, conn, "", math.MinInt64, *newest, purgeChunk)
+		if err != nil {
+			return deleted, fmt.Errorf("purge: %w", err)
+		}
+		if !ok {
+			break
+		}
+		// From the run's first batch: a BRIN scan of "batch <= last" would
+		// read again every range purged before and not yet vacuumed.
+		tag, err := conn.Exec(ctx, `DELETE FROM outbox_relayed WHERE batch BETWEEN $1 AND $2`, first, last)
 		if err != nil {
 			return deleted, fmt.Errorf("purge outbox_relayed: %w", err)
 		}
 		deleted += tag.RowsAffected()
-		if tag.RowsAffected() < purgeChunk {
-			break
-		}
-		if time.Now().After(stop) {
-			return deleted, nil // the batches' records go once their events are gone
-		}
-	}
-	for time.Now().Before(stop) {
-		tag, err := conn.Exec(ctx, `DELETE FROM outbox_relay_batches WHERE ctid = ANY (ARRAY (
-			SELECT ctid FROM outbox_relay_batches WHERE batch <= $1 AND relayed_at < now() - $2::interval LIMIT $3))`,
-			*newest, horizon, purgeChunk)
-		if err != nil {
+		if _, err := conn.Exec(ctx, `DELETE FROM outbox_relay_batches WHERE batch <= $1`, last); err != nil {
 			return deleted, fmt.Errorf("purge outbox_relay_batches: %w", err)
-		}
-		if tag.RowsAffected() < purgeChunk {
-			break
 		}
 	}
 	return deleted, nil

@@ -510,12 +510,17 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 			return res, s.fail(fmt.Errorf("publish batch: write in-flight marker: %w", err))
 		}
 	}
+	kept := make(map[string]bool, len(order))
+	for i := range events {
+		if _, refused := res.refused[i]; !refused {
+			kept[events[i].AggregateType] = true
+		}
+	}
 	for _, t := range order {
-		last := lastOf[t]
-		if last == (streamID{}) {
+		if !kept[t] {
 			continue // every event of the batch for that stream was refused
 		}
-		rec := batchRecord{aggregateType: t, last: last, added: s.added[t]}
+		rec := batchRecord{aggregateType: t, last: lastOf[t], added: s.added[t]}
 		if at, ok := infoAt[t]; ok {
 			// An XINFO fails only when the stream's XADDs were refused.
 			if added, ok := entriesAdded(replies[at]); ok {

@@ -139,7 +139,7 @@ func (c *keepAliveClients) close() {
 func startRelay(ctx context.Context, e *env, prefix string, mutate ...func(*relay.Config)) (*relay.Service, error) {
 	cfg := relay.Config{
 		Config: quiet, DatabaseURL: e.dbURL, DBMaxConns: 4, RedisURL: redistest.URL(), StreamPrefix: prefix,
-		BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour, TrimInterval: time.Minute,
+		BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour, Retention: 24 * time.Hour, TrimInterval: time.Minute,
 		DrainTimeout: time.Minute, ReconnectDelay: time.Second, Background: true,
 	}
 	for _, m := range mutate {

@@ -127,17 +127,46 @@ func naiveRelayOnce(ctx context.Context, e *env, key string) (int, error) {
 
 func benchDrain(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 	prefix := e.freshPrefix("drain")
-	rl, err := relay.New(ctx, relay.Config{Config: quiet, DatabaseURL: e.dbURL, DBMaxConns: 4, RedisURL: redistest.URL(),
-		StreamPrefix: prefix, BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour,
-		DrainTimeout: time.Hour, ReconnectDelay: time.Second}, logging.New(nopWriter{}, quiet))
+	// The relay as deployed (retention on, its default) and without it,
+	// to show what keeping relayed events in PostgreSQL costs.
+	newRelay := func(retention time.Duration) (*relay.Service, error) {
+		return relay.New(ctx, relay.Config{Config: quiet, DatabaseURL: e.dbURL, DBMaxConns: 4, RedisURL: redistest.URL(),
+			StreamPrefix: prefix, BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour,
+			Retention: retention, DrainTimeout: time.Hour, ReconnectDelay: time.Second}, logging.New(nopWriter{}, quiet))
+	}
+	rl, err := newRelay(24 * time.Hour)
 	if err != nil {
 		return nil, err
 	}
 	defer rl.Close()
+	bare, err := newRelay(0)
+	if err != nil {
+		return nil, err
+	}
+	defer bare.Close()
 	if _, err := e.pool.Exec(ctx, `TRUNCATE outbox`); err != nil {
 		return nil, err
 	}
-	var rawRate, relayRate []float64
+	drainWith := func(rl *relay.Service) (float64, error) {
+		if err := fill(ctx, e, "outbox", s.Backlog); err != nil {
+			return 0, err
+		}
+		t := time.Now()
+		res, err := rl.Drain(ctx, time.Time{})
+		if err != nil {
+			return 0, fmt.Errorf("relay drain: %w", err)
+		}
+		rate := float64(res.Relayed) / time.Since(t).Seconds()
+		if res.Relayed != s.Backlog {
+			return 0, fmt.Errorf("relay drained %d of %d rows", res.Relayed, s.Backlog)
+		}
+		e.deleteKeys(ctx, prefix)
+		// A fresh start for the next round: no retained rows to grow the
+		// table, no records of the streams just deleted.
+		_, err = e.pool.Exec(ctx, `TRUNCATE outbox_relayed, outbox_relay_batches, outbox_streams`)
+		return rate, err
+	}
+	var rawRate, relayRate, bareRate []float64
 	for round := range 3 {
 		if err := fill(ctx, e, "outbox", s.Backlog); err != nil {
 			return nil, err
@@ -148,21 +177,17 @@ func benchDrain(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 			return nil, fmt.Errorf("raw drain: %w", err)
 		}
 		rawRate = append(rawRate, float64(n)/time.Since(t).Seconds())
-
-		if err := fill(ctx, e, "outbox", s.Backlog); err != nil {
+		r, err := drainWith(rl)
+		if err != nil {
 			return nil, err
 		}
-		t = time.Now()
-		res, err := rl.Drain(ctx, time.Time{})
-		if err != nil {
-			return nil, fmt.Errorf("relay drain: %w", err)
+		relayRate = append(relayRate, r)
+		if r, err = drainWith(bare); err != nil {
+			return nil, err
 		}
-		relayRate = append(relayRate, float64(res.Relayed)/time.Since(t).Seconds())
-		if res.Relayed != s.Backlog {
-			return nil, fmt.Errorf("relay drained %d of %d rows", res.Relayed, s.Backlog)
-		}
-		e.logf("round %d: raw %.0f rows/s, relay %.0f events/s", round+1, rawRate[round], relayRate[round])
-		e.deleteKeys(ctx, prefix)
+		bareRate = append(bareRate, r)
+		e.logf("round %d: raw %.0f rows/s, relay %.0f events/s, relay without retention %.0f events/s",
+			round+1, rawRate[round], relayRate[round], bareRate[round])
 	}
 
 	if _, err := e.pool.Exec(ctx, naiveTable); err != nil {
@@ -192,10 +217,11 @@ func benchDrain(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 
 	// Medians: one round may meet a checkpoint flushing the last round's
 	// million row changes.
-	relayAvg, rawAvg := median(relayRate), median(rawRate)
+	relayAvg, rawAvg, bareAvg := median(relayRate), median(rawRate), median(bareRate)
 	return []Figure{
 		compare(fmt.Sprintf("relay drain of %d rows", s.Backlog), relayAvg, "events/s", "raw SQL drain, no Redis", rawAvg).
 			target("ratio >= 0.5", relayAvg/rawAvg >= 0.5),
+		compare("cost of retention (RELAY_RETENTION)", relayAvg, "events/s", "the same relay with RELAY_RETENTION=0", bareAvg),
 		compare("relay drain vs the naive relay", relayAvg, "events/s", "naive: poll, XADD+UPDATE per row", naiveRate).
 			target("ratio >= 10", relayAvg/naiveRate >= 10),
 	}, nil
@@ -408,7 +434,7 @@ type rssReport struct {
 // prints the process's peak RSS (VmHWM) as JSON.
 func rssChildMain(ctx context.Context, dbURL, prefix string) error {
 	rl, err := relay.New(ctx, relay.Config{Config: quiet, DatabaseURL: dbURL, DBMaxConns: 4, RedisURL: redistest.URL(),
-		StreamPrefix: prefix, BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour,
+		StreamPrefix: prefix, BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour, Retention: 24 * time.Hour,
 		DrainTimeout: time.Hour, ReconnectDelay: time.Second}, logging.New(nopWriter{}, quiet))
 	if err != nil {
 		return err
@@ -563,7 +589,7 @@ func benchWait(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 	}
 	drain := func(wait int) (float64, int, error) {
 		rl, err := relay.New(ctx, relay.Config{Config: quiet, DatabaseURL: e.dbURL, DBMaxConns: 4, RedisURL: primary.url(),
-			StreamPrefix: e.freshPrefix("wait"), BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour,
+			StreamPrefix: e.freshPrefix("wait"), BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour, Retention: 24 * time.Hour,
 			DrainTimeout: time.Hour, ReconnectDelay: time.Second, WaitReplicas: wait, WaitTimeout: time.Second},
 			logging.New(nopWriter{}, quiet))
 		if err != nil {

@@ -43,21 +43,30 @@ CREATE TABLE outbox_relayed (
     event_type     text        NOT NULL,
     payload        json        NOT NULL,
     traceparent    text,
-    created_at     timestamptz NOT NULL,
-    PRIMARY KEY (batch, id)
+    created_at     timestamptz NOT NULL
 );
 
--- No other index: every one would cost each relayed row a write. outboxctl
--- replay by event id scans the table, which an operator can afford.
+-- Rows arrive in batch order, so a BRIN index finds a range of batches for
+-- next to nothing per row: a b-tree on (batch, id) measured 1.2 µs more per
+-- relayed row, an eighth of the relay's whole cost per event. Readers take a
+-- range of batches (outbox_relay_batches says how many events each holds)
+-- and sort it. outboxctl replay by event id scans the table, which an
+-- operator can afford.
+CREATE INDEX outbox_relayed_batch_idx ON outbox_relayed USING brin (batch);
 
 CREATE TABLE outbox_relay_batches (
-    aggregate_type text        NOT NULL,
     batch          bigint      NOT NULL,
+    aggregate_type text        NOT NULL,
+    -- The batch's events of that type retained in outbox_relayed.
+    events         integer     NOT NULL,
     last_ms        bigint      NOT NULL,
     last_seq       bigint      NOT NULL,
     relayed_at     timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (aggregate_type, batch)
+    PRIMARY KEY (batch, aggregate_type)
 );
+
+-- A stream's batches, for finding what it lost and publishing it again.
+CREATE INDEX outbox_relay_batches_stream_idx ON outbox_relay_batches (aggregate_type, batch);
 
 -- The purge finds the newest batch past the retention window; rows arrive in
 -- time order, so a BRIN index costs next to nothing to keep.
