@@ -63,6 +63,10 @@ const (
 	busyRetry = time.Second
 )
 
+// errPastDeadline stops a re-publication at the drain's deadline; its
+// progress is recorded, and the next drain goes on from there.
+var errPastDeadline = errors.New("past the drain's deadline")
+
 // ErrBusy is returned by Drain when another relay kept the drain lock for
 // the whole wait; that relay is draining.
 var ErrBusy = errors.New("another relay is draining")
@@ -540,7 +544,10 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, sess *se
 		if sess.needsReplay() {
 			// What Redis lost goes first; the batch is claimed again after.
 			cur.rollback(ctx)
-			if err := d.replay(ctx, conn, sess, res); err != nil {
+			if err := d.replay(ctx, conn, sess, res, past); err != nil {
+				if errors.Is(err, errPastDeadline) {
+					return false, nil // the next drain goes on from replay_from
+				}
 				return false, err
 			}
 			continue
@@ -850,10 +857,10 @@ func (d *Drainer) rowsExist(ctx context.Context, ids []int64) (map[int64]string,
 // streams stand then. It runs between batches on the drain's own
 // connection, which must not sit idle meanwhile: the server would end its
 // session after SessionIdleTimeout, and the drain lock with it.
-func (d *Drainer) replay(ctx context.Context, conn *pgxpool.Conn, sess *session, res *Result) error {
+func (d *Drainer) replay(ctx context.Context, conn *pgxpool.Conn, sess *session, res *Result, past func() bool) error {
 	for len(sess.lost) > 0 {
 		l := sess.lost[0]
-		n, err := d.replayStream(ctx, conn, sess, l)
+		n, err := d.replayStream(ctx, conn, sess, l, past)
 		res.Replayed += n
 		if err != nil {
 			return fmt.Errorf("publish %s again: %w", d.publisher.streamName(l.aggregateType), err)
@@ -869,7 +876,7 @@ func (d *Drainer) replay(ctx context.Context, conn *pgxpool.Conn, sess *session,
 // one if an earlier re-publication was interrupted. outbox_streams.replay_from
 // says how far it got, so that an interrupted one is taken up again by the
 // next drain, of this relay or another.
-func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *session, l lostStream) (int, error) {
+func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *session, l lostStream, past func() bool) (int, error) {
 	start := time.Now()
 	t := l.aggregateType
 	exec := func(sql string, args ...any) error {
@@ -896,6 +903,11 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 	n, batches := 0, 0
 	last, added := l.kept, sess.added[t]
 	for next := from; ; {
+		if past() {
+			d.logger.WarnContext(ctx, "publishing lost events again: stopped at the drain's deadline; the next drain goes on",
+				slog.String("stream", d.publisher.streamName(t)), slog.Int("events", n), slog.Int64("next_batch", next))
+			return n, errPastDeadline
+		}
 		events, numbers, end, err := d.retained(ctx, conn, t, next)
 		if err != nil {
 			return n, err
