@@ -356,12 +356,39 @@ dispatch:
 		}
 	}
 	if len(ack) > 0 {
-		if err := c.client.Do(ctx, c.client.B().Xack().Key(c.stream).Group(c.group).Id(ack...).Build()).Error(); err != nil {
+		if err := c.acknowledge(ctx, ack); err != nil {
 			firstErr = cmpErr(firstErr, fmt.Errorf("acknowledge %d entries: %w", len(ack), c.checkGroup(ctx, err)))
 		}
 	}
 	return stats, firstErr
 }
+
+// acknowledge XACKs ids, and again after a failure that is not Redis's
+// answer (up to ackAttempts in all): after Redis restarted, each of the
+// client's pooled connections fails its first command (EOF) before it is
+// dialled again, and entries left pending would wait ClaimIdle to be
+// claimed again. XACK is idempotent.
+func (c *Consumer) acknowledge(ctx context.Context, ids []string) error {
+	var err error
+	for attempt := range ackAttempts {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+				return err
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+		err = c.client.Do(ctx, c.client.B().Xack().Key(c.stream).Group(c.group).Id(ids...).Build()).Error()
+		if _, answered := rueidis.IsRedisErr(err); err == nil || answered {
+			return err
+		}
+	}
+	return err
+}
+
+// ackAttempts bounds the tries of one XACK: more than the connections a
+// rueidis client keeps (four by default).
+const ackAttempts = 6
 
 // aheadClaims are the claims a batch takes ahead of its sends, a window at
 // a time (see Consumer.claimWindows). A window's claims are written by the

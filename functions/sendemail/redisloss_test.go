@@ -2,6 +2,7 @@ package sendemail
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"testing"
@@ -88,4 +89,49 @@ func TestTheConsumerGroupIsCreatedAgainWhenRedisForgetsIt(t *testing.T) {
 			})
 		}
 	}
+}
+
+// After Redis restarts, the consumer's first command on its old connection
+// fails (EOF). When that command is the XACK of entries whose emails went
+// out, the entries must not stay pending until they are claimed again
+// (ClaimIdle, a minute here): the XACK is sent again.
+func TestAnAcknowledgementThatMeetsARestartedRedisIsSentAgain(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	server := redistest.StartServer(t)
+	b := setup(t)
+	client, err := stream.NewClient(server.URL())
+	require.NoError(t, err)
+	t.Cleanup(client.Close)
+	b.redis = client
+	s := b.service(t, func(c *Config) { c.RedisURL = server.URL() })
+	require.NoError(t, s.consumer.EnsureGroup(ctx))
+	require.NoError(t, s.Start(ctx))
+	b.add(t, 1, "one@example.com", "A")
+	b.smtp.WaitFor(t, 1, 5*time.Second)
+	pending := func() int64 {
+		n, err := client.Do(ctx, client.B().Xpending().Key(b.stream).Group(s.cfg.Group).Build()).ToArray()
+		if err != nil || len(n) == 0 {
+			return -1
+		}
+		p, err := n[0].AsInt64()
+		if err != nil {
+			return -1
+		}
+		return p
+	}
+	require.Eventually(t, func() bool { return pending() == 0 }, 5*time.Second, 10*time.Millisecond)
+
+	// A restart that keeps the data (a snapshot), as with persistence on.
+	require.NoError(t, client.Do(ctx, client.B().Save().Build()).Error())
+	server.Stop()
+	server.Start()
+	client, err = stream.NewClient(server.URL()) // the test's own connection died too
+	require.NoError(t, err)
+	t.Cleanup(client.Close)
+	b.redis = client
+	b.add(t, 2, "two@example.com", "B")
+	b.smtp.WaitFor(t, 2, 10*time.Second)
+	assert.Eventually(t, func() bool { return pending() == 0 }, 2*time.Second, 50*time.Millisecond, "the second entry is still pending after its email was sent: %v",
+		fmt.Sprint(client.Do(ctx, client.B().Xpending().Key(b.stream).Group(s.cfg.Group).Start("-").End("+").Count(10).Build()).ToAny()))
 }
