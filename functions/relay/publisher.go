@@ -65,6 +65,9 @@ type Publisher struct {
 	// batch (WAIT) before its rows are deleted, waiting up to waitTimeout.
 	waitReplicas int64
 	waitTimeout  time.Duration
+	// track reads each stream back (XINFO STREAM) in every batch, for
+	// PostgreSQL's record of it; set when relayed events are retained.
+	track bool
 	// timeout bounds each round trip; rueidis retries reads until the
 	// context ends, which must not be the caller's whole deadline.
 	timeout time.Duration
@@ -382,11 +385,11 @@ var errReplayNeeded = errors.New("a stream lost events; publishing them again fi
 // records them in the marker. The events stay in flight until committed is
 // called.
 //
-// Each stream the batch writes to is read back (XINFO STREAM) inside the
-// same MULTI: if its entries-added counter is lower than this session last
-// saw plus what the batch added, the stream was deleted (and created again
-// by this XADD or another client) since, and the events it held are
-// published again before the batch.
+// With retention on, each stream the batch writes to is read back (XINFO
+// STREAM) inside the same MULTI: if its entries-added counter is lower than
+// this session last saw plus what the batch added, the stream was deleted
+// (and created again by this XADD or another client) since, and the events
+// it held are published again before the batch.
 func (s *session) publish(ctx context.Context, events []row) (published, error) {
 	var res published
 	<-s.ready
@@ -424,7 +427,7 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	}
 	infoAt := make(map[string]int, len(order)) // index of each stream's XINFO in the EXEC reply
 	for _, t := range order {
-		if counts[t] > 0 {
+		if counts[t] > 0 && p.track {
 			infoAt[t] = len(cmds) - 1
 			cmds = append(cmds, c.B().XinfoStream().Key(p.streamName(t)).Build())
 		}

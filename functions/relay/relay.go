@@ -96,7 +96,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 	// A relay waiting for another's drain lock gives up after a poll
 	// interval and tries again on its next wake-up.
 	drainer := NewDrainer(pool, publisher, cfg.BatchSize, cfg.PollInterval, logger)
-	drainer.retention = cfg.Retention
+	drainer.retention, publisher.track = cfg.Retention, cfg.Retention > 0
 	if cfg.TrimInterval > 0 {
 		drainer.trimmer, drainer.trimEvery = NewTrimmer(client, cfg.StreamPrefix, cfg.StreamRetention), cfg.TrimInterval
 	}
