@@ -69,7 +69,7 @@ commands:
   purge [-older-than 720h]     delete send records and idempotency keys older than that,
                                1000 rows per statement; refuses an age below the largest of
                                24h, RELAY_DEDUPE_WINDOW and RELAY_RETENTION, and keeps the send
-                               records created since the oldest batch still retained
+                               records created since the oldest event still retained
   envdoc FILE                  regenerate the configuration tables in FILE (README.md)
   render [-set NAME=VALUE]... [-text NAME=VALUE]... FILE
                                print a Cloud Run manifest with its ${NAME} placeholders filled
@@ -288,8 +288,8 @@ func (o *ops) command(ctx context.Context, args []string) error {
 			return err // refused, or failed before deleting anything
 		}
 		if p.Clamped {
-			fmt.Fprintf(o.out, "email_sends: keeping the records created since %s, when the oldest batch still retained was relayed "+
-				"(outbox_relay_batches, RELAY_RETENTION): a replay would send those emails again without them\n",
+			fmt.Fprintf(o.out, "email_sends: keeping the records created since %s, when the oldest event still retained was written "+
+				"(outbox_relayed, RELAY_RETENTION): a replay would send those emails again without them\n",
 				p.SendsBefore.UTC().Format(time.RFC3339))
 		}
 		fmt.Fprintf(o.out, "purged %d rows of email_sends created before %s\n", p.Deleted["email_sends"], p.SendsBefore.UTC().Format(time.RFC3339))

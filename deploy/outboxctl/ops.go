@@ -373,8 +373,8 @@ type Purged struct {
 	// Deleted counts the rows deleted from each table.
 	Deleted map[string]int64
 	// SendsBefore is the creation time before which send records were
-	// deleted: now less the age, or the oldest retained batch's time when
-	// that is earlier (Clamped).
+	// deleted: now less the age, or when the oldest retained event was
+	// written if that is earlier (Clamped).
 	SendsBefore time.Time
 	Clamped     bool
 }
@@ -385,11 +385,15 @@ type Purged struct {
 // would let a second consumer send the same email. A record of an email
 // that went to the dead-letter stream is deleted when it gets there.
 //
-// Nor is a send record created since the oldest batch the relay retains
-// (outbox_relay_batches) was relayed, whatever the age: a replay, the
-// relay's or outboxctl's, re-delivers that batch's events, and without
-// their records their emails would go out again. Relayed events themselves
-// are purged by the relay after RELAY_RETENTION.
+// Nor is a send record created since the oldest event the relay retains
+// (outbox_relayed) was written, whatever the age: a replay, the relay's or
+// outboxctl's, re-delivers retained events, and without their records their
+// emails would go out again. An event is written before it is emailed; its
+// batch's relayed_at is no bound, since a batch in doubt may be emailed long
+// before the batch that retains it commits. Finding that oldest event reads
+// the whole table (no index on created_at: each would cost every relayed
+// row a write), about a second per 8 million events. Relayed events
+// themselves are purged by the relay after RELAY_RETENTION.
 func (o *ops) purge(ctx context.Context, age time.Duration) (Purged, error) {
 	p := Purged{Deleted: map[string]int64{}}
 	if least := max(minPurgeAge, o.dedupeWindow, o.retention); age < least {
@@ -398,10 +402,10 @@ func (o *ops) purge(ctx context.Context, age time.Duration) (Purged, error) {
 	}
 	var horizon time.Time
 	var oldest *time.Time
-	err := o.pool.QueryRow(ctx, `SELECT now() - $1::interval, (SELECT min(relayed_at) FROM outbox_relay_batches)`, age).
+	err := o.pool.QueryRow(ctx, `SELECT now() - $1::interval, (SELECT min(created_at) FROM outbox_relayed)`, age).
 		Scan(&horizon, &oldest)
 	if err != nil {
-		return p, fmt.Errorf("find the oldest retained batch: %w", err)
+		return p, fmt.Errorf("find the oldest retained event: %w", err)
 	}
 	p.SendsBefore = horizon
 	if oldest != nil && oldest.Before(horizon) {

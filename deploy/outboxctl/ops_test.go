@@ -276,7 +276,7 @@ func TestPurge(t *testing.T) {
 		require.NoError(t, err)
 	})
 
-	t.Run("keeps send records created since the oldest retained batch, whatever the age", func(t *testing.T) {
+	t.Run("keeps send records created since the oldest retained event was written, whatever the age", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
 		ctx := context.Background()
@@ -307,7 +307,7 @@ func TestPurge(t *testing.T) {
 		require.Contains(t, b.out.String(), "purged 1 rows of email_sends created before")
 		require.Contains(t, b.out.String(), "purged 1 rows of idempotency_keys older than 720h0m0s")
 
-		_, err = b.ops.pool.Exec(ctx, `DELETE FROM outbox_relay_batches`) // the relay caught up
+		_, err = b.ops.pool.Exec(ctx, `DELETE FROM outbox_relayed`) // the relay caught up
 		require.NoError(t, err)
 		p, err := b.ops.purge(ctx, 30*24*time.Hour)
 		require.NoError(t, err)

@@ -143,6 +143,18 @@ type lostStream struct {
 	// before it are still there. Zero when none are: the stream is gone, or
 	// it was deleted and created again.
 	kept streamID
+	// search is set when what the stream kept must be found entry by
+	// entry (see Drainer.newestHeld): later writes hide where it ends.
+	search bool
+	// deleted, first and current are the stream's max-deleted-entry-id,
+	// recorded-first-entry-id and last-generated-id; gone is set when
+	// there is no stream.
+	deleted, first, current streamID
+	gone                    bool
+	// continued is set when the stream's entries-added counter is not
+	// behind the record: it is the stream the relay wrote to, trimmed
+	// perhaps, not one created again.
+	continued bool
 	// replayFrom is the first batch of an unfinished re-publication, or -1.
 	replayFrom int64
 	why        string
@@ -193,13 +205,19 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, exist ro
 		c.B().Incr().Key(p.epochKey).Build(),
 		c.B().Get().Key(p.markerKey).Build(),
 	}
+	// Per recorded stream, its XINFO and a read of the entry recorded
+	// last: counters alone cannot tell a stream that lost its end and was
+	// then written to by someone else.
 	for _, r := range streams {
-		cmds = append(cmds, c.B().XinfoStream().Key(p.streamName(r.aggregateType)).Build())
+		name := p.streamName(r.aggregateType)
+		last := r.last.String()
+		cmds = append(cmds, c.B().XinfoStream().Key(name).Build(),
+			c.B().Xrange().Key(name).Start(last).End(last).Build())
 	}
 	cmds = append(cmds, c.B().Watch().Key(p.epochKey).Build(), c.B().Get().Key(p.epochKey).Build())
 	results := c.DoMulti(ctx, cmds...)
 	for i, r := range results {
-		if i >= 3 && i < 3+len(streams) {
+		if i >= 3 && i < 3+2*len(streams) {
 			continue // a stream's XINFO fails when the stream is gone
 		}
 		if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) {
@@ -209,12 +227,12 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, exist ro
 	}
 	s.added = make(map[string]int64, len(streams))
 	for i, r := range streams {
-		if err := s.compare(r, results[3+i]); err != nil {
+		if err := s.compare(r, results[3+2*i], results[4+2*i]); err != nil {
 			c.Close()
 			return err
 		}
 	}
-	results = append(results[:3], results[3+len(streams):]...)
+	results = append(results[:3], results[3+2*len(streams):]...)
 	epoch, err := results[1].AsInt64()
 	if err != nil {
 		c.Close()
@@ -275,47 +293,69 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, exist ro
 	}
 	for row, t := range types {
 		id := byRow[row]
-		if entry, ok := found[uuid.UUID(id).String()]; ok {
+		if entry, ok := found[uuid.UUID(id).String()]; ok && !s.isLost(t) {
+			// In a stream that lost events, the batch in doubt may sit
+			// before them: it is published again after them instead.
 			s.inFlight[id] = flight{row: row, typ: t, entry: entry}
 		}
 	}
 	return nil
 }
 
-// compare checks a stream's XINFO STREAM reply against what PostgreSQL
-// recorded of it, and adds it to s.lost when Redis no longer holds every
-// recorded batch.
-func (s *session) compare(r streamRecord, reply rueidis.RedisResult) error {
+func (s *session) isLost(t string) bool {
+	for _, l := range s.lost {
+		if l.aggregateType == t {
+			return true
+		}
+	}
+	return false
+}
+
+// compare checks a stream against what PostgreSQL recorded of it (its XINFO
+// STREAM reply, and the read of the entry recorded last), and adds it to
+// s.lost when Redis no longer holds every recorded batch.
+func (s *session) compare(r streamRecord, infoReply, lastReply rueidis.RedisResult) error {
+	name := s.p.streamName(r.aggregateType)
 	lost := lostStream{aggregateType: r.aggregateType, replayFrom: r.replayFrom}
-	info, err := reply.AsMap()
+	info, err := infoReply.AsMap()
 	switch {
 	case isNoSuchKey(err):
-		lost.why = "the stream is gone"
+		lost.gone, lost.why = true, "the stream is gone"
 	case isWrongType(err):
 		// A key of another type holds the name: nothing can be published
 		// there, and events for it go to outbox_dead.
 		return nil
 	case err != nil:
-		return fmt.Errorf("read stream %s: %w", s.p.streamName(r.aggregateType), err)
+		return fmt.Errorf("read stream %s: %w", name, err)
 	default:
-		lastMsg, addedMsg := info["last-generated-id"], info["entries-added"]
-		last, err := lastMsg.ToString()
+		lastID, err := infoID(info, "last-generated-id")
 		if err != nil {
-			return fmt.Errorf("read last-generated-id of %s: %w", s.p.streamName(r.aggregateType), err)
+			return fmt.Errorf("read stream %s: %w", name, err)
 		}
-		lastID, err := parseID(last)
-		if err != nil {
-			return fmt.Errorf("read last-generated-id of %s: %w", s.p.streamName(r.aggregateType), err)
-		}
+		lost.current = lastID
+		// An entry that is not there may have been deleted (at or below
+		// max-deleted-entry-id) or trimmed (below recorded-first-entry-id,
+		// or every entry when the stream is empty): its absence proves a
+		// loss only otherwise.
+		lost.deleted, _ = infoID(info, "max-deleted-entry-id")
+		lost.first, _ = infoID(info, "recorded-first-entry-id")
+		addedMsg := info["entries-added"]
 		added, addedErr := addedMsg.AsInt64() // Redis 7 and later
 		if addedErr == nil {
 			s.added[r.aggregateType] = added
 		}
+		// A stream created again counts its entries from zero.
+		lost.continued = addedErr != nil || added >= r.added
+		entries, _ := lastReply.AsXRange()
+		absent := len(entries) == 0 && !lost.mayHaveRemoved(r.last)
 		switch {
 		case lastID.less(r.last):
+			// A failover to a replica that lagged: Redis kept a prefix.
 			lost.kept, lost.why = lastID, "the stream lost its last entries"
-		case addedErr == nil && added < r.added:
-			lost.why = "the stream was deleted and created again"
+		case absent:
+			// Never removed, yet gone: the stream lost its end and
+			// someone wrote to it since, or it was created again.
+			lost.search, lost.why = true, "the stream no longer holds the last entry recorded in it"
 		case r.replayFrom >= 0:
 			lost.kept, lost.why = r.last, "a re-publication was interrupted"
 		default:
@@ -324,6 +364,41 @@ func (s *session) compare(r streamRecord, reply rueidis.RedisResult) error {
 	}
 	s.lost = append(s.lost, lost)
 	return nil
+}
+
+// infoID reads a stream id field of an XINFO STREAM reply.
+func infoID(info map[string]rueidis.RedisMessage, field string) (streamID, error) {
+	m, ok := info[field]
+	if !ok {
+		return streamID{}, fmt.Errorf("no %s", field)
+	}
+	str, err := m.ToString()
+	if err != nil {
+		return streamID{}, fmt.Errorf("%s: %w", field, err)
+	}
+	return parseID(str)
+}
+
+// mayHaveRemoved reports whether entry id may be missing from the stream
+// because it was deleted (XDEL) or trimmed rather than lost.
+func (l *lostStream) mayHaveRemoved(id streamID) bool {
+	return !l.deleted.less(id) || l.continued && (id.less(l.first) || l.first == (streamID{}))
+}
+
+// holds reports whether the stream of lost stream l still holds the entry
+// id, or may have removed it.
+func (s *session) holds(ctx context.Context, l *lostStream, id streamID) (bool, error) {
+	if l.mayHaveRemoved(id) {
+		return true, nil
+	}
+	t := l.aggregateType
+	ctx, cancel := context.WithTimeout(ctx, s.p.timeout)
+	defer cancel()
+	entries, err := s.conn.Do(ctx, s.conn.B().Xrange().Key(s.p.streamName(t)).Start(id.String()).End(id.String()).Build()).AsXRange()
+	if err != nil && !rueidis.IsRedisNil(err) {
+		return false, fmt.Errorf("read %s of %s: %w", id, s.p.streamName(t), err)
+	}
+	return len(entries) > 0, nil
 }
 
 // needsReplay waits for the takeover and reports whether streams must be
@@ -528,7 +603,7 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 			// An XINFO fails only when the stream's XADDs were refused.
 			if added, ok := entriesAdded(replies[at]); ok {
 				if before, known := s.added[t]; known && added < before+counts[t] {
-					s.lost = append(s.lost, lostStream{aggregateType: t, replayFrom: -1,
+					s.lost = append(s.lost, lostStream{aggregateType: t, replayFrom: -1, current: lastOf[t],
 						why: "the stream was deleted and created again"})
 				}
 				s.added[t], rec.added = added, added
@@ -547,10 +622,8 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 		// The batch landed in a stream that lost what came before it: it
 		// is rolled back, and published again after the older events.
 		for i := range events {
-			for _, l := range s.lost {
-				if l.aggregateType == events[i].AggregateType {
-					delete(s.inFlight, events[i].EventID)
-				}
+			if s.isLost(events[i].AggregateType) {
+				delete(s.inFlight, events[i].EventID)
 			}
 		}
 		return res, errReplayNeeded
