@@ -885,19 +885,15 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 		_, err := conn.Exec(ctx, sql, args...)
 		return err
 	}
+	// Batches are recorded in the order they were published: the stream
+	// kept those whose last entry is at or below what it kept, except the
+	// ones an unfinished re-publication had not yet reached.
 	var newest int64
-	var err error
-	if l.search {
-		newest, err = d.newestHeld(ctx, conn, sess, &l)
-	} else {
-		// Batches are recorded in the order they were published: the
-		// stream kept those whose last entry is at or below what it kept.
-		qctx, cancel := context.WithTimeout(ctx, statementTimeout)
-		err = conn.QueryRow(qctx, `SELECT coalesce((SELECT batch FROM outbox_relay_batches
-			WHERE aggregate_type = $1 AND (last_ms, last_seq) <= ($2, $3) ORDER BY batch DESC LIMIT 1), -1)`,
-			t, int64(l.kept.ms), int64(l.kept.seq)).Scan(&newest)
-		cancel()
-	}
+	qctx, cancel := context.WithTimeout(ctx, statementTimeout)
+	err := conn.QueryRow(qctx, `SELECT coalesce((SELECT batch FROM outbox_relay_batches
+		WHERE aggregate_type = $1 AND (last_ms, last_seq) <= ($2, $3) AND ($4 < 0 OR batch < $4) ORDER BY batch DESC LIMIT 1), -1)`,
+		t, int64(l.kept.ms), int64(l.kept.seq), l.replayFrom).Scan(&newest)
+	cancel()
 	if err != nil {
 		return 0, fmt.Errorf("find the first lost batch: %w", err)
 	}
@@ -976,62 +972,6 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 		slog.Int("events", n), slog.Int("batches", batches), slog.Int64("from_batch", from),
 		slog.Duration("took", time.Since(start)))
 	return n, nil
-}
-
-// newestHeld finds, among the retained batches of aggregate type t, the
-// newest one whose last entry the stream still holds (or may have trimmed:
-// at or below deleted), or -1 when it holds none. A stream that lost its
-// end keeps a prefix of the batches, so the answer is found by bisecting
-// the batch numbers: each step one index lookup and one XRANGE.
-func (d *Drainer) newestHeld(ctx context.Context, conn *pgxpool.Conn, sess *session, l *lostStream) (int64, error) {
-	t := l.aggregateType
-	// record returns the newest retained batch of t numbered b or less.
-	record := func(b int64) (batch int64, last streamID, ok bool, err error) {
-		ctx, cancel := context.WithTimeout(ctx, statementTimeout)
-		defer cancel()
-		var ms, seq int64
-		err = conn.QueryRow(ctx, `SELECT batch, last_ms, last_seq FROM outbox_relay_batches
-			WHERE aggregate_type = $1 AND batch <= $2 ORDER BY batch DESC LIMIT 1`, t, b).Scan(&batch, &ms, &seq)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return 0, streamID{}, false, nil
-		}
-		return batch, streamID{ms: uint64(ms), seq: uint64(seq)}, err == nil, err
-	}
-	held := func(b int64) (int64, bool, error) {
-		batch, last, ok, err := record(b)
-		if err != nil || !ok {
-			return -1, false, err
-		}
-		h, err := sess.holds(ctx, l, last)
-		return batch, h, err
-	}
-	newest, ok, err := held(math.MaxInt64)
-	if err != nil || newest < 0 || ok {
-		return newest, err
-	}
-	var oldest int64
-	if err := conn.QueryRow(ctx, `SELECT min(batch) FROM outbox_relay_batches WHERE aggregate_type = $1`, t).Scan(&oldest); err != nil {
-		return -1, fmt.Errorf("find the oldest retained batch: %w", err)
-	}
-	if _, ok, err := held(oldest); err != nil || !ok {
-		return -1, err
-	}
-	// The stream holds every batch up to good, and not bad.
-	good, bad := oldest, newest
-	for bad-good > 1 {
-		mid := good + (bad-good)/2
-		_, ok, err := held(mid)
-		if err != nil {
-			return -1, err
-		}
-		if ok {
-			good = mid
-		} else {
-			bad = mid
-		}
-	}
-	batch, _, _, err := record(good)
-	return batch, err
 }
 
 // retained reads the retained events of aggregate type t in the run of

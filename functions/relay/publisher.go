@@ -143,18 +143,11 @@ type lostStream struct {
 	// before it are still there. Zero when none are: the stream is gone, or
 	// it was deleted and created again.
 	kept streamID
-	// search is set when what the stream kept must be found entry by
-	// entry (see Drainer.newestHeld): later writes hide where it ends.
-	search bool
 	// deleted, first and current are the stream's max-deleted-entry-id,
 	// recorded-first-entry-id and last-generated-id; gone is set when
 	// there is no stream.
 	deleted, first, current streamID
 	gone                    bool
-	// continued is set when the stream's entries-added counter is not
-	// behind the record: it is the stream the relay wrote to, trimmed
-	// perhaps, not one created again.
-	continued bool
 	// replayFrom is the first batch of an unfinished re-publication, or -1.
 	replayFrom int64
 	why        string
@@ -205,19 +198,22 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, exist ro
 		c.B().Incr().Key(p.epochKey).Build(),
 		c.B().Get().Key(p.markerKey).Build(),
 	}
-	// Per recorded stream, its XINFO and a read of the entry recorded
-	// last: counters alone cannot tell a stream that lost its end and was
-	// then written to by someone else.
+	// Per recorded stream, its XINFO, the entry recorded last, the newest
+	// entry at or before it and the entries after it: counters alone cannot
+	// tell a stream that lost its end and was then written to by someone
+	// else.
 	for _, r := range streams {
 		name := p.streamName(r.aggregateType)
 		last := r.last.String()
 		cmds = append(cmds, c.B().XinfoStream().Key(name).Build(),
-			c.B().Xrange().Key(name).Start(last).End(last).Build())
+			c.B().Xrange().Key(name).Start(last).End(last).Build(),
+			c.B().Xrevrange().Key(name).End(last).Start("-").Count(1).Build(),
+			c.B().Xrange().Key(name).Start("("+last).End("+").Count(followingEntries).Build())
 	}
 	cmds = append(cmds, c.B().Watch().Key(p.epochKey).Build(), c.B().Get().Key(p.epochKey).Build())
 	results := c.DoMulti(ctx, cmds...)
 	for i, r := range results {
-		if i >= 3 && i < 3+2*len(streams) {
+		if i >= 3 && i < 3+4*len(streams) {
 			continue // a stream's XINFO fails when the stream is gone
 		}
 		if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) {
@@ -227,12 +223,12 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, exist ro
 	}
 	s.added = make(map[string]int64, len(streams))
 	for i, r := range streams {
-		if err := s.compare(r, results[3+2*i], results[4+2*i]); err != nil {
+		if err := s.compare(r, results[3+4*i], results[4+4*i], results[5+4*i], results[6+4*i]); err != nil {
 			c.Close()
 			return err
 		}
 	}
-	results = append(results[:3], results[3+2*len(streams):]...)
+	results = append(results[:3], results[3+4*len(streams):]...)
 	epoch, err := results[1].AsInt64()
 	if err != nil {
 		c.Close()
@@ -311,10 +307,10 @@ func (s *session) isLost(t string) bool {
 	return false
 }
 
-// compare checks a stream against what PostgreSQL recorded of it (its XINFO
-// STREAM reply, and the read of the entry recorded last), and adds it to
-// s.lost when Redis no longer holds every recorded batch.
-func (s *session) compare(r streamRecord, infoReply, lastReply rueidis.RedisResult) error {
+// compare checks a stream against what PostgreSQL recorded of it (the
+// replies of takeOver's four reads), and adds it to s.lost when Redis no
+// longer holds every recorded batch.
+func (s *session) compare(r streamRecord, infoReply, lastReply, belowReply, afterReply rueidis.RedisResult) error {
 	name := s.p.streamName(r.aggregateType)
 	lost := lostStream{aggregateType: r.aggregateType, replayFrom: r.replayFrom}
 	info, err := infoReply.AsMap()
@@ -344,10 +340,14 @@ func (s *session) compare(r streamRecord, infoReply, lastReply rueidis.RedisResu
 		if addedErr == nil {
 			s.added[r.aggregateType] = added
 		}
-		// A stream created again counts its entries from zero.
-		lost.continued = addedErr != nil || added >= r.added
 		entries, _ := lastReply.AsXRange()
-		absent := len(entries) == 0 && !lost.mayHaveRemoved(r.last)
+		// Is it the stream the relay wrote to, trimmed perhaps? One created
+		// again counts its entries from zero; and every entry after the
+		// recorded one was added after it, so more of them than
+		// entries-added grew by means the counter went back (a failover).
+		after, _ := afterReply.AsXRange()
+		same := addedErr == nil && added >= r.added && int64(len(after)) <= added-r.added
+		absent := len(entries) == 0 && !(same && lost.mayHaveRemoved(r.last))
 		switch {
 		case lastID.less(r.last):
 			// A failover to a replica that lagged: Redis kept a prefix.
@@ -355,7 +355,11 @@ func (s *session) compare(r streamRecord, infoReply, lastReply rueidis.RedisResu
 		case absent:
 			// Never removed, yet gone: the stream lost its end and
 			// someone wrote to it since, or it was created again.
-			lost.search, lost.why = true, "the stream no longer holds the last entry recorded in it"
+			below, _ := belowReply.AsXRange()
+			if len(below) > 0 {
+				lost.kept, _ = parseID(below[0].ID)
+			}
+			lost.why = "the stream no longer holds the last entry recorded in it"
 		case r.replayFrom >= 0:
 			lost.kept, lost.why = r.last, "a re-publication was interrupted"
 		default:
@@ -381,24 +385,9 @@ func infoID(info map[string]rueidis.RedisMessage, field string) (streamID, error
 
 // mayHaveRemoved reports whether entry id may be missing from the stream
 // because it was deleted (XDEL) or trimmed rather than lost.
+// It is asked only of the stream the relay wrote to.
 func (l *lostStream) mayHaveRemoved(id streamID) bool {
-	return !l.deleted.less(id) || l.continued && (id.less(l.first) || l.first == (streamID{}))
-}
-
-// holds reports whether the stream of lost stream l still holds the entry
-// id, or may have removed it.
-func (s *session) holds(ctx context.Context, l *lostStream, id streamID) (bool, error) {
-	if l.mayHaveRemoved(id) {
-		return true, nil
-	}
-	t := l.aggregateType
-	ctx, cancel := context.WithTimeout(ctx, s.p.timeout)
-	defer cancel()
-	entries, err := s.conn.Do(ctx, s.conn.B().Xrange().Key(s.p.streamName(t)).Start(id.String()).End(id.String()).Build()).AsXRange()
-	if err != nil && !rueidis.IsRedisNil(err) {
-		return false, fmt.Errorf("read %s of %s: %w", id, s.p.streamName(t), err)
-	}
-	return len(entries) > 0, nil
+	return !l.deleted.less(id) || id.less(l.first) || l.first == (streamID{})
 }
 
 // needsReplay waits for the takeover and reports whether streams must be
@@ -756,3 +745,9 @@ func (s *session) xadd(e *row) rueidis.Completed {
 	}
 	return b.Build()
 }
+
+// followingEntries bounds the read of the entries after the one recorded
+// last, which tells a stream that went on from that entry from one whose
+// entries-added counter went back and grew again: more than this many
+// writes by others since the relay's last batch can hide a loss.
+const followingEntries = 1001
