@@ -44,6 +44,10 @@ bench: services ## Measure the pipeline against same-run baselines (about 3 minu
 	$(GO) build -o $(BIN)/bench ./local/bench
 	$(BIN)/bench -out bench-results.json
 
+.PHONY: chaos
+chaos: ## Break the pipeline on purpose (kill -9, SIGTERM, PostgreSQL crash, Redis loss, SMTP faults, stalls) and check every user gets one email (about 8 minutes; private PostgreSQL 15 and redis-server). CHAOS_FLAGS='-scenarios redis -seed 42' to choose.
+	$(GO) run ./local/chaos -out chaos-results.json $(CHAOS_FLAGS)
+
 .PHONY: vet
 vet: ## go vet.
 	$(GO) vet ./...
