@@ -5,11 +5,15 @@ import (
 	"time"
 
 	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
 // Config is createuser's configuration, read from the environment.
 type Config struct {
 	logging.Config
+	// Telemetry is where traces and metrics go; the zero value means
+	// otel's global providers (no-ops unless telemetry.Setup ran).
+	Telemetry telemetry.Providers `ignored:"true"`
 	// DatabaseURL is a pgx connection string; a pooler in transaction mode is
 	// fine for createuser.
 	DatabaseURL string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" desc:"PostgreSQL connection URL (pgx syntax; a Cloud SQL unix socket is host=/cloudsql/PROJECT:REGION:INSTANCE). Default the local server."`

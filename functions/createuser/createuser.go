@@ -24,12 +24,16 @@ import (
 	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/outboxfn/outbox/shared/events"
 	"github.com/outboxfn/outbox/shared/httpjson"
 	"github.com/outboxfn/outbox/shared/outbox"
 	"github.com/outboxfn/outbox/shared/pg"
 	"github.com/outboxfn/outbox/shared/serve"
+	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
 // Name is the function's name in the Functions Framework.
@@ -55,6 +59,9 @@ type Service struct {
 	pool    *pgxpool.Pool
 	limiter *limiter // nil when both limits are off
 	logger  *slog.Logger
+	// handler is serveHTTP inside the request's server span and metrics.
+	handler http.Handler
+	tracer  trace.Tracer
 }
 
 // New returns a service using a pool built from cfg. It does not connect
@@ -64,7 +71,8 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 	if err != nil {
 		return nil, err
 	}
-	s := &Service{cfg: cfg, pool: pool, logger: logger}
+	s := &Service{cfg: cfg, pool: pool, logger: logger, tracer: cfg.Telemetry.TracerOf()}
+	s.handler = telemetry.HTTPHandler(Name, cfg.Telemetry, http.HandlerFunc(s.serveHTTP))
 	if (cfg.RateLimitPerAddress > 0 || cfg.RateLimitPerDomain > 0) && cfg.RateLimitWindow > 0 {
 		s.limiter = &limiter{pool: pool, window: cfg.RateLimitWindow,
 			perAddress: cfg.RateLimitPerAddress, perDomain: cfg.RateLimitPerDomain}
@@ -90,8 +98,11 @@ func (s *Service) Health(ctx context.Context) serve.Health {
 	return serve.Check(ctx, map[string]func(context.Context) error{"postgres": s.pool.Ping})
 }
 
-// ServeHTTP handles POST /.
-func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+// ServeHTTP handles POST / in a server span that continues the request's
+// traceparent, if it has a valid one.
+func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.ServeHTTP(w, r) }
+
+func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	if !httpjson.Method(w, r, http.MethodPost) {
 		return
 	}
@@ -122,7 +133,11 @@ func (s *Service) handle(r *http.Request) (status int, body json.RawMessage, rep
 		err = s.limiter.allow(ctx, clientAddress(r, s.cfg.ForwardedHops), u.Domain)
 	}
 	if err == nil {
-		status, body, replayed, err = s.create(ctx, u, key, traceparent(r.Header))
+		// The event carries the request span's context: the incoming
+		// traceparent's trace, or the new trace a request without one
+		// started (none while tracing is off).
+		tp, _ := telemetry.Inject(ctx)
+		status, body, replayed, err = s.create(ctx, u, key, tp)
 	}
 	if err != nil && (pg.IsUnavailable(err) || errors.Is(err, context.Canceled)) {
 		s.logger.WarnContext(ctx, "database unavailable", slog.Any("error", err))
@@ -136,7 +151,15 @@ var errEmailTaken = httpjson.Errorf(http.StatusConflict, "email_taken", "a user 
 
 // create runs the one transaction: remember the idempotency key, insert the
 // user, insert the event, store the answer under the key, commit.
-func (s *Service) create(ctx context.Context, u newUser, key, traceparent string) (int, json.RawMessage, bool, error) {
+func (s *Service) create(ctx context.Context, u newUser, key, traceparent string) (status int, body json.RawMessage, replayed bool, err error) {
+	ctx, span := s.tracer.Start(ctx, "createuser transaction", trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(attribute.String("db.system.name", "postgresql")))
+	defer func() {
+		if err != nil && !errors.Is(err, errEmailTaken) {
+			span.SetStatus(codes.Error, err.Error())
+		}
+		span.End()
+	}()
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
 		return 0, nil, false, fmt.Errorf("begin: %w", err)
@@ -187,7 +210,7 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent string
 	if err != nil {
 		return 0, nil, false, err
 	}
-	body, err := json.Marshal(user)
+	body, err = json.Marshal(user)
 	if err != nil {
 		return 0, nil, false, fmt.Errorf("encode user: %w", err)
 	}

@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"net/mail"
-	"regexp"
 	"strconv"
 	"strings"
 	"unicode"
@@ -292,19 +291,4 @@ func readIdempotencyKey(h http.Header) (string, error) {
 		return "", invalid("invalid_idempotency_key", "Idempotency-Key must be 1 to %d visible ASCII characters", maxIdempotencyKeyBytes)
 	}
 	return k, nil
-}
-
-// traceparentRE is the W3C Trace Context header, version 00 and future ones.
-var traceparentRE = regexp.MustCompile(`^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$`)
-
-// traceparent returns the request's traceparent header if it is well formed.
-// A malformed one is dropped, not refused: tracing is never a reason to lose
-// a user, and the spec says to restart the trace instead.
-func traceparent(h http.Header) string {
-	tp := strings.TrimSpace(h.Get("Traceparent"))
-	if len(tp) > 512 || !traceparentRE.MatchString(tp) || strings.HasPrefix(tp, "ff-") ||
-		tp[3:35] == strings.Repeat("0", 32) || tp[36:52] == strings.Repeat("0", 16) {
-		return ""
-	}
-	return tp
 }

@@ -35,7 +35,9 @@ func (c Config) Validate() error {
 
 // New returns a logger writing to w as c says. An invalid level falls back to
 // info; call Validate first to reject it. Every message, string and error it
-// writes is passed through [Redact].
+// writes is passed through [Redact]. A record logged with a context that
+// carries a span (the *Context methods) gets Cloud Logging's trace fields
+// ([TraceKey], [SpanIDKey], [TraceSampledKey]).
 func New(w io.Writer, c Config) *slog.Logger {
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(c.LogLevel))
@@ -47,11 +49,11 @@ func New(w io.Writer, c Config) *slog.Logger {
 		}
 	}
 	if format == "json" {
-		return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+		return slog.New(withTrace(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
 			return cloudLogging(groups, redactAttr(groups, a))
-		}}))
+		}})))
 	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: redactAttr}))
+	return slog.New(withTrace(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: redactAttr})))
 }
 
 // cloudLogging renames slog's keys to the ones Cloud Logging reads from a
