@@ -5,11 +5,15 @@ import (
 	"time"
 
 	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
 // Config is the relay's configuration, read from the environment.
 type Config struct {
 	logging.Config
+	// Telemetry is where traces and metrics go; the zero value means
+	// otel's global providers (no-ops unless telemetry.Setup ran).
+	Telemetry telemetry.Providers `ignored:"true"`
 	// DatabaseURL must reach PostgreSQL directly: LISTEN and the relay's
 	// session-level advisory locks do not survive a transaction pooler.
 	DatabaseURL string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" desc:"PostgreSQL connection URL. The relay needs a direct connection (not PgBouncer in transaction mode) for LISTEN and its advisory locks. Default the local server."`

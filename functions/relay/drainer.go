@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outboxfn/outbox/shared/outbox"
+	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
 // The relay's three advisory locks, keyed by hashtext of a name so that
@@ -197,6 +198,8 @@ type Drainer struct {
 	beforePublish func()
 
 	rows [2][]row // reused between batches, one per connection
+
+	tel *instruments
 }
 
 // NewDrainer returns a drainer; lockWait bounds the wait for the drain lock.
@@ -211,6 +214,7 @@ func NewDrainer(pool *pgxpool.Pool, publisher *Publisher, batchSize int, lockWai
 		busyPause: 2 * time.Millisecond,
 		finish:    5 * time.Second,
 		rows:      [2][]row{make([]row, 0, batchSize), make([]row, 0, batchSize)},
+		tel:       newInstruments(telemetry.Providers{}),
 	}
 }
 
@@ -242,6 +246,7 @@ func NewDrainer(pool *pgxpool.Pool, publisher *Publisher, batchSize int, lockWai
 // stopBy, then it returns ErrBusy. A drain without a deadline (the
 // background loop's) waits its turn.
 func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (res Result, err error) {
+	defer func(start time.Time) { d.tel.drained(ctx, start, res, err) }(time.Now())
 	wait := d.lockWait
 	var gaveUp <-chan time.Time // never, without a deadline
 	if !stopBy.IsZero() {
@@ -677,11 +682,11 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) 
 	return c, nil
 }
 
-// publishAndCommit publishes cur and commits its delete; while the publish
+// publishBatch publishes cur and commits its delete; while the publish
 // is under way it calls claimNext, whose batch it returns. It finishes cur
 // even if ctx is cancelled (SIGTERM), within d.finish: a claimed batch ends
 // committed or rolled back, never abandoned half-way.
-func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *session, res *Result, claimNext func() (*claimed, error)) (*claimed, error) {
+func (d *Drainer) publishBatch(ctx context.Context, cur *claimed, sess *session, res *Result, claimNext func() (*claimed, error)) (*claimed, error) {
 	finishCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d.finish)
 	defer cancel()
 	type outcome struct {

@@ -23,6 +23,7 @@ package relay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -43,6 +44,7 @@ import (
 	"github.com/outboxfn/outbox/shared/pg"
 	"github.com/outboxfn/outbox/shared/serve"
 	"github.com/outboxfn/outbox/shared/stream"
+	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
 // Name is the function's name in the Functions Framework.
@@ -75,6 +77,11 @@ type Service struct {
 	// pingEvery is how often the relays ping it.
 	heard     atomic.Int64
 	pingEvery time.Duration
+
+	// handler is serveHTTP inside the request's server span and metrics;
+	// unobserve unregisters the outbox gauges.
+	handler   http.Handler
+	unobserve func() error
 }
 
 // New builds a relay from cfg. Nothing connects until it is used.
@@ -97,13 +104,20 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 	// interval and tries again on its next wake-up.
 	drainer := NewDrainer(pool, publisher, cfg.BatchSize, cfg.PollInterval, logger)
 	drainer.retention, publisher.track = cfg.Retention, cfg.Retention > 0
+	drainer.tel = newInstruments(cfg.Telemetry)
 	if cfg.TrimInterval > 0 {
 		drainer.trimmer, drainer.trimEvery = NewTrimmer(client, cfg.StreamPrefix, cfg.StreamRetention), cfg.TrimInterval
 	}
-	return &Service{
+	s := &Service{
 		cfg: cfg, pool: pool, redis: client, drainer: drainer, logger: logger,
 		bell: make(chan struct{}, 1), pingEvery: defaultPingEvery,
-	}, nil
+	}
+	s.handler = telemetry.HTTPHandler(Name, cfg.Telemetry, http.HandlerFunc(s.serveHTTP))
+	if err := s.observeOutbox(cfg.Telemetry); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("register outbox gauges: %w", err)
+	}
+	return s, nil
 }
 
 // Start starts the background loop unless BACKGROUND is false.
@@ -124,6 +138,9 @@ func (s *Service) HandlerTimeout() time.Duration { return s.cfg.DrainTimeout + 5
 
 // Close releases the pool and the Redis client.
 func (s *Service) Close() {
+	if s.unobserve != nil {
+		_ = s.unobserve()
+	}
 	s.pool.Close()
 	s.redis.Close()
 }
@@ -429,7 +446,9 @@ func (p pong) HandleNotification(context.Context, *pgconn.Notification, *pgx.Con
 }
 
 // ServeHTTP is the trigger: POST drains and reports.
-func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.ServeHTTP(w, r) }
+
+func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	if !httpjson.Method(w, r, http.MethodPost) {
 		return
 	}

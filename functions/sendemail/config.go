@@ -7,11 +7,15 @@ import (
 	"time"
 
 	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
 // Config is sendemail's configuration, read from the environment.
 type Config struct {
 	logging.Config
+	// Telemetry is where traces and metrics go; the zero value means
+	// otel's global providers (no-ops unless telemetry.Setup ran).
+	Telemetry telemetry.Providers `ignored:"true"`
 	// DatabaseURL holds the send records.
 	DatabaseURL string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" desc:"PostgreSQL connection URL; the send records (table email_sends) live there. Default the local server."`
 	// DBMaxConns caps the pool.

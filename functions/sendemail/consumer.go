@@ -99,6 +99,7 @@ type Consumer struct {
 	mailer *Mailer
 	sender Sender
 	logger *slog.Logger
+	tel    *instruments
 
 	// unrecorded holds, by key, the marks of emails sent whose record
 	// could not be committed yet.
@@ -235,7 +236,15 @@ func (c *Consumer) claim(ctx context.Context, cursor string) (next string, entri
 // whoever comes next.
 func (c *Consumer) handle(ctx context.Context, entries []rueidis.XRangeEntry) (Stats, error) {
 	var stats Stats
+	// Each entry is handled in a span of its own, in the trace it carries.
+	ectx, spans := c.startEntries(ctx, entries)
 	outcomes := make([]outcome, len(entries))
+	defer func() {
+		for i, span := range spans {
+			endEntry(span, outcomes[i])
+		}
+		c.tel.count(ctx, stats, len(entries), c.stream, c.group)
+	}()
 	jobs := make([]*job, len(entries))
 	// A second entry for the same email (the same event added twice) takes
 	// the first one's outcome instead of racing it for the claim.
@@ -293,7 +302,7 @@ dispatch:
 					}
 				}
 				defer release()
-				outcomes[i] = c.deliver(ctx, j, ahead.held[i], claims, marks, &dbErr, release, unmarked)
+				outcomes[i] = c.deliver(ectx[i], j, ahead.held[i], claims, marks, &dbErr, release, unmarked)
 			})
 		}
 	}
@@ -341,7 +350,7 @@ dispatch:
 			if o.ambiguous {
 				stats.Ambiguous++
 			}
-			c.logger.WarnContext(ctx, "delivery failed; will retry", slog.String("entry_id", e.ID), slog.Any("error", o.err))
+			c.logger.WarnContext(ectx[i], "delivery failed; will retry", slog.String("entry_id", e.ID), slog.Any("error", o.err))
 		case outcomeDead:
 			if o.ambiguous {
 				stats.Ambiguous++
@@ -351,7 +360,7 @@ dispatch:
 				continue
 			}
 			stats.DeadLettered++
-			c.logger.WarnContext(ctx, "moved to dead-letter stream", slog.String("entry_id", e.ID),
+			c.logger.WarnContext(ectx[i], "moved to dead-letter stream", slog.String("entry_id", e.ID),
 				slog.String("dead_letter_stream", c.deadLetter), slog.Any("error", o.err))
 		}
 	}

@@ -22,6 +22,8 @@ import (
 	"github.com/redis/rueidis"
 	"github.com/sethvargo/go-retry"
 	gomail "github.com/wneessen/go-mail"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/outboxfn/outbox/shared/events"
 	"github.com/outboxfn/outbox/shared/stream"
@@ -191,11 +193,18 @@ func (c *Consumer) deliver(ctx context.Context, j *job, ahead heldClaim, claims 
 			if token == "" {
 				token = newToken(c.name)
 			}
+			_, span := c.tel.startChild(ctx, "claim", trace.SpanKindClient, attribute.Bool("outbox.email.renewal", prior != ""))
 			res, _ := claims.do(claimRequest{key: j.key, eventID: j.eventID, token: token})
-			if o, ok := claimOutcome(res, dbErr); !ok {
+			o, ok := claimOutcome(res, dbErr)
+			endSpan(span, o.err)
+			if !ok {
 				<-unmarked
 				return o
 			}
+		} else {
+			// The claim taken ahead, with its window, still covers the send.
+			_, span := c.tel.startChild(ctx, "claim", trace.SpanKindInternal, attribute.Bool("outbox.email.ahead", true))
+			span.End()
 		}
 		// A mark may have failed, or shutdown begun, while the claim was
 		// taken.
@@ -260,7 +269,13 @@ func (c *Consumer) deliver(ctx context.Context, j *job, ahead heldClaim, claims 
 }
 
 // sendOnce has one conversation about msg, bounded by the sender's limit.
-func (c *Consumer) sendOnce(ctx context.Context, msg *gomail.Msg) error {
+func (c *Consumer) sendOnce(ctx context.Context, msg *gomail.Msg) (err error) {
+	ctx, span := c.tel.startChild(ctx, "smtp send", trace.SpanKindClient)
+	start := time.Now()
+	defer func() {
+		c.tel.timeSMTP(ctx, start, err)
+		endSpan(span, err)
+	}()
 	ctx, cancel := context.WithTimeout(ctx, c.sendLimit)
 	defer cancel()
 	return c.sender.Send(ctx, msg)
@@ -272,7 +287,9 @@ func (c *Consumer) sendOnce(ctx context.Context, msg *gomail.Msg) error {
 // that email here.
 func (c *Consumer) recordSent(ctx context.Context, j *job, token string, marks *batcher[mark, markResult]) outcome {
 	m := mark{key: j.key, token: token, messageID: strings.Join(j.msg.GetGenHeader(gomail.HeaderMessageID), "")}
+	_, span := c.tel.startChild(ctx, "mark", trace.SpanKindClient)
 	res, err := marks.do(m)
+	endSpan(span, err)
 	lost := res.lost
 	if err != nil {
 		c.unrecorded.Store(j.key, m)

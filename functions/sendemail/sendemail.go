@@ -35,6 +35,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -50,6 +51,7 @@ import (
 	"github.com/outboxfn/outbox/shared/pg"
 	"github.com/outboxfn/outbox/shared/serve"
 	"github.com/outboxfn/outbox/shared/stream"
+	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
 // Name is the function's name in the Functions Framework.
@@ -73,6 +75,11 @@ type Service struct {
 	consumer *Consumer
 	logger   *slog.Logger
 	bg       serve.Background
+
+	// handler is serveHTTP inside the request's server span and metrics;
+	// unobserve unregisters the stream gauges.
+	handler   http.Handler
+	unobserve func() error
 }
 
 // New builds the service from cfg. Nothing connects until it is used.
@@ -113,7 +120,7 @@ func NewWithSender(ctx context.Context, cfg Config, sender Sender, logger *slog.
 		name = defaultConsumerName()
 	}
 	key := stream.Name(cfg.StreamPrefix, events.AggregateUser)
-	return &Service{
+	s := &Service{
 		cfg: cfg, pool: pool, redis: client, logger: logger,
 		consumer: &Consumer{
 			client: client, stream: key, deadLetter: DeadLetterStream(key), group: cfg.Group, name: name,
@@ -122,9 +129,15 @@ func NewWithSender(ctx context.Context, cfg Config, sender Sender, logger *slog.
 			sendLimit: SendLimit(cfg.SMTPTimeout, cfg.SMTPDataTimeout), stopGrace: stopGrace(cfg.ShutdownTimeout),
 			forgetIdle: max(time.Hour, 10*cfg.ClaimIdle),
 			sends:      &Sends{pool: pool, lease: cfg.Lease}, mailer: mailer, sender: sender,
-			logger: logger.With(slog.String("consumer", name)),
+			logger: logger.With(slog.String("consumer", name)), tel: newInstruments(cfg.Telemetry),
 		},
-	}, nil
+	}
+	s.handler = telemetry.HTTPHandler(Name, cfg.Telemetry, http.HandlerFunc(s.serveHTTP))
+	if err := s.observeStream(cfg.Telemetry); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("register stream gauges: %w", err)
+	}
+	return s, nil
 }
 
 // stopGrace is how long a send under way may go on after shutdown began:
@@ -163,6 +176,9 @@ func (s *Service) HandlerTimeout() time.Duration { return s.cfg.DrainTimeout + 5
 // Close releases the pool, the Redis client and the mail server's
 // connections kept for the next message.
 func (s *Service) Close() {
+	if s.unobserve != nil {
+		_ = s.unobserve()
+	}
 	s.consumer.stopFlusher()
 	if c, ok := s.consumer.sender.(io.Closer); ok {
 		_ = c.Close()
@@ -186,7 +202,9 @@ func (s *Service) Health(ctx context.Context) serve.Health {
 
 // ServeHTTP is the trigger: POST claims idle entries and reads new ones
 // until none are left or the deadline is near.
-func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (s *Service) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.ServeHTTP(w, r) }
+
+func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	if !httpjson.Method(w, r, http.MethodPost) {
 		return
 	}

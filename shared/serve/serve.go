@@ -27,6 +27,7 @@ import (
 	"github.com/outboxfn/outbox/shared/config"
 	"github.com/outboxfn/outbox/shared/httpjson"
 	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
 // Service is a function built from its configuration and ready to work.
@@ -134,7 +135,21 @@ func Main(fns ...Function) {
 	logger := logging.New(os.Stderr, cfg.Config)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	if err := Run(ctx, cfg, logger, fns...); err != nil {
+	// Traces and metrics go where the OTEL_* variables say; with none set
+	// the providers are no-ops. The services read otel's globals.
+	_, shutdownTelemetry, err := telemetry.Setup(ctx)
+	if err != nil {
+		logger.Error("telemetry", slog.Any("error", err))
+		os.Exit(2)
+	}
+	err = Run(ctx, cfg, logger, fns...)
+	// Flush what is buffered within the time Cloud Run leaves after SIGTERM.
+	flushCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	if ferr := shutdownTelemetry(flushCtx); ferr != nil {
+		logger.Warn("flush telemetry", slog.Any("error", ferr))
+	}
+	cancel()
+	if err != nil {
 		logger.Error("server stopped", slog.Any("error", err))
 		stop()
 		os.Exit(1)
