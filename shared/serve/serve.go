@@ -144,7 +144,7 @@ func Main(fns ...Function) {
 	}
 	err = Run(ctx, cfg, logger, fns...)
 	// Flush what is buffered within the time Cloud Run leaves after SIGTERM.
-	flushCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	flushCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 	if ferr := shutdownTelemetry(flushCtx); ferr != nil {
 		logger.Warn("flush telemetry", slog.Any("error", ferr))
 	}
