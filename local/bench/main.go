@@ -3,7 +3,10 @@
 // absolute numbers on a shared machine drift. `make bench` runs it; it prints
 // one table and writes the same figures as JSON.
 //
-//	bench [-out bench-results.json] [-smoke]
+//	bench [-out bench-results.json] [-smoke] [-telemetry]
+//
+// -telemetry turns tracing (every trace sampled) and metrics on, exported
+// over OTLP to a sink in the process, to measure what they cost.
 //
 // -smoke runs every measurement on tiny sizes, to prove it still works; its
 // figures mean nothing.
@@ -27,6 +30,7 @@ func main() {
 	rssPrefix := flag.String("rss-prefix", "", "internal: stream prefix for -rss-child")
 	only := flag.String("only", "", "run only the measurement whose name contains this")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the run to this file")
+	withTelemetry := flag.Bool("telemetry", false, "trace every request, event and batch, and record metrics, exported over OTLP to a sink in this process")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
@@ -48,6 +52,14 @@ func main() {
 			os.Exit(1)
 		}
 		defer pprof.StopCPUProfile()
+	}
+	if *withTelemetry {
+		stopTelemetry, err := startTelemetry(ctx)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench: telemetry:", err)
+			os.Exit(1)
+		}
+		defer func() { fmt.Printf("telemetry: %d bytes of OTLP exported\n", stopTelemetry()) }()
 	}
 	settings := fullSettings
 	if *smoke {
