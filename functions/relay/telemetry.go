@@ -25,7 +25,7 @@ type instruments struct {
 	tracer trace.Tracer
 	// relayed follows messaging.client.sent.messages.
 	relayed, duplicates, dead, batches, replayed metric.Int64Counter
-	drainDuration, commitToStream            metric.Float64Histogram
+	drainDuration, commitToStream                metric.Float64Histogram
 }
 
 // messagingAttrs name the messaging system on every relay metric and span.

@@ -24,6 +24,7 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
+	"go.uber.org/goleak"
 
 	"github.com/outboxfn/outbox/functions/createuser"
 	"github.com/outboxfn/outbox/functions/relay"
@@ -39,6 +40,10 @@ const (
 	traceID  = "4bf92f3577b34da6a3ce929d0e0e4736"
 	callerID = "00f067aa0ba902b7"
 )
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
 
 func TestASignupIsOneTraceAndTheMetricsCountThePipeline(t *testing.T) {
 	t.Parallel()

@@ -194,12 +194,25 @@ func newResource(ctx context.Context) (*resource.Resource, error) {
 func HTTPHandler(name string, p Providers, h http.Handler) http.Handler {
 	p = p.OrGlobal()
 	fn := attribute.String("faas.name", name)
-	return otelhttp.NewHandler(h, name,
+	// A fixed server name keeps the client's Host header (any value, on a
+	// public endpoint) out of the metric's server.address; port 80 is the
+	// scheme's default, so none is recorded.
+	server := os.Getenv("K_SERVICE")
+	if server == "" {
+		server = "localhost"
+	}
+	labelled := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if l, ok := otelhttp.LabelerFromContext(r.Context()); ok {
+			l.Add(fn)
+		}
+		h.ServeHTTP(w, r)
+	})
+	return otelhttp.NewHandler(labelled, name,
+		otelhttp.WithServerName(server+":80"),
 		otelhttp.WithTracerProvider(p.Tracer),
 		otelhttp.WithMeterProvider(p.Meter),
 		otelhttp.WithPropagators(Propagator),
 		otelhttp.WithSpanOptions(trace.WithAttributes(fn)),
-		otelhttp.WithMetricAttributesFn(func(*http.Request) []attribute.KeyValue { return []attribute.KeyValue{fn} }),
 		otelhttp.WithSpanNameFormatter(func(string, *http.Request) string { return name }),
 	)
 }

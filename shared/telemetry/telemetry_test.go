@@ -3,13 +3,19 @@ package telemetry
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.opentelemetry.io/otel"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace"
+	"go.uber.org/goleak"
 )
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
 
 func TestParseTraceparent(t *testing.T) {
 	t.Parallel()
@@ -99,7 +105,7 @@ func TestSetupIsOffUnlessTheEnvironmentAsks(t *testing.T) {
 		p, shutdown, err := Setup(context.Background())
 		require.NoError(t, err)
 		defer func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 0)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			defer cancel()
 			_ = shutdown(ctx) // nothing listens; the flush may fail
 		}()
