@@ -78,7 +78,9 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 	next, err := d.publishBatch(ctx, cur, sess, res, claimNext)
 	if res.Batches == before.Batches {
 		// The batch did not commit; err is its error.
-		span.SetStatus(codes.Error, err.Error())
+		if err != nil {
+			span.SetStatus(codes.Error, err.Error())
+		}
 		span.End()
 		return next, err
 	}
