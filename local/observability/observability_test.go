@@ -176,10 +176,10 @@ func TestASignupIsOneTraceAndTheMetricsCountThePipeline(t *testing.T) {
 }
 
 func TestALogLineInsideTheHandlerCarriesTheTrace(t *testing.T) {
-	// t.Setenv: not parallel.
+	t.Parallel()
 	for _, project := range []string{"my-project", ""} {
 		t.Run("project "+project, func(t *testing.T) {
-			t.Setenv("GOOGLE_CLOUD_PROJECT", project)
+			t.Parallel()
 			var out syncBuffer
 			tp := sdktrace.NewTracerProvider()
 			t.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
@@ -187,7 +187,7 @@ func TestALogLineInsideTheHandlerCarriesTheTrace(t *testing.T) {
 			// unavailable, and answers 503.
 			cu, err := createuser.New(context.Background(), createuser.Config{Telemetry: telemetry.Providers{Tracer: tp},
 				DatabaseURL: "postgres://postgres@127.0.0.1:1/postgres?sslmode=disable&connect_timeout=1", DBMaxConns: 1,
-				RequestTimeout: 2 * time.Second}, logging.New(&out, logging.Config{LogFormat: "json", LogLevel: "info"}))
+				RequestTimeout: 2 * time.Second}, logging.New(&out, logging.Config{LogFormat: "json", LogLevel: "info", Project: project}))
 			require.NoError(t, err)
 			t.Cleanup(cu.Close)
 			require.Equal(t, http.StatusServiceUnavailable, post(t, cu, "ada@example.com", "00-"+traceID+"-"+callerID+"-01"))

@@ -17,6 +17,9 @@ type Config struct {
 	LogFormat string `envconfig:"LOG_FORMAT" default:"auto" desc:"Log format: json (Cloud Logging fields), text, or auto (json when K_SERVICE is set). Default auto."`
 	// LogLevel is the minimum level logged.
 	LogLevel string `envconfig:"LOG_LEVEL" default:"info" desc:"Minimum log level: debug, info, warn or error. Default info."`
+	// Project names the Google Cloud project in the trace field of log
+	// lines, so that Cloud Logging joins them to the trace.
+	Project string `envconfig:"GOOGLE_CLOUD_PROJECT" desc:"Google Cloud project id. A log line written while handling a traced request or entry carries logging.googleapis.com/trace as projects/<project>/traces/<trace id> (the bare trace id when empty), which Cloud Logging needs to show it under its trace and request. Cloud Run does not set it. Default empty."`
 }
 
 // Validate checks the two values.
@@ -49,11 +52,11 @@ func New(w io.Writer, c Config) *slog.Logger {
 		}
 	}
 	if format == "json" {
-		return slog.New(withTrace(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+		return slog.New(withTrace(c.Project, slog.NewJSONHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
 			return cloudLogging(groups, redactAttr(groups, a))
 		}})))
 	}
-	return slog.New(withTrace(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: redactAttr})))
+	return slog.New(withTrace(c.Project, slog.NewTextHandler(w, &slog.HandlerOptions{Level: level, ReplaceAttr: redactAttr})))
 }
 
 // cloudLogging renames slog's keys to the ones Cloud Logging reads from a

@@ -3,7 +3,6 @@ package logging
 import (
 	"context"
 	"log/slog"
-	"os"
 
 	"go.opentelemetry.io/otel/trace"
 )
@@ -25,9 +24,9 @@ type traceHandler struct {
 	project string
 }
 
-// withTrace wraps h; the project comes from GOOGLE_CLOUD_PROJECT.
-func withTrace(h slog.Handler) slog.Handler {
-	return traceHandler{Handler: h, project: os.Getenv("GOOGLE_CLOUD_PROJECT")}
+// withTrace wraps h; project is Config.Project.
+func withTrace(project string, h slog.Handler) slog.Handler {
+	return traceHandler{Handler: h, project: project}
 }
 
 // Handle adds the fields at the top level: this product's loggers open no

@@ -13,6 +13,7 @@ import (
 )
 
 func TestLogLinesCarryTheTraceOfTheirContext(t *testing.T) {
+	t.Parallel()
 	sc := trace.NewSpanContext(trace.SpanContextConfig{
 		TraceID:    trace.TraceID{0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47, 0x36},
 		SpanID:     trace.SpanID{0, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7},
@@ -24,7 +25,7 @@ func TestLogLinesCarryTheTraceOfTheirContext(t *testing.T) {
 		ctx           context.Context
 		want          map[string]any // nil: no trace fields
 	}{
-		{"writes the project's trace name when GOOGLE_CLOUD_PROJECT is set", "my-project", traced, map[string]any{
+		{"writes the project's trace name when the project is set", "my-project", traced, map[string]any{
 			TraceKey: "projects/my-project/traces/4bf92f3577b34da6a3ce929d0e0e4736", SpanIDKey: "00f067aa0ba902b7", TraceSampledKey: true}},
 		{"writes the bare trace id without a project", "", traced, map[string]any{
 			TraceKey: "4bf92f3577b34da6a3ce929d0e0e4736", SpanIDKey: "00f067aa0ba902b7", TraceSampledKey: true}},
@@ -32,9 +33,8 @@ func TestLogLinesCarryTheTraceOfTheirContext(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			t.Setenv("GOOGLE_CLOUD_PROJECT", tt.project)
 			var out bytes.Buffer
-			New(&out, Config{LogFormat: "json", LogLevel: "info"}).With("k", "v").InfoContext(tt.ctx, "hello")
+			New(&out, Config{LogFormat: "json", LogLevel: "info", Project: tt.project}).With("k", "v").InfoContext(tt.ctx, "hello")
 			var line map[string]any
 			require.NoError(t, json.Unmarshal(out.Bytes(), &line))
 			assert.Equal(t, "v", line["k"], "attributes of With are kept")
