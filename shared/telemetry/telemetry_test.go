@@ -2,14 +2,20 @@ package telemetry
 
 import (
 	"context"
+	"net/http"
+	"net/http/httptest"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.opentelemetry.io/otel"
+	metricnoop "go.opentelemetry.io/otel/metric/noop"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
+	tracenoop "go.opentelemetry.io/otel/trace/noop"
 	"go.uber.org/goleak"
 )
 
@@ -64,6 +70,48 @@ func TestInjectWritesTheSpanOfTheContextAndExtractReadsIt(t *testing.T) {
 	assert.Equal(t, span.SpanContext().SpanID(), ParseTraceparent(traceparent).SpanID())
 }
 
+func TestProvidersRecordOnlyWithAnSDK(t *testing.T) {
+	// Before TestSetup…, which installs globals.
+	tp := sdktrace.NewTracerProvider()
+	defer func() { _ = tp.Shutdown(context.Background()) }()
+	mp := sdkmetric.NewMeterProvider()
+	defer func() { _ = mp.Shutdown(context.Background()) }()
+	tests := []struct {
+		name string
+		p    Providers
+		want bool
+	}{
+		{"otel's globals before anything is installed", Providers{}, false},
+		{"the no-op providers", Providers{Tracer: tracenoop.NewTracerProvider(), Meter: metricnoop.NewMeterProvider()}, false},
+		{"an SDK tracer provider", Providers{Tracer: tp}, true},
+		{"an SDK meter provider", Providers{Meter: mp}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assert.Equal(t, tt.want, tt.p.records())
+		})
+	}
+}
+
+func TestAHandlerWithoutTelemetryStillReadsTheTraceparent(t *testing.T) {
+	var got string
+	h := HTTPHandler("CreateUser", Providers{}, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got, _ = Inject(r.Context())
+	}))
+	for _, tp := range []string{"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "", "00-zz-bad"} {
+		req := httptest.NewRequest(http.MethodPost, "/", nil)
+		if tp != "" {
+			req.Header.Set("Traceparent", tp)
+		}
+		h.ServeHTTP(httptest.NewRecorder(), req)
+		want := tp
+		if tp == "00-zz-bad" {
+			want = ""
+		}
+		assert.Equal(t, want, got, "traceparent %q", tp)
+	}
+}
+
 func TestSetupIsOffUnlessTheEnvironmentAsks(t *testing.T) {
 	// t.Setenv: not parallel.
 	for _, v := range []string{"OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -116,4 +164,33 @@ func TestSetupIsOffUnlessTheEnvironmentAsks(t *testing.T) {
 		assert.False(t, span.SpanContext().IsSampled(), "always_off")
 		assert.NotEqual(t, trace.SpanContext{}, span.SpanContext())
 	})
+}
+
+// BenchmarkHTTPHandler measures what the server span and metrics add to a
+// request, off (no-op providers) and on (every trace sampled).
+func BenchmarkHTTPHandler(b *testing.B) {
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(tracetest.NewNoopExporter()))
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewManualReader()))
+	defer func() { _ = tp.Shutdown(context.Background()); _ = mp.Shutdown(context.Background()) }()
+	ok := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		traceparent, _ := Inject(r.Context())
+		_ = traceparent
+		w.WriteHeader(http.StatusCreated)
+	})
+	for _, c := range []struct {
+		name string
+		h    http.Handler
+	}{
+		{"bare", ok},
+		{"off", HTTPHandler("CreateUser", Providers{Tracer: tracenoop.NewTracerProvider(), Meter: metricnoop.NewMeterProvider()}, ok)},
+		{"on", HTTPHandler("CreateUser", Providers{Tracer: tp, Meter: mp}, ok)},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			req := httptest.NewRequest(http.MethodPost, "/", nil)
+			req.Header.Set("Traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+			for b.Loop() {
+				c.h.ServeHTTP(httptest.NewRecorder(), req)
+			}
+		})
+	}
 }
