@@ -186,6 +186,12 @@ func Run(ctx context.Context, s Settings, only string, out io.Writer) (*Report, 
 		// A step must not pay for the previous one's dead rows: a drain of
 		// 400k rows leaves an index full of dead entries, and autovacuum
 		// cleaning them up would run during the next measurement.
+		// Nor inherit its retained events: the relay keys its records by
+		// aggregate type, and a relay of the next step, with streams of
+		// another prefix, would find them gone and publish them again.
+		if _, err := e.pool.Exec(ctx, `TRUNCATE outbox_relayed, outbox_relay_batches, outbox_streams`); err != nil {
+			return nil, fmt.Errorf("clear retained events before %s: %w", step.name, err)
+		}
 		if _, err := e.pool.Exec(ctx, `VACUUM ANALYZE`); err != nil {
 			return nil, fmt.Errorf("vacuum before %s: %w", step.name, err)
 		}
