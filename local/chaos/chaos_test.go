@@ -52,29 +52,38 @@ func TestShortMixedScenario(t *testing.T) {
 
 // The verdict is the point of the tool: each way of breaking the promise
 // must fail a scenario, and what the faults are allowed to cause must not.
+// ok completes v as a settled scenario whose 300 signups all got their 201.
+func ok(v verdict) verdict {
+	v.Settled, v.Signups, v.Acked = true, 300, 300
+	return v
+}
+
 func TestVerdictFailsOnlyWhatBreaksThePromise(t *testing.T) {
 	tests := []struct {
 		name string
 		v    verdict
-		pass bool
+		fail bool
 	}{
-		{name: "every user emailed once passes", v: verdict{Settled: true}, pass: true},
-		{name: "a committed user without an email fails", v: verdict{Settled: true, Lost: 1}},
-		{name: "a 201 whose user is not in the database fails", v: verdict{Settled: true, AckedNotCommitted: 1}},
-		{name: "a second email with another Message-ID fails", v: verdict{Settled: true, CopiesOtherID: 1, Ambiguous: true}},
-		{name: "a copy with the same Message-ID fails when no send was ambiguous", v: verdict{Settled: true, CopiesSameID: 1}},
-		{name: "a copy with the same Message-ID passes after an ambiguous fault", v: verdict{Settled: true, CopiesSameID: 2, Ambiguous: true}, pass: true},
-		{name: "a copy with the same Message-ID passes when sendemail logged its send as ambiguous", v: verdict{Settled: true, CopiesSameID: 1, AmbiguousSends: 1}, pass: true},
-		{name: "more copies than sends logged as ambiguous fail", v: verdict{Settled: true, CopiesSameID: 2, AmbiguousSends: 1}},
-		{name: "a committed event missing from the stream fails", v: verdict{Settled: true, MissingFromStream: 1}},
-		{name: "a pipeline that never settled fails", v: verdict{}},
-		{name: "dead letters and process crashes alone are reported, not failed", v: verdict{Settled: true, DeadLetters: 3, Problems: []string{"crashed"}}, pass: true},
+		{name: "every user emailed once passes", v: ok(verdict{})},
+		{name: "a committed user without an email fails", v: ok(verdict{Lost: 1}), fail: true},
+		{name: "a 201 whose user is not in the database fails", v: ok(verdict{AckedNotCommitted: 1}), fail: true},
+		{name: "a second email with another Message-ID fails", v: ok(verdict{CopiesOtherID: 1, Ambiguous: true, AmbiguousBudget: 32}), fail: true},
+		{name: "a copy with the same Message-ID fails when no send was ambiguous", v: ok(verdict{CopiesSameID: 1}), fail: true},
+		{name: "copies with the same Message-ID pass within what the ambiguous faults explain", v: ok(verdict{CopiesSameID: 32, Ambiguous: true, AmbiguousBudget: 32})},
+		{name: "more copies than the ambiguous faults explain fail", v: ok(verdict{CopiesSameID: 33, Ambiguous: true, AmbiguousBudget: 32}), fail: true},
+		{name: "a copy with the same Message-ID passes when sendemail logged its send as ambiguous", v: ok(verdict{CopiesSameID: 1, AmbiguousSends: 1})},
+		{name: "more copies than sends logged as ambiguous fail", v: ok(verdict{CopiesSameID: 2, AmbiguousSends: 1}), fail: true},
+		{name: "a committed event missing from the stream fails", v: ok(verdict{MissingFromStream: 1}), fail: true},
+		{name: "signups that never got their 201 fail", v: verdict{Settled: true, Signups: 300, Acked: 290, GaveUp: 10}, fail: true},
+		{name: "a fault that could not be applied fails", v: ok(verdict{FaultErrors: []string{"redis-pause: not running"}}), fail: true},
+		{name: "a pipeline that never settled fails", v: verdict{Signups: 300, Acked: 300}, fail: true},
+		{name: "dead letters and process crashes alone are reported, not failed", v: ok(verdict{DeadLetters: 3, Problems: []string{"crashed"}})},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.v.decide()
-			if tt.v.Pass != tt.pass {
-				t.Errorf("Pass = %v (failures %q), want %v", tt.v.Pass, tt.v.Failures, tt.pass)
+			if tt.v.Pass == tt.fail {
+				t.Errorf("Pass = %v (failures %q), want %v", tt.v.Pass, tt.v.Failures, !tt.fail)
 			}
 		})
 	}

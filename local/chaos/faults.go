@@ -33,6 +33,12 @@ type fault struct {
 	apply     func(ctx context.Context, s *stage, rnd *rand.Rand) error
 }
 
+// ambiguousCopies bounds the copies an ambiguous fault excuses: every send a
+// consumer may have in flight when it dies or freezes (2 ×
+// SENDEMAIL_CONCURRENCY, 8 by default, each of the two consumers), or every
+// reply smtp-drop-before-250 drops (one signup in 20).
+func ambiguousCopies(signups int) int { return max(2*2*8, signups/20) }
+
 // Pauses and durations of the faults.
 const (
 	restartPause = 2 * time.Second
@@ -153,14 +159,14 @@ var faults = []fault{
 // restartPause. It aims where it hurts: the relay that holds the drain
 // lock, a sendemail consumer with entries in flight (waiting up to 3 s for
 // one). Killing a sendemail outright can leave an email sent and not
-// recorded: ambiguous.
+// recorded: ambiguous; SIGTERM lets the send under way finish and record it.
 func killFault(name, kind string, sig syscall.Signal) fault {
 	how := "kill -9"
 	if sig == syscall.SIGTERM {
 		how = "SIGTERM"
 	}
 	target := map[string]string{"createuser": "createuser", "relay": "the draining relay", "sendemail": "a busy sendemail"}[kind]
-	return fault{name: name, ambiguous: kind == "sendemail",
+	return fault{name: name, ambiguous: kind == "sendemail" && sig != syscall.SIGTERM,
 		what: fmt.Sprintf("%s of %s, restarted %s later", how, target, restartPause),
 		apply: func(ctx context.Context, s *stage, rnd *rand.Rand) error {
 			return s.pick(ctx, kind, rnd).Kill(ctx, sig, restartPause)

@@ -255,7 +255,10 @@ func (in *infra) runScenario(ctx context.Context, index int, sc scenario, o opti
 	desc := make([]string, len(sc.plan))
 	for i, p := range sc.plan {
 		f, _ := findFault(p.Fault)
-		v.Ambiguous = v.Ambiguous || f.ambiguous
+		if f.ambiguous {
+			v.Ambiguous = true
+			v.AmbiguousBudget += ambiguousCopies(o.signups)
+		}
 		desc[i] = fmt.Sprintf("%s at %s", p.Fault, p.At)
 	}
 	in.logf("chaos: %s: %d signups over %s; %s", sc.name, o.signups, loadDuration(o.signups), strings.Join(desc, ", "))

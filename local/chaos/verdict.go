@@ -22,8 +22,11 @@ type verdict struct {
 	Plan     []planned `json:"plan"`
 	// Ambiguous: one of the faults can make a send ambiguous, so copies
 	// with the same Message-ID are allowed.
-	Ambiguous   bool     `json:"ambiguous"`
-	FaultErrors []string `json:"fault_errors,omitempty"`
+	Ambiguous bool `json:"ambiguous"`
+	// AmbiguousBudget is how many same-Message-ID copies those faults may
+	// explain (see ambiguousCopies).
+	AmbiguousBudget int      `json:"ambiguous_budget"`
+	FaultErrors     []string `json:"fault_errors,omitempty"`
 
 	Signups int `json:"signups"`
 	// Acked is how many signups got their 201; GaveUp and Refused the
@@ -445,8 +448,15 @@ func (v *verdict) decide() {
 	if v.MissingFromStream > 0 {
 		v.Failures = append(v.Failures, fmt.Sprintf("%d committed events missing from the stream", v.MissingFromStream))
 	}
-	if v.CopiesSameID > v.AmbiguousSends && !v.Ambiguous {
-		v.Failures = append(v.Failures, fmt.Sprintf("%d copies with the same Message-ID, and no fault made a send ambiguous (%d logged as ambiguous)", v.CopiesSameID, v.AmbiguousSends))
+	if v.CopiesSameID > v.AmbiguousSends+v.AmbiguousBudget {
+		v.Failures = append(v.Failures, fmt.Sprintf("%d copies with the same Message-ID, more than the faults explain (%d) and sendemail logged as ambiguous (%d)",
+			v.CopiesSameID, v.AmbiguousBudget, v.AmbiguousSends))
+	}
+	if v.Refused > 0 || v.GaveUp > 0 || v.Acked < v.Signups {
+		v.Failures = append(v.Failures, fmt.Sprintf("%d of %d signups never got their 201 (%d refused, %d given up)", v.Signups-v.Acked, v.Signups, v.Refused, v.GaveUp))
+	}
+	if len(v.FaultErrors) > 0 {
+		v.Failures = append(v.Failures, "a fault could not be applied: "+strings.Join(v.FaultErrors, "; "))
 	}
 	if !v.Settled {
 		v.Failures = append(v.Failures, "the pipeline did not settle in time: "+v.NotSettled)
