@@ -29,15 +29,7 @@ func TestAnInterruptedReplayIsResumedWhereItStopped(t *testing.T) {
 	l := newLossBundle(t)
 	ctx := context.Background()
 	l.relayNew(t, 50) // five batches of ten
-	var batches []int64
-	rows, err := l.pool.Query(ctx, `SELECT batch FROM outbox_relay_batches ORDER BY batch`)
-	require.NoError(t, err)
-	for rows.Next() {
-		var b int64
-		require.NoError(t, rows.Scan(&b))
-		batches = append(batches, b)
-	}
-	require.NoError(t, rows.Err())
+	batches := l.batches(t)
 	require.Len(t, batches, 5)
 
 	l.do(t, func(b rueidis.Builder) rueidis.Completed { return b.Flushall().Build() })
@@ -45,7 +37,7 @@ func TestAnInterruptedReplayIsResumedWhereItStopped(t *testing.T) {
 	// The relay is stopped after two runs of its re-publication have
 	// reached Redis, only the first recorded (a crash, a deadline, a
 	// failing database: the record of the second run fails).
-	_, err = l.pool.Exec(ctx, fmt.Sprintf(`
+	_, err := l.pool.Exec(ctx, fmt.Sprintf(`
 		CREATE FUNCTION review_stop() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN
 		  IF NEW.replay_from IS NOT NULL AND NEW.replay_from > %d THEN
@@ -334,24 +326,14 @@ func TestRedisLossesCombinedWithOtherFaults(t *testing.T) {
 		}},
 		{"a batch in doubt (crash after EXEC), then a flush", nil, func(t *testing.T, l *lossBundle) int {
 			l.relayNew(t, 30)
-			l.insert(t, "item", "a", l.next, 10)
-			l.next += 10
-			l.relay.drainer.afterPublish = func() error { return fmt.Errorf("crash") }
-			_, err := l.drain()
-			require.Error(t, err)
-			l.relay.drainer.afterPublish = nil
+			l.crashAfterPublish(t, 10)
 			l.do(t, func(b rueidis.Builder) rueidis.Completed { return b.Flushall().Build() })
 			l.relayNew(t, 10)
 			return 50
 		}},
 		{"a batch whose events were all in flight, then the stream deleted", nil, func(t *testing.T, l *lossBundle) int {
 			l.relayNew(t, 30)
-			l.insert(t, "item", "a", l.next, 10)
-			l.next += 10
-			l.relay.drainer.afterPublish = func() error { return fmt.Errorf("crash") }
-			_, err := l.drain()
-			require.Error(t, err)
-			l.relay.drainer.afterPublish = nil
+			l.crashAfterPublish(t, 10)
 			res, err := l.drain()
 			require.NoError(t, err)
 			require.Equal(t, 10, res.Duplicates)

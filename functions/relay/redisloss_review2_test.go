@@ -163,20 +163,12 @@ func TestASecondLossDuringAReplayLosesNothing(t *testing.T) {
 	l := newLossBundle(t)
 	ctx := context.Background()
 	l.relayNew(t, 50) // five batches of ten
-	var batches []int64
-	rows, err := l.pool.Query(ctx, `SELECT batch FROM outbox_relay_batches ORDER BY batch`)
-	require.NoError(t, err)
-	for rows.Next() {
-		var b int64
-		require.NoError(t, rows.Scan(&b))
-		batches = append(batches, b)
-	}
-	require.NoError(t, rows.Err())
+	batches := l.batches(t)
 	require.Len(t, batches, 5)
 	l.do(t, func(b rueidis.Builder) rueidis.Completed { return b.Flushall().Build() })
 
 	const lockKey = 7702417
-	_, err = l.pool.Exec(ctx, fmt.Sprintf(`
+	_, err := l.pool.Exec(ctx, fmt.Sprintf(`
 		CREATE FUNCTION review2_stop() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN
 		  IF NEW.replay_from IS NOT NULL AND NEW.replay_from = %[1]d AND NEW.last_ms <> 0 THEN

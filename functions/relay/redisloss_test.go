@@ -3,9 +3,11 @@ package relay
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/require"
 
@@ -55,6 +57,29 @@ func (l *lossBundle) relayNew(t *testing.T, n int) Result {
 
 func (l *lossBundle) drain() (Result, error) {
 	return l.relay.drainer.Drain(context.Background(), time.Time{})
+}
+
+// crashAfterPublish inserts n events and drains once, failing between XADD
+// and COMMIT as a crash would: the events are in the stream, their rows in
+// the outbox.
+func (l *lossBundle) crashAfterPublish(t *testing.T, n int) {
+	t.Helper()
+	l.insert(t, "item", "a", l.next, n)
+	l.next += n
+	l.relay.drainer.afterPublish = func() error { return fmt.Errorf("crash") }
+	_, err := l.drain()
+	require.Error(t, err)
+	l.relay.drainer.afterPublish = nil
+}
+
+// batches returns the numbers of the retained batches, oldest first.
+func (l *lossBundle) batches(t *testing.T) []int64 {
+	t.Helper()
+	rows, err := l.pool.Query(context.Background(), `SELECT batch FROM outbox_relay_batches ORDER BY batch`)
+	require.NoError(t, err)
+	batches, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	require.NoError(t, err)
+	return batches
 }
 
 func (l *lossBundle) do(t *testing.T, cmd func(b rueidis.Builder) rueidis.Completed) {

@@ -133,17 +133,27 @@ type pipeline struct {
 
 func start(t *testing.T, smtpURL string) *pipeline {
 	t.Helper()
+	client, prefix := redistest.New(t)
+	return startOn(t, smtpURL, redistest.URL(), client, prefix, 0)
+}
+
+// startOn runs createuser, a relay that retains what it relayed for
+// retention (0: not at all) and two sendemail consumers on a database of
+// their own, against the Redis at redisURL (which client talks to) with
+// stream prefix, sending mail through smtpURL. Nothing is trimmed, so the
+// stream shows every event the relay published.
+func startOn(t *testing.T, smtpURL, redisURL string, client rueidis.Client, prefix string, retention time.Duration) *pipeline {
+	t.Helper()
 	ctx := context.Background()
 	dbURL, db := pgtest.NewPool(t)
-	client, prefix := redistest.New(t)
 	log := logging.Config{LogFormat: "text", LogLevel: "warn"}
 
 	cu, err := createuser.New(ctx, createuser.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 8,
 		RequestTimeout: 5 * time.Second, ForwardedHops: 1}, logging.Discard())
 	require.NoError(t, err)
 	t.Cleanup(cu.Close)
-	rl, err := relay.New(ctx, relay.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 4, RedisURL: redistest.URL(),
-		StreamPrefix: prefix, BatchSize: 1000, PollInterval: time.Second, DedupeWindow: time.Hour,
+	rl, err := relay.New(ctx, relay.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 4, RedisURL: redisURL,
+		StreamPrefix: prefix, BatchSize: 1000, PollInterval: time.Second, DedupeWindow: time.Hour, Retention: retention,
 		DrainTimeout: 10 * time.Second, ReconnectDelay: 100 * time.Millisecond, Background: true}, logging.Discard())
 	require.NoError(t, err)
 	require.NoError(t, rl.Start(ctx))
@@ -153,7 +163,7 @@ func start(t *testing.T, smtpURL string) *pipeline {
 	// consumer's entries re-claimed, within the test.
 	const lease = 4 * time.Second
 	for i := range 2 {
-		se, err := sendemail.New(ctx, sendemail.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 8, RedisURL: redistest.URL(),
+		se, err := sendemail.New(ctx, sendemail.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 8, RedisURL: redisURL,
 			StreamPrefix: prefix, Group: "sendemail", ConsumerName: fmt.Sprintf("load-%d", i), BatchSize: 64, Concurrency: 8,
 			Block: 200 * time.Millisecond, ClaimIdle: 2 * lease, ClaimInterval: time.Second, MaxDeliveries: 20, SendAttempts: 3,
 			Lease: lease, SMTPURL: smtpURL, SMTPTimeout: time.Second, SMTPDataTimeout: time.Second,

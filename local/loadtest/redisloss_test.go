@@ -12,11 +12,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/outboxfn/outbox/functions/createuser"
-	"github.com/outboxfn/outbox/functions/relay"
-	"github.com/outboxfn/outbox/functions/sendemail"
-	"github.com/outboxfn/outbox/shared/logging"
-	"github.com/outboxfn/outbox/shared/pgtest"
 	"github.com/outboxfn/outbox/shared/redistest"
 	"github.com/outboxfn/outbox/shared/smtptest"
 	"github.com/outboxfn/outbox/shared/stream"
@@ -180,47 +175,14 @@ type forgetfulPipeline struct {
 // and a relay that retains what it relayed.
 func startForgetful(t *testing.T) *forgetfulPipeline {
 	t.Helper()
-	ctx := context.Background()
-	dbURL, db := pgtest.NewPool(t)
 	// Started before the functions, so stopped after them.
 	server := redistest.StartServer(t)
 	client, err := stream.NewClient(server.URL())
 	require.NoError(t, err)
 	t.Cleanup(client.Close)
 	mail := smtptest.Start(t)
-	const prefix = "outbox:"
-	log := logging.Config{LogFormat: "text", LogLevel: "warn"}
-
-	cu, err := createuser.New(ctx, createuser.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 8,
-		RequestTimeout: 5 * time.Second, ForwardedHops: 1}, logging.Discard())
-	require.NoError(t, err)
-	t.Cleanup(cu.Close)
-	// TrimInterval 0: nothing is trimmed, so the stream shows every event
-	// the relay ever published since Redis last forgot.
-	rl, err := relay.New(ctx, relay.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 4, RedisURL: server.URL(),
-		StreamPrefix: prefix, BatchSize: 1000, PollInterval: time.Second, DedupeWindow: time.Hour,
-		DrainTimeout: 10 * time.Second, ReconnectDelay: 100 * time.Millisecond, Background: true, Retention: time.Hour}, logging.Discard())
-	require.NoError(t, err)
-	require.NoError(t, rl.Start(ctx))
-	t.Cleanup(func() { rl.Stop(); rl.Close() })
-
-	const lease = 4 * time.Second
-	for i := range 2 {
-		se, err := sendemail.New(ctx, sendemail.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 8, RedisURL: server.URL(),
-			StreamPrefix: prefix, Group: "sendemail", ConsumerName: fmt.Sprintf("forgetful-%d", i), BatchSize: 64, Concurrency: 8,
-			Block: 200 * time.Millisecond, ClaimIdle: 2 * lease, ClaimInterval: time.Second, MaxDeliveries: 20, SendAttempts: 3,
-			Lease: lease, SMTPURL: mail.URL(), SMTPTimeout: time.Second, SMTPDataTimeout: time.Second,
-			From: "Example <welcome@example.com>", Subject: "Welcome, {{.Name}}!", DrainTimeout: 10 * time.Second,
-			ShutdownTimeout: 5 * time.Second, Background: true}, logging.Discard())
-		require.NoError(t, err)
-		require.NoError(t, se.Start(ctx))
-		t.Cleanup(func() { se.Stop(); se.Close() })
-	}
-	return &forgetfulPipeline{
-		pipeline: &pipeline{createUser: cu, db: db, redis: client, stream: stream.Name(prefix, "user")},
-		server:   server,
-		mail:     mail,
-	}
+	p := startOn(t, mail.URL(), server.URL(), client, "outbox:", time.Hour)
+	return &forgetfulPipeline{pipeline: p, server: server, mail: mail}
 }
 
 // inStream is what the stream holds: how many entries carry each event id,
