@@ -335,8 +335,7 @@ func (s *session) compare(r streamRecord, infoReply, lastReply, belowReply, afte
 		// loss only otherwise.
 		lost.deleted, _ = infoID(info, "max-deleted-entry-id")
 		lost.first, _ = infoID(info, "recorded-first-entry-id")
-		addedMsg := info["entries-added"]
-		added, addedErr := addedMsg.AsInt64() // Redis 7 and later
+		added, addedErr := infoInt(info, "entries-added") // Redis 7 and later
 		if addedErr == nil {
 			s.added[r.aggregateType] = added
 		}
@@ -627,9 +626,17 @@ func entriesAdded(reply rueidis.RedisMessage) (int64, bool) {
 	if err != nil {
 		return 0, false
 	}
-	m := info["entries-added"]
-	added, err := m.AsInt64()
+	added, err := infoInt(info, "entries-added")
 	return added, err == nil
+}
+
+// infoInt reads an integer field of an XINFO STREAM reply.
+func infoInt(info map[string]rueidis.RedisMessage, field string) (int64, error) {
+	m, ok := info[field]
+	if !ok {
+		return 0, fmt.Errorf("no %s", field)
+	}
+	return m.AsInt64()
 }
 
 func (r *published) refuse(i int, reason string) {
