@@ -11,7 +11,6 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -100,20 +99,6 @@ ON CONFLICT (aggregate_type) DO UPDATE
 SET batch = excluded.batch, last_ms = excluded.last_ms, last_seq = excluded.last_seq,
     entries_added = excluded.entries_added, updated_at = now()`
 
-// row is one claimed outbox row.
-type row struct {
-	ID            int64
-	EventID       eventID
-	AggregateType string
-	AggregateID   string
-	EventType     string
-	Payload       []byte
-	Traceparent   *string
-	CreatedAt     time.Time
-}
-
-func (r *row) eventIDString() string { return uuid.UUID(r.EventID).String() }
-
 // Result tells what one drain did.
 type Result struct {
 	// Relayed counts events added to a stream.
@@ -198,6 +183,10 @@ type Drainer struct {
 	beforePublish func()
 
 	rows [2][]row // reused between batches, one per connection
+	// names interns aggregate and event types, which repeat in every batch.
+	names map[string]string
+	// copyBufs hold each connection's batch in COPY format (see retain).
+	copyBufs [2][]byte
 
 	tel *instruments
 }
@@ -214,6 +203,7 @@ func NewDrainer(pool *pgxpool.Pool, publisher *Publisher, batchSize int, lockWai
 		busyPause: 2 * time.Millisecond,
 		finish:    5 * time.Second,
 		rows:      [2][]row{make([]row, 0, batchSize), make([]row, 0, batchSize)},
+		names:     make(map[string]string),
 		tel:       newInstruments(telemetry.Providers{}),
 	}
 }
@@ -662,13 +652,7 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) 
 		c.rollback(ctx)
 		return nil, fmt.Errorf("claim batch: %w", err)
 	}
-	batch := d.rows[slot][:0]
-	var r row
-	_, err = pgx.ForEachRow(rows, []any{&r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt}, func() error {
-		batch = append(batch, r)
-		r.Payload, r.Traceparent = nil, nil // scanned into fresh memory next time
-		return nil
-	})
+	batch, err := d.readRows(rows, d.rows[slot][:0])
 	if err == nil {
 		err = results.Close()
 	}
@@ -748,23 +732,6 @@ func (d *Drainer) publishBatch(ctx context.Context, cur *claimed, sess *session,
 	res.Dead += len(p.refused)
 	res.Duplicates += len(cur.rows) - p.added - len(p.refused)
 	return next, claimErr
-}
-
-// retain copies the claimed rows to outbox_relayed, in the batch's
-// transaction, so that they are retained exactly when their delete commits.
-// COPY from the rows in hand costs less than a copy in the claim statement,
-// and it runs while Redis takes the batch, off the drain's critical path.
-func (d *Drainer) retain(ctx context.Context, c *claimed) error {
-	_, err := c.conn.CopyFrom(ctx, pgx.Identifier{"outbox_relayed"},
-		[]string{"batch", "id", "event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "traceparent", "created_at"},
-		pgx.CopyFromSlice(len(c.rows), func(i int) ([]any, error) {
-			r := &c.rows[i]
-			return []any{c.batch, r.ID, r.EventID, r.AggregateType, r.AggregateID, r.EventType, r.Payload, r.Traceparent, r.CreatedAt}, nil
-		}))
-	if err != nil {
-		return fmt.Errorf("retain batch: %w", err)
-	}
-	return nil
 }
 
 // commit records where the batch left each stream (with retention on) and

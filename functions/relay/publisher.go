@@ -466,18 +466,23 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	cmds := append(s.cmds[:0], c.B().Multi().Build())
 	sent := s.sent[:0] // index of the event each XADD carries
 	counts := make(map[string]int64)
-	var order []string // aggregate types, in the order of their first event
+	var order []string           // aggregate types, in the order of their first event
+	invalid := map[string]bool{} // aggregate types checked once per batch
 	for i := range events {
 		e := &events[i]
-		if !outbox.ValidAggregateType(e.AggregateType) {
+		if _, ok := counts[e.AggregateType]; !ok && !invalid[e.AggregateType] {
+			if !outbox.ValidAggregateType(e.AggregateType) {
+				invalid[e.AggregateType] = true
+			} else {
+				counts[e.AggregateType] = 0
+				order = append(order, e.AggregateType)
+			}
+		}
+		if invalid[e.AggregateType] {
 			// Its stream name could be one of the relay's own keys, or a
 			// dead-letter stream.
 			res.refuse(i, fmt.Sprintf("aggregate type %q does not name a valid stream", e.AggregateType))
 			continue
-		}
-		if _, ok := counts[e.AggregateType]; !ok {
-			counts[e.AggregateType] = 0
-			order = append(order, e.AggregateType)
 		}
 		if p.window > 0 {
 			if _, seen := s.inFlight[e.EventID]; seen {

@@ -1,0 +1,65 @@
+package relay
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/require"
+)
+
+// The relay reads claimed rows and writes them to outbox_relayed by hand
+// (rows.go); what it retains must be exactly what the outbox held, value
+// for value, whichever protocol pgx speaks.
+func TestRetainedRowsAreTheOutboxRowsExactly(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, urlSuffix string
+	}{
+		{"over the extended protocol, read by hand", ""},
+		{"over the simple protocol, read by pgx's Scan", "default_query_exec_mode=simple_protocol"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			b := setup(t)
+			ctx := context.Background()
+			_, err := b.pool.Exec(ctx, `
+				INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, traceparent, created_at) VALUES
+				  ('user', '1', 'user.created', '{"name": "Zoë \u00e9\u4e16\u754c 🎉", "n": 1}', NULL, '2026-11-23 10:00:00.123456+00'),
+				  ('user', 'ä-2', 'user.created', $1, '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01', '1999-12-31 23:59:59.999999+00'),
+				  ('order.v2', '', 'order.placed', '[]', '', '2038-01-19 03:14:08+00'),
+				  ('user', '3', 'user.created', '{"quote": "\"", "nl": "a\nb", "nul": "\\u0000"}', NULL, now())`,
+				`{"big": "`+strings.Repeat("x", 70_000)+`"}`)
+			require.NoError(t, err)
+			want := relayedRows(t, b, `SELECT 0::bigint, id, event_id, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at FROM outbox`)
+
+			url := b.url
+			if tc.urlSuffix != "" {
+				url += map[bool]string{true: "&", false: "?"}[strings.Contains(url, "?")] + tc.urlSuffix
+			}
+			s := b.relay(t, func(c *Config) { c.DatabaseURL = url; c.Background = false })
+			res, err := s.drainer.Drain(ctx, time.Time{})
+			require.NoError(t, err)
+			require.Equal(t, len(want), res.Relayed)
+
+			got := relayedRows(t, b, `SELECT 0::bigint, id, event_id, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at FROM outbox_relayed`)
+			require.Equal(t, want, got)
+			for _, e := range append(b.entries(t, "user"), b.entries(t, "order.v2")...) {
+				require.Contains(t, []string{"1", "ä-2", "", "3"}, e.AggregateID)
+			}
+		})
+	}
+}
+
+// relayedRows reads a query's rows ordered by id, as text, for comparison.
+func relayedRows(t *testing.T, b *testBundle, sql string) [][]any {
+	t.Helper()
+	rows, err := b.pool.Query(context.Background(), sql+` ORDER BY id`)
+	require.NoError(t, err)
+	all, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) ([]any, error) { return r.Values() })
+	require.NoError(t, err)
+	require.NotEmpty(t, all)
+	return all
+}
