@@ -521,8 +521,8 @@ func (o *ops) outboxDeadRequeue(ctx context.Context, ids []int64) (int64, error)
 			return nil
 		}
 		tag, err := tx.Exec(ctx, `
-			INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at)
-			SELECT event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at
+			INSERT INTO outbox (event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, tracestate, created_at)
+			SELECT event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, tracestate, created_at
 			FROM outbox_dead WHERE id = ANY($1) ORDER BY id`, found)
 		if err != nil {
 			return fmt.Errorf("requeue into outbox: %w", err)

@@ -188,9 +188,10 @@ type retainedEvent struct {
 	Payload       string
 	Traceparent   *string
 	CreatedAt     time.Time
+	Tracestate    *string
 }
 
-const retainedColumns = `batch, id, event_id::text, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at`
+const retainedColumns = `batch, id, event_id::text, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at, tracestate`
 
 // replayByTime hands handle the retained events of the batches relayed in
 // [sel.since, sel.until), page by page. The batches are found by their time
@@ -286,6 +287,9 @@ func (e *retainedEvent) event() stream.Event {
 		AggregateID: e.AggregateID, Payload: e.Payload, OccurredAt: e.CreatedAt, OutboxID: e.ID}
 	if e.Traceparent != nil {
 		ev.Traceparent = *e.Traceparent
+	}
+	if e.Tracestate != nil {
+		ev.Tracestate = *e.Tracestate
 	}
 	return ev
 }

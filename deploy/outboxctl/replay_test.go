@@ -17,18 +17,21 @@ import (
 // outbox_relay_batches, as the relay does when it relays e at relayedAt.
 func (b *testBundle) retain(t *testing.T, batch int64, e stream.Event, relayedAt time.Time) {
 	t.Helper()
-	var traceparent *string
+	var traceparent, tracestate *string
 	if e.Traceparent != "" {
 		traceparent = &e.Traceparent
+	}
+	if e.Tracestate != "" {
+		tracestate = &e.Tracestate
 	}
 	_, err := b.ops.pool.Exec(context.Background(), `
 		WITH batch AS (
 			INSERT INTO outbox_relay_batches (aggregate_type, batch, events, last_ms, last_seq, relayed_at)
 			VALUES ($3, $1, 1, 0, 0, $9)
 			ON CONFLICT (batch, aggregate_type) DO UPDATE SET events = outbox_relay_batches.events + 1)
-		INSERT INTO outbox_relayed (batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at)
-		VALUES ($1, $2, $4, $3, $5, $6, $7, $8, $10)`,
-		batch, e.OutboxID, e.AggregateType, e.EventID, e.AggregateID, e.EventType, e.Payload, traceparent, relayedAt, e.OccurredAt)
+		INSERT INTO outbox_relayed (batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, tracestate)
+		VALUES ($1, $2, $4, $3, $5, $6, $7, $8, $10, $11)`,
+		batch, e.OutboxID, e.AggregateType, e.EventID, e.AggregateID, e.EventType, e.Payload, traceparent, relayedAt, e.OccurredAt, tracestate)
 	require.NoError(t, err)
 }
 
@@ -95,6 +98,9 @@ func (b *testBundle) retainedFixture(t *testing.T) map[int64]stream.Event {
 			OccurredAt: occurred.Add(time.Duration(r.id) * time.Second), OutboxID: r.id}
 		if r.id%2 == 0 {
 			e.Traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+		}
+		if r.id%4 == 0 {
+			e.Tracestate = "rojo=00f067aa0ba902b7"
 		}
 		b.retain(t, r.batch, e, now.Add(-r.ago))
 		events[r.id] = e

@@ -136,8 +136,8 @@ func (s *Service) handle(r *http.Request) (status int, body json.RawMessage, rep
 		// The event carries the request span's context: the incoming
 		// traceparent's trace, or the new trace a request without one
 		// started (none while tracing is off).
-		tp, _ := telemetry.Inject(ctx)
-		status, body, replayed, err = s.create(ctx, u, key, tp)
+		tp, ts := telemetry.Inject(ctx)
+		status, body, replayed, err = s.create(ctx, u, key, tp, ts)
 	}
 	if err != nil && (pg.IsUnavailable(err) || errors.Is(err, context.Canceled)) {
 		s.logger.WarnContext(ctx, "database unavailable", slog.Any("error", err))
@@ -151,7 +151,7 @@ var errEmailTaken = httpjson.Errorf(http.StatusConflict, "email_taken", "a user 
 
 // create runs the one transaction: remember the idempotency key, insert the
 // user, insert the event, store the answer under the key, commit.
-func (s *Service) create(ctx context.Context, u newUser, key, traceparent string) (status int, body json.RawMessage, replayed bool, err error) {
+func (s *Service) create(ctx context.Context, u newUser, key, traceparent, tracestate string) (status int, body json.RawMessage, replayed bool, err error) {
 	ctx, span := s.tracer.Start(ctx, "createuser transaction", trace.WithSpanKind(trace.SpanKindClient),
 		trace.WithAttributes(attribute.String("db.system.name", "postgresql")))
 	defer func() {
@@ -206,6 +206,7 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent string
 		EventType:     events.TypeUserCreated,
 		Payload:       payload,
 		Traceparent:   traceparent,
+		Tracestate:    tracestate,
 	})
 	if err != nil {
 		return 0, nil, false, err

@@ -82,7 +82,7 @@ var ErrBusy = errors.New("another relay is draining")
 const claimSQL = `
 DELETE FROM outbox
 WHERE id = ANY (ARRAY (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
-RETURNING id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at`
+RETURNING id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, tracestate`
 
 // recordSQL records, in the batch's transaction, where each stream it wrote
 // to stood after it: per batch, for re-publishing the batches a stream lost,
@@ -781,18 +781,20 @@ func (d *Drainer) bury(ctx context.Context, c *claimed, refused map[int]string) 
 	ids, eventIDs, reasons := make([]int64, 0, n), make([]string, 0, n), make([]string, 0, n)
 	types, aggregates, eventTypes := make([]string, 0, n), make([]string, 0, n), make([]string, 0, n)
 	payloads, traceparents, created := make([]string, 0, n), make([]*string, 0, n), make([]time.Time, 0, n)
+	tracestates := make([]*string, 0, n)
 	for i, reason := range refused {
 		r := &c.rows[i]
 		ids, eventIDs, reasons = append(ids, r.ID), append(eventIDs, r.eventIDString()), append(reasons, reason)
 		types, aggregates, eventTypes = append(types, r.AggregateType), append(aggregates, r.AggregateID), append(eventTypes, r.EventType)
 		payloads, traceparents, created = append(payloads, string(r.Payload)), append(traceparents, r.Traceparent), append(created, r.CreatedAt)
+		tracestates = append(tracestates, r.Tracestate)
 	}
 	_, err := c.conn.Exec(ctx, `
-		INSERT INTO outbox_dead (id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, error)
-		SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload::json, traceparent, created_at, error
-		FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[])
-		  AS t (id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, error)`,
-		ids, eventIDs, types, aggregates, eventTypes, payloads, traceparents, created, reasons)
+		INSERT INTO outbox_dead (id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, error, tracestate)
+		SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload::json, traceparent, created_at, error, tracestate
+		FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::text[])
+		  AS t (id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, error, tracestate)`,
+		ids, eventIDs, types, aggregates, eventTypes, payloads, traceparents, created, reasons, tracestates)
 	if err == nil && d.retention > 0 {
 		// They were copied to outbox_relayed by the claim; not being in a
 		// stream, they must not be published again from there.
@@ -958,7 +960,7 @@ func (d *Drainer) retained(ctx context.Context, conn *pgxpool.Conn, t string, fr
 		return nil, nil, -1, err
 	}
 	rows, err := conn.Query(ctx, `
-		SELECT batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at
+		SELECT batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, tracestate
 		FROM outbox_relayed WHERE aggregate_type = $1 AND batch BETWEEN $2 AND $3
 		ORDER BY batch, id`, t, from, last)
 	if err != nil {
@@ -968,9 +970,9 @@ func (d *Drainer) retained(ctx context.Context, conn *pgxpool.Conn, t string, fr
 	var numbers []int64
 	var r row
 	var b int64
-	_, err = pgx.ForEachRow(rows, []any{&b, &r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt}, func() error {
+	_, err = pgx.ForEachRow(rows, []any{&b, &r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt, &r.Tracestate}, func() error {
 		events, numbers = append(events, r), append(numbers, b)
-		r.Payload, r.Traceparent = nil, nil
+		r.Payload, r.Traceparent, r.Tracestate = nil, nil, nil
 		return nil
 	})
 	if err != nil {

@@ -755,6 +755,9 @@ func (s *session) xadd(e *row) rueidis.Completed {
 	if e.Traceparent != nil {
 		b = b.FieldValue(stream.FieldTraceparent, *e.Traceparent)
 	}
+	if e.Tracestate != nil {
+		b = b.FieldValue(stream.FieldTracestate, *e.Tracestate)
+	}
 	return b.Build()
 }
 

@@ -23,6 +23,7 @@ type row struct {
 	EventType     string
 	Payload       []byte
 	Traceparent   *string
+	Tracestate    *string
 	CreatedAt     time.Time
 }
 
@@ -35,11 +36,11 @@ func (r *row) eventIDString() string { return uuid.UUID(r.EventID).String() }
 // in the URL), everything comes as text and Scan reads it.
 func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 	fd := rows.FieldDescriptions()
-	if len(fd) != 8 || fd[0].Format != pgtype.BinaryFormatCode || fd[1].Format != pgtype.BinaryFormatCode || fd[7].Format != pgtype.BinaryFormatCode {
+	if len(fd) != 9 || fd[0].Format != pgtype.BinaryFormatCode || fd[1].Format != pgtype.BinaryFormatCode || fd[7].Format != pgtype.BinaryFormatCode {
 		var r row
-		_, err := pgx.ForEachRow(rows, []any{&r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt}, func() error {
+		_, err := pgx.ForEachRow(rows, []any{&r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt, &r.Tracestate}, func() error {
 			batch = append(batch, r)
-			r.Payload, r.Traceparent = nil, nil // scanned into fresh memory next time
+			r.Payload, r.Traceparent, r.Tracestate = nil, nil, nil // scanned into fresh memory next time
 			return nil
 		})
 		return batch, err
@@ -48,7 +49,7 @@ func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 	be := binary.BigEndian
 	for rows.Next() {
 		v := rows.RawValues()
-		if len(v) != 8 || len(v[0]) != 8 || len(v[1]) != 16 || len(v[7]) != 8 || v[2] == nil || v[3] == nil || v[4] == nil || v[5] == nil {
+		if len(v) != 9 || len(v[0]) != 8 || len(v[1]) != 16 || len(v[7]) != 8 || v[2] == nil || v[3] == nil || v[4] == nil || v[5] == nil {
 			return batch, errors.New("read claimed row: unexpected value")
 		}
 		micros := int64(be.Uint64(v[7]))
@@ -67,6 +68,10 @@ func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 		if v[6] != nil {
 			tp := string(v[6])
 			r.Traceparent = &tp
+		}
+		if v[8] != nil {
+			ts := string(v[8])
+			r.Tracestate = &ts
 		}
 		batch = append(batch, r)
 	}
@@ -88,7 +93,7 @@ func (d *Drainer) intern(b []byte) string {
 
 // copyRelayedSQL copies retained rows in PostgreSQL's binary COPY format,
 // which appendRelayedCopy writes.
-const copyRelayedSQL = `COPY outbox_relayed (batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at) FROM STDIN (FORMAT binary)`
+const copyRelayedSQL = `COPY outbox_relayed (batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, tracestate) FROM STDIN (FORMAT binary)`
 
 // copySignature opens a binary COPY stream: the signature, then flags and
 // header extension length, both zero.
@@ -110,9 +115,15 @@ func appendRelayedCopy(buf []byte, batch int64, rows []row) []byte {
 		buf = be.AppendUint32(buf, uint32(len(s)))
 		return append(buf, s...)
 	}
+	nullable := func(buf []byte, s *string) []byte {
+		if s == nil {
+			return be.AppendUint32(buf, math.MaxUint32) // -1: NULL
+		}
+		return text(buf, *s)
+	}
 	for i := range rows {
 		r := &rows[i]
-		buf = be.AppendUint16(buf, 9) // columns
+		buf = be.AppendUint16(buf, 10) // columns
 		buf = be.AppendUint32(buf, 8)
 		buf = be.AppendUint64(buf, uint64(batch))
 		buf = be.AppendUint32(buf, 8)
@@ -124,13 +135,10 @@ func appendRelayedCopy(buf []byte, batch int64, rows []row) []byte {
 		buf = text(buf, r.EventType)
 		buf = be.AppendUint32(buf, uint32(len(r.Payload)))
 		buf = append(buf, r.Payload...)
-		if r.Traceparent == nil {
-			buf = be.AppendUint32(buf, math.MaxUint32) // -1: NULL
-		} else {
-			buf = text(buf, *r.Traceparent)
-		}
+		buf = nullable(buf, r.Traceparent)
 		buf = be.AppendUint32(buf, 8)
 		buf = be.AppendUint64(buf, uint64(r.CreatedAt.UnixMicro()-pgEpochMicros))
+		buf = nullable(buf, r.Tracestate)
 	}
 	return be.AppendUint16(buf, math.MaxUint16) // -1: end of data
 }

@@ -26,14 +26,14 @@ func TestRetainedRowsAreTheOutboxRowsExactly(t *testing.T) {
 			b := setup(t)
 			ctx := context.Background()
 			_, err := b.pool.Exec(ctx, `
-				INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, traceparent, created_at) VALUES
-				  ('user', '1', 'user.created', '{"name": "Zoë \u00e9\u4e16\u754c 🎉", "n": 1}', NULL, '2026-11-23 10:00:00.123456+00'),
-				  ('user', 'ä-2', 'user.created', $1, '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01', '1999-12-31 23:59:59.999999+00'),
-				  ('order.v2', '', 'order.placed', '[]', '', '2038-01-19 03:14:08+00'),
-				  ('user', '3', 'user.created', '{"quote": "\"", "nl": "a\nb", "nul": "\\u0000"}', NULL, now())`,
+				INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, traceparent, tracestate, created_at) VALUES
+				  ('user', '1', 'user.created', '{"name": "Zoë \u00e9\u4e16\u754c 🎉", "n": 1}', NULL, NULL, '2026-11-23 10:00:00.123456+00'),
+				  ('user', 'ä-2', 'user.created', $1, '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01', 'congo=t61rcWkgMzE,rojo=00f067aa0ba902b7', '1999-12-31 23:59:59.999999+00'),
+				  ('order.v2', '', 'order.placed', '[]', '', '', '2038-01-19 03:14:08+00'),
+				  ('user', '3', 'user.created', '{"quote": "\"", "nl": "a\nb", "nul": "\\u0000"}', NULL, 'vendor=x', now())`,
 				`{"big": "`+strings.Repeat("x", 70_000)+`"}`)
 			require.NoError(t, err)
-			want := relayedRows(t, b, `SELECT 0::bigint, id, event_id, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at FROM outbox`)
+			want := relayedRows(t, b, `SELECT 0::bigint, id, event_id, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at, tracestate FROM outbox`)
 
 			url := b.url
 			if tc.urlSuffix != "" {
@@ -44,11 +44,15 @@ func TestRetainedRowsAreTheOutboxRowsExactly(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, len(want), res.Relayed)
 
-			got := relayedRows(t, b, `SELECT 0::bigint, id, event_id, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at FROM outbox_relayed`)
+			got := relayedRows(t, b, `SELECT 0::bigint, id, event_id, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at, tracestate FROM outbox_relayed`)
 			require.Equal(t, want, got)
+			// The stream entries carry the trace fields the rows had.
+			state := map[string]string{}
 			for _, e := range append(b.entries(t, "user"), b.entries(t, "order.v2")...) {
-				require.Contains(t, []string{"1", "ä-2", "", "3"}, e.AggregateID)
+				state[e.AggregateID] = e.Traceparent + " " + e.Tracestate
 			}
+			require.Equal(t, map[string]string{"1": " ", "ä-2": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 congo=t61rcWkgMzE,rojo=00f067aa0ba902b7",
+				"": " ", "3": " vendor=x"}, state)
 		})
 	}
 }

@@ -14,10 +14,6 @@ import (
 	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
-// FieldTracestate is the W3C tracestate of an entry, read beside
-// stream.FieldTraceparent when a producer wrote it.
-const FieldTracestate = "tracestate"
-
 // instruments are sendemail's spans and metrics.
 type instruments struct {
 	tracer trace.Tracer
@@ -49,7 +45,7 @@ func (c *Consumer) startEntries(ctx context.Context, entries []rueidis.XRangeEnt
 	for i, e := range entries {
 		ectx := ctx
 		if sc := telemetry.ParseTraceparent(e.FieldValues[stream.FieldTraceparent]); sc.IsValid() {
-			if ts := e.FieldValues[FieldTracestate]; ts != "" {
+			if ts := e.FieldValues[stream.FieldTracestate]; ts != "" {
 				if state, err := trace.ParseTraceState(ts); err == nil {
 					sc = sc.WithTraceState(state)
 				}

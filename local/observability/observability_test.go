@@ -85,8 +85,8 @@ func TestASignupIsOneTraceAndTheMetricsCountThePipeline(t *testing.T) {
 
 	// Five signups: one continuing the caller's trace, three starting their
 	// own, one whose email the server refuses.
-	caller := "00-" + traceID + "-" + callerID + "-01"
-	require.Equal(t, http.StatusCreated, post(t, cu, "ada@example.com", caller))
+	caller, callerState := "00-"+traceID+"-"+callerID+"-01", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+	require.Equal(t, http.StatusCreated, post(t, cu, "ada@example.com", caller, callerState))
 	for i := range 3 {
 		require.Equal(t, http.StatusCreated, post(t, cu, fmt.Sprintf("user%d@example.com", i), ""))
 	}
@@ -100,9 +100,11 @@ func TestASignupIsOneTraceAndTheMetricsCountThePipeline(t *testing.T) {
 	assert.True(t, server.Parent.IsRemote())
 	tx := only(t, spans.GetSpans(), "createuser transaction", traceID)
 	assert.Equal(t, server.SpanContext.SpanID(), tx.Parent.SpanID())
-	var stored string
-	require.NoError(t, db.QueryRow(ctx, `SELECT traceparent FROM outbox WHERE payload->>'email' = 'ada@example.com'`).Scan(&stored))
+	var stored, storedState string
+	require.NoError(t, db.QueryRow(ctx, `SELECT traceparent, tracestate FROM outbox WHERE payload->>'email' = 'ada@example.com'`).
+		Scan(&stored, &storedState))
 	assert.Equal(t, "00-"+traceID+"-"+server.SpanContext.SpanID().String()+"-01", stored)
+	assert.Equal(t, callerState, storedState, "the caller's tracestate travels with the event")
 	var untraced int
 	require.NoError(t, db.QueryRow(ctx, `SELECT count(*) FROM outbox WHERE traceparent IS NULL`).Scan(&untraced))
 	assert.Zero(t, untraced, "a request without a traceparent stores the new trace it started")
@@ -136,6 +138,7 @@ func TestASignupIsOneTraceAndTheMetricsCountThePipeline(t *testing.T) {
 	process := only(t, spans.GetSpans(), "process", traceID)
 	assert.Equal(t, trace.SpanKindConsumer, process.SpanKind)
 	assert.Equal(t, server.SpanContext.SpanID(), process.Parent.SpanID())
+	assert.Equal(t, callerState, process.SpanContext.TraceState().String(), "sendemail continues the caller's tracestate")
 	for _, name := range []string{"claim", "smtp send", "mark"} {
 		child := only(t, spans.GetSpans(), name, traceID)
 		assert.Equal(t, process.SpanContext.SpanID(), child.Parent.SpanID(), "%s is a child of process", name)
@@ -213,13 +216,18 @@ func TestALogLineInsideTheHandlerCarriesTheTrace(t *testing.T) {
 	}
 }
 
-func post(t *testing.T, cu *createuser.Service, email, traceparent string) int {
+// post creates a user; traceContext is the traceparent header's value and,
+// if given, the tracestate's.
+func post(t *testing.T, cu *createuser.Service, email string, traceContext ...string) int {
 	t.Helper()
 	req := httptest.NewRequest(http.MethodPost, "/", bytes.NewBufferString(fmt.Sprintf(`{"email": %q, "name": "Someone"}`, email)))
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("X-Forwarded-For", "10.0.0.1")
-	if traceparent != "" {
-		req.Header.Set("Traceparent", traceparent)
+	if len(traceContext) > 0 && traceContext[0] != "" {
+		req.Header.Set("Traceparent", traceContext[0])
+	}
+	if len(traceContext) > 1 {
+		req.Header.Set("Tracestate", traceContext[1])
 	}
 	rec := httptest.NewRecorder()
 	cu.ServeHTTP(rec, req)

@@ -32,6 +32,8 @@ type Event struct {
 	Payload json.RawMessage
 	// Traceparent is the W3C trace context of the request, or empty.
 	Traceparent string
+	// Tracestate is the W3C tracestate that goes with Traceparent, or empty.
+	Tracestate string
 }
 
 // Execer is the part of pgx.Tx that Insert needs.
@@ -67,18 +69,22 @@ func Insert(ctx context.Context, tx Execer, e Event) error {
 	if !ValidAggregateType(e.AggregateType) {
 		return fmt.Errorf("insert outbox event %s: %w %q", e.EventType, ErrInvalidAggregateType, e.AggregateType)
 	}
-	var traceparent *string
-	if e.Traceparent != "" {
-		traceparent = &e.Traceparent
-	}
 	_, err := tx.Exec(ctx,
-		`INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, traceparent)
-		 VALUES ($1, $2, $3, $4, $5)`,
-		e.AggregateType, e.AggregateID, e.EventType, string(e.Payload), traceparent)
+		`INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, traceparent, tracestate)
+		 VALUES ($1, $2, $3, $4, $5, $6)`,
+		e.AggregateType, e.AggregateID, e.EventType, string(e.Payload), nullIfEmpty(e.Traceparent), nullIfEmpty(e.Tracestate))
 	if err != nil {
 		return fmt.Errorf("insert outbox event %s: %w", e.EventType, err)
 	}
 	return nil
+}
+
+// nullIfEmpty stores an absent trace field as NULL, not as "".
+func nullIfEmpty(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
 }
 
 // Backlog is what waits in the outbox for the relay.

@@ -22,6 +22,9 @@ const (
 	FieldPayload       = "payload"
 	FieldOccurredAt    = "occurred_at"
 	FieldTraceparent   = "traceparent"
+	// FieldTracestate carries the W3C tracestate that goes with
+	// FieldTraceparent, when the producer had one.
+	FieldTracestate = "tracestate"
 	// FieldOutboxID carries the outbox row id. Stream order is claim order,
 	// which can differ from id order when transactions commit out of order;
 	// a consumer that cares can compare ids of one aggregate to notice.
@@ -44,6 +47,8 @@ type Event struct {
 	OccurredAt time.Time
 	// Traceparent is the W3C trace context, or empty.
 	Traceparent string
+	// Tracestate is the W3C tracestate that goes with Traceparent, or empty.
+	Tracestate string
 	// OutboxID is the id the event had in the outbox, or zero when the
 	// entry does not say (entries written before the field existed).
 	OutboxID int64
@@ -61,6 +66,9 @@ func (e Event) Fields() []string {
 	}
 	if e.Traceparent != "" {
 		f = append(f, FieldTraceparent, e.Traceparent)
+	}
+	if e.Tracestate != "" {
+		f = append(f, FieldTracestate, e.Tracestate)
 	}
 	if e.OutboxID != 0 {
 		f = append(f, FieldOutboxID, strconv.FormatInt(e.OutboxID, 10))
@@ -83,6 +91,7 @@ func Decode(id string, fields map[string]string) (Event, error) {
 		AggregateID:   fields[FieldAggregateID],
 		Payload:       fields[FieldPayload],
 		Traceparent:   fields[FieldTraceparent],
+		Tracestate:    fields[FieldTracestate],
 	}
 	for _, required := range []struct{ name, value string }{
 		{FieldEventID, e.EventID}, {FieldEventType, e.EventType}, {FieldPayload, e.Payload},

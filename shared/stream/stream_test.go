@@ -2,6 +2,7 @@ package stream
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -17,5 +18,36 @@ func TestNewClientNeverRepeatsAPasswordItCannotParse(t *testing.T) {
 		_, err := NewClient(url)
 		require.ErrorIs(t, err, ErrBadURL, url)
 		require.NotContains(t, err.Error(), "s3cret", url)
+	}
+}
+
+func TestAnEventReadsBackAsItWasWritten(t *testing.T) {
+	t.Parallel()
+	at := time.Date(2026, 11, 23, 10, 0, 0, 123456000, time.UTC)
+	for _, tc := range []struct {
+		name string
+		e    Event
+	}{
+		{"without trace context", Event{EventID: "e1", EventType: "user.created", AggregateType: "user", AggregateID: "1",
+			Payload: `{"n":1}`, OccurredAt: at, OutboxID: 7}},
+		{"with a traceparent", Event{EventID: "e2", EventType: "user.created", AggregateType: "user", AggregateID: "2",
+			Payload: `{}`, OccurredAt: at, Traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}},
+		{"with a traceparent and its tracestate", Event{EventID: "e3", EventType: "user.created", AggregateType: "user", AggregateID: "3",
+			Payload: `{}`, OccurredAt: at, Traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+			Tracestate: "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			f := tc.e.Fields()
+			fields := make(map[string]string, len(f)/2)
+			for i := 0; i < len(f); i += 2 {
+				fields[f[i]] = f[i+1]
+			}
+			got, err := Decode("1-0", fields)
+			require.NoError(t, err)
+			want := tc.e
+			want.ID = "1-0"
+			require.Equal(t, want, got)
+		})
 	}
 }
