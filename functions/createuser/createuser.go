@@ -160,7 +160,14 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 		}
 		span.End()
 	}()
-	tx, err := s.pool.Begin(ctx)
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return 0, nil, false, fmt.Errorf("acquire connection: %w", err)
+	}
+	defer conn.Release()
+	ctx, stop := watchOnce(ctx, conn)
+	defer stop()
+	tx, err := conn.Begin(ctx)
 	if err != nil {
 		return 0, nil, false, fmt.Errorf("begin: %w", err)
 	}
@@ -225,6 +232,25 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 		return 0, nil, false, fmt.Errorf("commit: %w", err)
 	}
 	return http.StatusCreated, body, false, nil
+}
+
+// watchOnce returns a context for conn's statements that cannot be
+// cancelled, and ends conn's statement in progress itself once ctx is done,
+// by moving its socket's deadline to now, as pgx would; the statement then
+// fails with a timeout, which handle answers with 503. pgx watches each
+// statement's context on its own (a context.AfterFunc registered and removed
+// per statement, four per request here), which measured as much CPU as the
+// request's JSON parsing; one watch per transaction does the same job. stop
+// ends the watch; a connection whose deadline it moved is closed, so that
+// the pool drops it.
+func watchOnce(ctx context.Context, conn *pgxpool.Conn) (context.Context, func()) {
+	netConn := conn.Conn().PgConn().Conn()
+	stopWatch := context.AfterFunc(ctx, func() { _ = netConn.SetDeadline(time.Now()) })
+	return context.WithoutCancel(ctx), func() {
+		if !stopWatch() {
+			conn.Conn().Close(context.Background()) //nolint:errcheck // closing a connection already cut off
+		}
+	}
 }
 
 // replay answers a request whose Idempotency-Key was used before.
