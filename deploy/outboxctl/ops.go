@@ -25,6 +25,7 @@ import (
 type Config struct {
 	DatabaseURL  string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" desc:"PostgreSQL connection URL. Default the local server."`
 	RedisURL     string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL. Default the local server."`
+	RedisCluster bool   `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster, as for the functions. Default false."`
 	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the functions. Default outbox:."`
 	Group        string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"sendemail's consumer group, whose dead letters dlq works on. Default sendemail."`
 	// DedupeWindow is the relay's; purge never goes below it.

@@ -379,7 +379,7 @@ func TestRelay(t *testing.T) {
 		s := b.relay(t, func(c *Config) { c.RedisURL = server.URL() })
 		start(t, s)
 		b.insert(t, "item", "a", 0, 3)
-		client, err := stream.NewClient(server.URL())
+		client, err := stream.NewClient(server.URL(), false)
 		require.NoError(t, err)
 		defer client.Close()
 		count := func() int64 {

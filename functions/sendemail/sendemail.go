@@ -110,7 +110,7 @@ func NewWithSender(ctx context.Context, cfg Config, sender Sender, logger *slog.
 	if err != nil {
 		return nil, err
 	}
-	client, err := stream.NewClient(cfg.RedisURL)
+	client, err := stream.NewClient(cfg.RedisURL, cfg.RedisCluster)
 	if err != nil {
 		pool.Close()
 		return nil, err

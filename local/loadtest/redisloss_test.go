@@ -177,7 +177,7 @@ func startForgetful(t *testing.T) *forgetfulPipeline {
 	t.Helper()
 	// Started before the functions, so stopped after them.
 	server := redistest.StartServer(t)
-	client, err := stream.NewClient(server.URL())
+	client, err := stream.NewClient(server.URL(), false)
 	require.NoError(t, err)
 	t.Cleanup(client.Close)
 	mail := smtptest.Start(t)

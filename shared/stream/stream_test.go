@@ -14,7 +14,7 @@ func TestNewClientNeverRepeatsAPasswordItCannotParse(t *testing.T) {
 		"redis://:s3cret/pw@127.0.0.1:2/0",
 		"redis://u:s3cret?pw@127.0.0.1:2/0",
 	} {
-		_, err := NewClient(url)
+		_, err := NewClient(url, false)
 		require.ErrorIs(t, err, ErrBadURL, url)
 		require.NotContains(t, err.Error(), "s3cret", url)
 	}
