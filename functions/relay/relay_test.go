@@ -328,7 +328,7 @@ func TestRelay(t *testing.T) {
 		b := setup(t)
 		ctx := context.Background()
 		records := func() int64 {
-			n, err := b.redis.Do(ctx, b.redis.B().Strlen().Key(b.prefix+"_relay:in-flight").Build()).AsInt64()
+			n, err := b.redis.Do(ctx, b.redis.B().Strlen().Key(stream.Sibling(stream.Name(b.prefix, "item"), markerRole)).Build()).AsInt64()
 			require.NoError(t, err)
 			return n / markerRecord
 		}
