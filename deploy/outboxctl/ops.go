@@ -120,6 +120,9 @@ func (o *ops) status(ctx context.Context) (Status, error) {
 	if s.Replays, err = o.replays(ctx, nil); err != nil {
 		return s, err
 	}
+	if err := o.moveLegacyDead(ctx); err != nil {
+		return s, err
+	}
 	keys, err := o.streams(ctx)
 	if err != nil {
 		return s, err
@@ -265,6 +268,9 @@ type DeadLetter struct {
 // dlqList lists up to count dead letters, oldest first; count 0 or less
 // lists them all.
 func (o *ops) dlqList(ctx context.Context, count int64) ([]DeadLetter, error) {
+	if err := o.moveLegacyDead(ctx); err != nil {
+		return nil, err
+	}
 	cmd := o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Build()
 	if count > 0 {
 		cmd = o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Count(count).Build()
@@ -295,6 +301,43 @@ if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1`)
+
+// moveLegacyScript moves up to ARGV[1] entries from the dead-letter stream
+// of an older sendemail (KEYS[1], <stream>:dead) to the current one
+// (KEYS[2], {<stream>}:dead), each as a new entry with the same fields, and
+// answers how many it moved. Only on a single server: the two names are in
+// different slots of a cluster, where the older sendemail never ran.
+var moveLegacyScript = rueidis.NewLuaScript(`
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[1])
+for _, e in ipairs(entries) do
+  redis.call('XADD', KEYS[2], '*', unpack(e[2]))
+  redis.call('XDEL', KEYS[1], e[1])
+end
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return #entries`)
+
+// moveLegacyDead moves the dead letters an older sendemail left under
+// <stream>:dead to {<stream>}:dead, in scripts of 100 letters, so that
+// every dlq command sees them. A key of that name that is not a stream is
+// left alone.
+func (o *ops) moveLegacyDead(ctx context.Context) error {
+	if o.redis.Mode() == rueidis.ClientModeCluster {
+		return nil
+	}
+	legacy := sendemail.LegacyDeadLetterStream(o.userStream())
+	for {
+		n, err := moveLegacyScript.Exec(ctx, o.redis, []string{legacy, o.deadStream()}, []string{"100"}).AsInt64()
+		if re, ok := rueidis.IsRedisErr(err); ok && strings.Contains(re.Error(), "WRONGTYPE") {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("move dead letters from %s to %s: %w", legacy, o.deadStream(), err)
+		}
+		if n == 0 {
+			return nil
+		}
+	}
+}
 
 // dropScript deletes one dead letter; it answers 0 if it was gone.
 var dropScript = rueidis.NewLuaScript(`return redis.call('XDEL', KEYS[1], ARGV[1])`)
@@ -328,6 +371,9 @@ func (o *ops) dlqDrop(ctx context.Context, ids []string) (int, error) {
 
 // dlqEach runs act on each selected dead letter and counts those it moved.
 func (o *ops) dlqEach(ctx context.Context, ids []string, act func(rueidis.XRangeEntry) (bool, error)) (int, error) {
+	if err := o.moveLegacyDead(ctx); err != nil {
+		return 0, err
+	}
 	var entries []rueidis.XRangeEntry
 	if len(ids) == 0 {
 		all, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Build()).AsXRange()

@@ -201,6 +201,28 @@ func TestDeadLetters(t *testing.T) {
 		require.NoError(t, err)
 		require.Empty(t, letters)
 	})
+
+	t.Run("letters an older sendemail left under <stream>:dead are moved where dlq finds them", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		legacy := sendemail.LegacyDeadLetterStream(b.ops.userStream())
+		for i := range 3 {
+			require.NoError(t, b.ops.redis.Do(ctx, b.ops.redis.B().Xadd().Key(legacy).Id("*").FieldValue().
+				FieldValue("event_type", "user.created").FieldValue("n", fmt.Sprint(i)).
+				FieldValue(sendemail.FieldDeadError, "old").Build()).Error())
+		}
+		letters, err := b.ops.dlqList(ctx, 0)
+		require.NoError(t, err)
+		require.Len(t, letters, 3)
+		for i, l := range letters {
+			require.Equal(t, fmt.Sprint(i), l.Fields["n"], "in their order")
+			require.Equal(t, "old", l.Error)
+		}
+		n, err := b.ops.redis.Do(ctx, b.ops.redis.B().Exists().Key(legacy).Build()).AsInt64()
+		require.NoError(t, err)
+		require.Zero(t, n, "the old stream is gone")
+	})
 }
 
 func (b *testBundle) addRaw(t *testing.T, i int) {

@@ -25,7 +25,7 @@ type Config struct {
 	// RedisCluster chooses a Redis Cluster client.
 	RedisCluster bool `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster (Memorystore for Redis Cluster, Valkey or Redis in cluster mode): commands are routed by hash slot and follow failovers. At least one node must answer at start-up. false: a single primary (Memorystore for Redis, a standalone server), which may be down at start-up. Default false."`
 	// StreamPrefix must match the relay's.
-	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the relay; sendemail reads <prefix>user and dead-letters to <prefix>user:dead. Default outbox:."`
+	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the relay; sendemail reads <prefix>user and dead-letters to {<prefix>user}:dead. Default outbox:."`
 	// Group is the consumer group; every sendemail instance joins it.
 	Group string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"Consumer group name shared by all sendemail instances. Default sendemail."`
 	// ConsumerName names this instance in the group.
