@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -183,24 +182,16 @@ func (o *ops) retained(ctx context.Context) (Retained, error) {
 // streams lists the streams under the prefix, dead-letter streams and the
 // relay's own keys left out.
 func (o *ops) streams(ctx context.Context) ([]string, error) {
-	var keys []string
-	var cursor uint64
-	for {
-		scan, err := o.redis.Do(ctx, o.redis.B().Scan().Cursor(cursor).Match(o.prefix+"*").Count(1000).Type("stream").Build()).AsScanEntry()
-		if err != nil {
-			return nil, fmt.Errorf("list streams: %w", err)
-		}
-		for _, k := range scan.Elements {
-			if !strings.HasSuffix(k, ":dead") {
-				keys = append(keys, k)
-			}
-		}
-		if scan.Cursor == 0 {
-			break
-		}
-		cursor = scan.Cursor
+	all, err := stream.Keys(ctx, o.redis, o.prefix+"*", "stream")
+	if err != nil {
+		return nil, fmt.Errorf("list streams: %w", err)
 	}
-	sort.Strings(keys)
+	keys := make([]string, 0, len(all))
+	for _, k := range all {
+		if !strings.HasSuffix(k, ":dead") {
+			keys = append(keys, k)
+		}
+	}
 	return keys, nil
 }
 
