@@ -36,13 +36,24 @@ type testBundle struct {
 	pool   *pgxpool.Pool
 	redis  rueidis.Client
 	prefix string
+	// redisURL and cluster are what the relay connects to.
+	redisURL string
+	cluster  bool
 }
 
 func setup(t *testing.T) *testBundle {
 	t.Helper()
 	url, pool := pgtest.NewPool(t)
 	client, prefix := redistest.New(t)
-	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix}
+	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, redisURL: redistest.URL()}
+}
+
+// setupOn is setup with the streams on the Redis Cluster c.
+func setupOn(t *testing.T, c *redistest.Cluster) *testBundle {
+	t.Helper()
+	url, pool := pgtest.NewPool(t)
+	client, prefix := c.Client(t)
+	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, redisURL: c.URL(), cluster: true}
 }
 
 func (b *testBundle) config(mutate ...func(*Config)) Config {
@@ -50,7 +61,8 @@ func (b *testBundle) config(mutate ...func(*Config)) Config {
 		Config:         logging.Config{LogFormat: "text", LogLevel: "info"},
 		DatabaseURL:    b.url,
 		DBMaxConns:     4,
-		RedisURL:       redistest.URL(),
+		RedisURL:       b.redisURL,
+		RedisCluster:   b.cluster,
 		StreamPrefix:   b.prefix,
 		BatchSize:      100,
 		PollInterval:   time.Hour, // tests prove wake-ups; the poll must not rescue them

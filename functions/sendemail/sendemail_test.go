@@ -39,13 +39,26 @@ type testBundle struct {
 	prefix string
 	smtp   *smtptest.Server
 	stream string
+	// redisURL and cluster are what sendemail connects to.
+	redisURL string
+	cluster  bool
 }
 
 func setup(t *testing.T) *testBundle {
 	t.Helper()
 	url, pool := pgtest.NewPool(t)
 	client, prefix := redistest.New(t)
-	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, smtp: smtptest.Start(t), stream: prefix + "user"}
+	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, smtp: smtptest.Start(t), stream: prefix + "user",
+		redisURL: redistest.URL()}
+}
+
+// setupOn is setup with the stream on the Redis Cluster c.
+func setupOn(t *testing.T, c *redistest.Cluster) *testBundle {
+	t.Helper()
+	url, pool := pgtest.NewPool(t)
+	client, prefix := c.Client(t)
+	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, smtp: smtptest.Start(t), stream: prefix + "user",
+		redisURL: c.URL(), cluster: true}
 }
 
 func (b *testBundle) config(mutate ...func(*Config)) Config {
@@ -53,7 +66,8 @@ func (b *testBundle) config(mutate ...func(*Config)) Config {
 		Config:        logging.Config{LogFormat: "text", LogLevel: "info"},
 		DatabaseURL:   b.url,
 		DBMaxConns:    4,
-		RedisURL:      redistest.URL(),
+		RedisURL:      b.redisURL,
+		RedisCluster:  b.cluster,
 		StreamPrefix:  b.prefix,
 		Group:         "sendemail",
 		BatchSize:     16,

@@ -260,3 +260,65 @@ func (c *Cluster) Failover(key string) *Server {
 	c.t.Fatalf("redistest: no replica took over from %s within 30s: %s", old.Addr(), c.unhealthy())
 	return nil
 }
+
+// replicasOf returns the running replicas of primary.
+func (c *Cluster) replicasOf(primary *Server) []*Server {
+	c.t.Helper()
+	id, err := primary.cli("CLUSTER", "MYID")
+	if err != nil {
+		c.t.Fatalf("redistest: CLUSTER MYID on %s: %v", primary.Addr(), err)
+	}
+	id = strings.TrimSpace(id)
+	nodes, err := primary.cli("CLUSTER", "NODES")
+	if err != nil {
+		c.t.Fatalf("redistest: CLUSTER NODES on %s: %v", primary.Addr(), err)
+	}
+	var out []*Server
+	for _, line := range strings.Split(strings.TrimSpace(nodes), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 || f[3] != id {
+			continue
+		}
+		addr := strings.Split(f[1], "@")[0]
+		for _, s := range c.nodes {
+			if s.Addr() == addr && s.cmd != nil {
+				out = append(out, s)
+			}
+		}
+	}
+	return out
+}
+
+// FailoverLosingWrites is Failover after writes the replica never got, as
+// when a primary dies before replicating its last writes: it freezes the
+// replicas of key's primary (SIGSTOP), cuts their replication links, runs
+// write (whose writes reach the primary alone), then kills the primary and
+// lets the replicas go on, one of which takes over without those writes.
+func (c *Cluster) FailoverLosingWrites(key string, write func()) *Server {
+	c.t.Helper()
+	old := c.PrimaryOf(key)
+	replicas := c.replicasOf(old)
+	if len(replicas) == 0 {
+		c.t.Fatalf("redistest: the primary of %s has no replica", key)
+	}
+	for _, r := range replicas {
+		r.Pause()
+	}
+	if out, err := old.cli("CLIENT", "KILL", "TYPE", "replica"); err != nil {
+		c.t.Fatalf("redistest: cut the replication links of %s: %v %s", old.Addr(), err, out)
+	}
+	write()
+	old.Stop()
+	for _, r := range replicas {
+		r.Resume()
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if p := c.primaryOf(key); p != nil && p != old && c.unhealthy() == "" {
+			return old
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.t.Fatalf("redistest: no replica took over from %s within 30s: %s", old.Addr(), c.unhealthy())
+	return nil
+}
