@@ -150,7 +150,7 @@ func TestAFailoverOfAClusterPrimaryLosesNoEvent(t *testing.T) {
 	c := redistest.StartCluster(t, 3, 1)
 	b := setupOn(t, c)
 	logs := &lockedBuffer{}
-	s, err := New(context.Background(), b.config(func(cfg *Config) { cfg.BatchSize, cfg.PollInterval = 20, 200 * time.Millisecond }),
+	s, err := New(context.Background(), b.config(func(cfg *Config) { cfg.BatchSize, cfg.PollInterval = 20, 200*time.Millisecond }),
 		slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	require.NoError(t, err)
 	t.Cleanup(func() { s.Stop(); s.Close() })
