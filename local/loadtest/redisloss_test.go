@@ -181,7 +181,7 @@ func startForgetful(t *testing.T) *forgetfulPipeline {
 	require.NoError(t, err)
 	t.Cleanup(client.Close)
 	mail := smtptest.Start(t)
-	p := startOn(t, mail.URL(), server.URL(), client, "outbox:", time.Hour)
+	p := startOn(t, mail.URL(), server.URL(), false, client, "outbox:", time.Hour)
 	return &forgetfulPipeline{pipeline: p, server: server, mail: mail}
 }
 
