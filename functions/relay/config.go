@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/stream"
 	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
@@ -96,6 +97,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("RELAY_RECONNECT_DELAY must be positive, not %s", c.ReconnectDelay)
 	case c.StreamPrefix == "":
 		return fmt.Errorf("STREAM_PREFIX must not be empty")
+	case stream.ValidPrefix(c.StreamPrefix) != nil:
+		return stream.ValidPrefix(c.StreamPrefix)
 	}
 	return nil
 }

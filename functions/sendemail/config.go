@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/stream"
 	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
@@ -81,6 +82,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("DB_MAX_CONNS must be at least 1, not %d", c.DBMaxConns)
 	case c.StreamPrefix == "":
 		return fmt.Errorf("STREAM_PREFIX must not be empty")
+	case stream.ValidPrefix(c.StreamPrefix) != nil:
+		return stream.ValidPrefix(c.StreamPrefix)
 	case c.Group == "":
 		return fmt.Errorf("SENDEMAIL_GROUP must not be empty")
 	case c.BatchSize < 1 || c.BatchSize > 10000:

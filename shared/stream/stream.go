@@ -188,12 +188,29 @@ var ErrNotCluster = errors.New("REDIS_CLUSTER is true but the server at REDIS_UR
 // otherwise. So a name without a hash tag, such as outbox:user, is in the
 // slot of the tag {outbox:user}: its siblings are {outbox:user}:<role>,
 // and the name itself does not change. A name that has a hash tag of its
-// own keeps it: {outbox}:user's siblings are {outbox}:user:<role>.
+// own keeps it: {outbox}:user's siblings are {outbox}:user:<role>. A name
+// with a '}' outside a hash tag has no sibling (ValidPrefix refuses such
+// prefixes).
 func Sibling(name, role string) string {
 	if hasHashTag(name) {
 		return name + ":" + role
 	}
 	return "{" + name + "}:" + role
+}
+
+// ErrPrefixBraces says a stream prefix holds a '}' that no sibling name can
+// share a hash slot with (see ValidPrefix).
+var ErrPrefixBraces = errors.New("STREAM_PREFIX may hold '{' and '}' only as one hash tag before any other '}', such as {outbox}:")
+
+// ValidPrefix checks that every stream under prefix has siblings in its
+// hash slot: a name with a '}' but no hash tag (outbox:{}x:) has none,
+// because a sibling's tag would end at that '}'. Aggregate types hold no
+// braces, so the prefix decides.
+func ValidPrefix(prefix string) error {
+	if strings.IndexByte(prefix, '}') >= 0 && !hasHashTag(prefix) {
+		return ErrPrefixBraces
+	}
+	return nil
 }
 
 // hasHashTag reports whether Redis Cluster hashes only part of key.
