@@ -152,6 +152,9 @@ type session struct {
 	// legacy is the marker a relay of an older version left (see
 	// fenceLegacy), read with each stream's own.
 	legacy []byte
+	// records are PostgreSQL's records of the streams, by aggregate type,
+	// which a takeover compares the streams with.
+	records map[string]*streamRecord
 }
 
 // streamConn is a session's connection for one stream, fenced by the
@@ -217,6 +220,7 @@ const verifyTail = 1000
 // streams (none without retention).
 func (p *Publisher) open(ctx context.Context, epoch int64, streams []streamRecord, exist rowsExist) *session {
 	s := &session{p: p, epoch: strconv.FormatInt(epoch, 10), conns: make(map[string]*streamConn), exist: exist, ready: make(chan struct{}),
+		records: make(map[string]*streamRecord, len(streams)),
 		inFlight: make(map[eventID]flight), added: make(map[string]int64, len(streams))}
 	known := make([]string, 0, len(p.streams))
 	for t := range p.streams {
@@ -230,19 +234,36 @@ func (p *Publisher) open(ctx context.Context, epoch int64, streams []streamRecor
 }
 
 // takeOver takes over the recorded streams, comparing each with its
-// record, and then the other known ones.
+// record, and then the other known ones. A stream it cannot reach (its
+// shard is down) is left for publish to take over when a batch has events
+// for it, so that one shard does not hold back the streams of the others;
+// the takeover fails only when another relay has taken over, or Redis
+// itself refuses the fence.
 func (s *session) takeOver(ctx context.Context, streams []streamRecord, known []string) error {
 	if err := s.fenceLegacy(ctx); err != nil {
 		return err
 	}
 	for i := range streams {
-		if err := s.takeOverStream(ctx, streams[i].aggregateType, &streams[i]); err != nil {
+		s.records[streams[i].aggregateType] = &streams[i]
+	}
+	try := func(t string) error {
+		err := s.takeOverStream(ctx, t, s.records[t])
+		var redisErr *rueidis.RedisError
+		if err == nil || errors.Is(err, ErrSuperseded) || errors.As(err, &redisErr) || ctx.Err() != nil {
+			return err
+		}
+		s.conns[t].release()
+		delete(s.conns, t)
+		return nil
+	}
+	for i := range streams {
+		if err := try(streams[i].aggregateType); err != nil {
 			return err
 		}
 	}
 	for _, t := range known {
-		if _, ok := s.conns[t]; !ok {
-			if err := s.takeOverStream(ctx, t, nil); err != nil {
+		if _, ok := s.records[t]; !ok {
+			if err := try(t); err != nil {
 				return err
 			}
 		}
@@ -632,10 +653,13 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	// written to it; its marker may put events in flight.
 	for _, t := range order {
 		if _, ok := s.conns[t]; !ok {
-			if err := s.takeOverStream(ctx, t, nil); err != nil {
+			if err := s.takeOverStream(ctx, t, s.records[t]); err != nil {
 				return res, s.fail(err)
 			}
 		}
+	}
+	if len(s.lost) > 0 {
+		return res, errReplayNeeded // found by a takeover just now
 	}
 	for i := range events {
 		e := &events[i]
@@ -904,7 +928,7 @@ func (s *session) republish(ctx context.Context, t string, events []row) ([]stre
 	}
 	p := s.p
 	if _, ok := s.conns[t]; !ok {
-		if err := s.takeOverStream(ctx, t, nil); err != nil {
+		if err := s.takeOverStream(ctx, t, s.records[t]); err != nil {
 			return nil, 0, s.fail(err)
 		}
 	}
