@@ -200,7 +200,7 @@ func Sibling(name, role string) string {
 
 // ErrPrefixBraces says a stream prefix holds a '}' that no sibling name can
 // share a hash slot with (see ValidPrefix).
-var ErrPrefixBraces = errors.New("STREAM_PREFIX may hold '{' and '}' only as one hash tag before any other '}', such as {outbox}:")
+var ErrPrefixBraces = errors.New("STREAM_PREFIX may hold '{' and '}' only as a hash tag before any other '}' ({outbox}: is one)")
 
 // ValidPrefix checks that every stream under prefix has siblings in its
 // hash slot: a name with a '}' but no hash tag (outbox:{}x:) has none,
