@@ -124,8 +124,10 @@ func TestRelayOnARedisCluster(t *testing.T) {
 		for _, typ := range spreadTypes {
 			key := stream.Name(b.prefix, typ)
 			require.NoError(t, b.redis.Do(ctx, b.redis.B().XgroupCreate().Key(key).Group("g").Id("$").Mkstream().Build()).Error())
-			for range 5 {
-				require.NoError(t, b.redis.Do(ctx, b.redis.B().Xadd().Key(key).Id("*").FieldValue().FieldValue("f", "v").Build()).Error())
+			// Old entries: one added in the millisecond the trimmer reads
+			// Redis's clock would not be older than a retention of zero.
+			for i := range 5 {
+				require.NoError(t, b.redis.Do(ctx, b.redis.B().Xadd().Key(key).Id(fmt.Sprintf("1000-%d", i+1)).FieldValue().FieldValue("f", "v").Build()).Error())
 			}
 			// Read and acknowledged by the group: nothing keeps them.
 			read, err := b.redis.Do(ctx, b.redis.B().Xreadgroup().Group("g", "c").Count(10).Streams().Key(key).Id(">").Build()).AsXRead()
