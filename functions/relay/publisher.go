@@ -359,7 +359,9 @@ func (s *session) takeOverStreamOnce(ctx context.Context, t string, keys streamK
 		return nil
 	}
 	marker, _ := results[1].AsBytes() // nil when there is none
-	marker = append(marker, s.legacy...)
+	if len(s.legacy) > 0 {
+		marker = append(append(make([]byte, 0, len(marker)+len(s.legacy)), marker...), s.legacy...)
+	}
 	if len(marker) == 0 {
 		return nil
 	}
