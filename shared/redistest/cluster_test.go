@@ -49,3 +49,11 @@ func TestAClusterServesEveryKeyAndSurvivesTheLossOfAPrimary(t *testing.T) {
 	old.Start()
 	c.WaitHealthy()
 }
+
+func TestAClusterClientIsRefusedWhereThereIsNoCluster(t *testing.T) {
+	t.Parallel()
+	_, err := stream.NewClient(redistest.URL(), true)
+	require.ErrorIs(t, err, stream.ErrNotCluster, "a single server is not a cluster")
+	_, err = stream.NewClient("redis://127.0.0.1:6379/1", true)
+	require.ErrorIs(t, err, stream.ErrClusterDB, "a cluster has database 0 only")
+}
