@@ -19,6 +19,8 @@ SQL_MAX_CONNECTIONS=${SQL_MAX_CONNECTIONS:-100}
 NETWORK=${NETWORK:-default}
 SUBNET=${SUBNET:-default}
 MAIL_FROM=${MAIL_FROM:-Outbox <welcome@example.com>}
+# true when outbox-redis-url names Memorystore for Redis Cluster.
+REDIS_CLUSTER=${REDIS_CLUSTER:-false}
 
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
@@ -52,7 +54,7 @@ gc() {
 render() { # render FILE IMAGE
   "${outboxctl[@]}" render -set "PROJECT=$GCP_PROJECT" -set "REGION=$GCP_REGION" \
     -set "SQL_INSTANCE=$SQL_INSTANCE" -set "NETWORK=$NETWORK" -set "SUBNET=$SUBNET" \
-    -set "IMAGE=$2" -text "MAIL_FROM=$MAIL_FROM" "$1"
+    -set "REDIS_CLUSTER=$REDIS_CLUSTER" -set "IMAGE=$2" -text "MAIL_FROM=$MAIL_FROM" "$1"
 }
 
 echo "== connection budget"

@@ -162,7 +162,7 @@ func openOps(ctx context.Context, cfg Config, out io.Writer, withRedis bool) (*o
 	if !withRedis {
 		return o, pool.Close, nil
 	}
-	if o.redis, err = stream.NewClient(cfg.RedisURL); err != nil {
+	if o.redis, err = stream.NewClient(cfg.RedisURL, cfg.RedisCluster); err != nil {
 		pool.Close()
 		return nil, nil, err
 	}

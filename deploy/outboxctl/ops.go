@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -25,6 +24,7 @@ import (
 type Config struct {
 	DatabaseURL  string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable" desc:"PostgreSQL connection URL. Default the local server."`
 	RedisURL     string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL. Default the local server."`
+	RedisCluster bool   `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster, as for the functions. Default false."`
 	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the functions. Default outbox:."`
 	Group        string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"sendemail's consumer group, whose dead letters dlq works on. Default sendemail."`
 	// DedupeWindow is the relay's; purge never goes below it.
@@ -119,6 +119,9 @@ func (o *ops) status(ctx context.Context) (Status, error) {
 	if s.Replays, err = o.replays(ctx, nil); err != nil {
 		return s, err
 	}
+	if err := o.moveLegacyDead(ctx); err != nil {
+		return s, err
+	}
 	keys, err := o.streams(ctx)
 	if err != nil {
 		return s, err
@@ -179,24 +182,16 @@ func (o *ops) retained(ctx context.Context) (Retained, error) {
 // streams lists the streams under the prefix, dead-letter streams and the
 // relay's own keys left out.
 func (o *ops) streams(ctx context.Context) ([]string, error) {
-	var keys []string
-	var cursor uint64
-	for {
-		scan, err := o.redis.Do(ctx, o.redis.B().Scan().Cursor(cursor).Match(o.prefix+"*").Count(1000).Type("stream").Build()).AsScanEntry()
-		if err != nil {
-			return nil, fmt.Errorf("list streams: %w", err)
-		}
-		for _, k := range scan.Elements {
-			if !strings.HasSuffix(k, ":dead") {
-				keys = append(keys, k)
-			}
-		}
-		if scan.Cursor == 0 {
-			break
-		}
-		cursor = scan.Cursor
+	all, err := stream.Keys(ctx, o.redis, o.prefix+"*", "stream")
+	if err != nil {
+		return nil, fmt.Errorf("list streams: %w", err)
 	}
-	sort.Strings(keys)
+	keys := make([]string, 0, len(all))
+	for _, k := range all {
+		if !strings.HasSuffix(k, ":dead") {
+			keys = append(keys, k)
+		}
+	}
 	return keys, nil
 }
 
@@ -264,6 +259,9 @@ type DeadLetter struct {
 // dlqList lists up to count dead letters, oldest first; count 0 or less
 // lists them all.
 func (o *ops) dlqList(ctx context.Context, count int64) ([]DeadLetter, error) {
+	if err := o.moveLegacyDead(ctx); err != nil {
+		return nil, err
+	}
 	cmd := o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Build()
 	if count > 0 {
 		cmd = o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Count(count).Build()
@@ -294,6 +292,43 @@ if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1`)
+
+// moveLegacyScript moves up to ARGV[1] entries from the dead-letter stream
+// of an older sendemail (KEYS[1], <stream>:dead) to the current one
+// (KEYS[2], {<stream>}:dead), each as a new entry with the same fields, and
+// answers how many it moved. Only on a single server: the two names are in
+// different slots of a cluster, where the older sendemail never ran.
+var moveLegacyScript = rueidis.NewLuaScript(`
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[1])
+for _, e in ipairs(entries) do
+  redis.call('XADD', KEYS[2], '*', unpack(e[2]))
+  redis.call('XDEL', KEYS[1], e[1])
+end
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[1]) end
+return #entries`)
+
+// moveLegacyDead moves the dead letters an older sendemail left under
+// <stream>:dead to {<stream>}:dead, in scripts of 100 letters, so that
+// every dlq command sees them. A key of that name that is not a stream is
+// left alone.
+func (o *ops) moveLegacyDead(ctx context.Context) error {
+	if o.redis.Mode() == rueidis.ClientModeCluster {
+		return nil
+	}
+	legacy := sendemail.LegacyDeadLetterStream(o.userStream())
+	for {
+		n, err := moveLegacyScript.Exec(ctx, o.redis, []string{legacy, o.deadStream()}, []string{"100"}).AsInt64()
+		if re, ok := rueidis.IsRedisErr(err); ok && strings.Contains(re.Error(), "WRONGTYPE") {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("move dead letters from %s to %s: %w", legacy, o.deadStream(), err)
+		}
+		if n == 0 {
+			return nil
+		}
+	}
+}
 
 // dropScript deletes one dead letter; it answers 0 if it was gone.
 var dropScript = rueidis.NewLuaScript(`return redis.call('XDEL', KEYS[1], ARGV[1])`)
@@ -327,6 +362,9 @@ func (o *ops) dlqDrop(ctx context.Context, ids []string) (int, error) {
 
 // dlqEach runs act on each selected dead letter and counts those it moved.
 func (o *ops) dlqEach(ctx context.Context, ids []string, act func(rueidis.XRangeEntry) (bool, error)) (int, error) {
+	if err := o.moveLegacyDead(ctx); err != nil {
+		return 0, err
+	}
 	var entries []rueidis.XRangeEntry
 	if len(ids) == 0 {
 		all, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Build()).AsXRange()

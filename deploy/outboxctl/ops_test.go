@@ -31,6 +31,9 @@ type testBundle struct {
 	out  *bytes.Buffer
 	url  string
 	smtp *smtptest.Server
+	// redisURL and cluster are what sendemail connects to.
+	redisURL string
+	cluster  bool
 }
 
 func setup(t *testing.T) *testBundle {
@@ -38,14 +41,42 @@ func setup(t *testing.T) *testBundle {
 	url, pool := pgtest.NewPool(t)
 	client, prefix := redistest.New(t)
 	out := &bytes.Buffer{}
-	return &testBundle{ops: &ops{pool: pool, redis: client, prefix: prefix, group: "sendemail", out: out}, out: out, url: url, smtp: smtptest.Start(t)}
+	return &testBundle{ops: &ops{pool: pool, redis: client, prefix: prefix, group: "sendemail", out: out}, out: out, url: url, smtp: smtptest.Start(t),
+		redisURL: redistest.URL()}
+}
+
+// setupOn is setup with the streams on the Redis Cluster c.
+func setupOn(t *testing.T, c *redistest.Cluster) *testBundle {
+	t.Helper()
+	url, pool := pgtest.NewPool(t)
+	client, prefix := c.Client(t)
+	out := &bytes.Buffer{}
+	return &testBundle{ops: &ops{pool: pool, redis: client, prefix: prefix, group: "sendemail", out: out}, out: out, url: url, smtp: smtptest.Start(t),
+		redisURL: c.URL(), cluster: true}
+}
+
+// backends are the Redis deployments the main tests run against: the
+// shared server, and a three-shard Redis Cluster with a replica per shard,
+// started for t.
+func backends(t *testing.T) []struct {
+	name  string
+	setup func(*testing.T) *testBundle
+} {
+	c := redistest.StartCluster(t, 3, 1)
+	return []struct {
+		name  string
+		setup func(*testing.T) *testBundle
+	}{
+		{"one server", setup},
+		{"a Redis Cluster", func(t *testing.T) *testBundle { return setupOn(t, c) }},
+	}
 }
 
 func (b *testBundle) sendemail(t *testing.T) *sendemail.Service {
 	t.Helper()
 	s, err := sendemail.New(context.Background(), sendemail.Config{
 		Config: logging.Config{LogFormat: "text", LogLevel: "info"}, DatabaseURL: b.url, DBMaxConns: 2,
-		RedisURL: redistest.URL(), StreamPrefix: b.ops.prefix, Group: "sendemail", BatchSize: 16, Concurrency: 2,
+		RedisURL: b.redisURL, RedisCluster: b.cluster, StreamPrefix: b.ops.prefix, Group: "sendemail", BatchSize: 16, Concurrency: 2,
 		Block: 100 * time.Millisecond, ClaimIdle: time.Minute, ClaimInterval: time.Hour, MaxDeliveries: 5, SendAttempts: 1,
 		Lease: 30 * time.Second, SMTPURL: b.smtp.URL(), SMTPTimeout: 5 * time.Second, From: "Example <welcome@example.com>",
 		Subject: "Welcome, {{.Name}}!", DrainTimeout: 10 * time.Second,
@@ -79,47 +110,52 @@ func (b *testBundle) addUser(t *testing.T, id int, email string) {
 
 func TestStatus(t *testing.T) {
 	t.Parallel()
-	b := setup(t)
-	ctx := context.Background()
-	_, err := b.ops.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at)
+	for _, on := range backends(t) {
+		t.Run("on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			ctx := context.Background()
+			_, err := b.ops.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at)
 		VALUES ('user', '1', 'user.created', '{}', now() - interval '90 seconds'), ('user', '2', 'user.created', '{}', now())`)
-	require.NoError(t, err)
-	b.insertDead(t, 7, "_relay:epoch", 30*time.Second)
-	b.insertDead(t, 8, "user", 0)
-	b.smtp.RefuseRecipients(func(to string) bool { return strings.HasPrefix(to, "gone@") }, smtptest.NoSuchUser)
-	b.addUser(t, 1, "ada@example.com")
-	b.addUser(t, 2, "gone@example.com")
-	require.EqualValues(t, 1, pass(t, b.sendemail(t))["sent"])
-	b.addUser(t, 3, "late@example.com") // not yet read by the group
+			require.NoError(t, err)
+			b.insertDead(t, 7, "_relay:epoch", 30*time.Second)
+			b.insertDead(t, 8, "user", 0)
+			b.smtp.RefuseRecipients(func(to string) bool { return strings.HasPrefix(to, "gone@") }, smtptest.NoSuchUser)
+			b.addUser(t, 1, "ada@example.com")
+			b.addUser(t, 2, "gone@example.com")
+			require.EqualValues(t, 1, pass(t, b.sendemail(t))["sent"])
+			b.addUser(t, 3, "late@example.com") // not yet read by the group
 
-	s, err := b.ops.status(ctx)
-	require.NoError(t, err)
-	require.EqualValues(t, 2, s.Outbox.Events)
-	require.InDelta(t, 90, s.Outbox.OldestAgeSeconds, 5)
-	require.EqualValues(t, 2, s.OutboxDead.Count)
-	require.InDelta(t, 30, s.OutboxDead.OldestAgeSeconds, 5)
-	require.Len(t, s.Streams, 1, "the dead-letter stream is reported with its stream, not as one")
-	st := s.Streams[0]
-	require.Equal(t, b.ops.userStream(), st.Name)
-	require.EqualValues(t, 3, st.Length)
-	require.EqualValues(t, 1, st.DeadLetters)
-	require.Len(t, st.Groups, 1)
-	require.Equal(t, "sendemail", st.Groups[0].Name)
-	require.EqualValues(t, 0, st.Groups[0].Pending)
-	require.EqualValues(t, 1, st.Groups[0].Lag)
-	require.Len(t, st.Groups[0].Consumers, 1)
+			s, err := b.ops.status(ctx)
+			require.NoError(t, err)
+			require.EqualValues(t, 2, s.Outbox.Events)
+			require.InDelta(t, 90, s.Outbox.OldestAgeSeconds, 5)
+			require.EqualValues(t, 2, s.OutboxDead.Count)
+			require.InDelta(t, 30, s.OutboxDead.OldestAgeSeconds, 5)
+			require.Len(t, s.Streams, 1, "the dead-letter stream is reported with its stream, not as one")
+			st := s.Streams[0]
+			require.Equal(t, b.ops.userStream(), st.Name)
+			require.EqualValues(t, 3, st.Length)
+			require.EqualValues(t, 1, st.DeadLetters)
+			require.Len(t, st.Groups, 1)
+			require.Equal(t, "sendemail", st.Groups[0].Name)
+			require.EqualValues(t, 0, st.Groups[0].Pending)
+			require.EqualValues(t, 1, st.Groups[0].Lag)
+			require.Len(t, st.Groups[0].Consumers, 1)
 
-	require.NoError(t, b.ops.command(ctx, []string{"status"}))
-	require.Contains(t, b.out.String(), "outbox: 2 events waiting")
-	require.Contains(t, b.out.String(), "outbox dead: 2 events the relay could not publish")
-	require.Contains(t, b.out.String(), "1 dead letters")
-	require.Contains(t, b.out.String(), "group sendemail: 0 pending, lag 1")
-	b.out.Reset()
-	require.NoError(t, b.ops.command(ctx, []string{"status", "-json"}))
-	var decoded Status
-	require.NoError(t, json.Unmarshal(b.out.Bytes(), &decoded))
-	require.Equal(t, s.Outbox.Events, decoded.Outbox.Events)
-	require.Equal(t, s.OutboxDead.Count, decoded.OutboxDead.Count)
+			require.NoError(t, b.ops.command(ctx, []string{"status"}))
+			require.Contains(t, b.out.String(), "outbox: 2 events waiting")
+			require.Contains(t, b.out.String(), "outbox dead: 2 events the relay could not publish")
+			require.Contains(t, b.out.String(), "1 dead letters")
+			require.Contains(t, b.out.String(), "group sendemail: 0 pending, lag 1")
+			b.out.Reset()
+			require.NoError(t, b.ops.command(ctx, []string{"status", "-json"}))
+			var decoded Status
+			require.NoError(t, json.Unmarshal(b.out.Bytes(), &decoded))
+			require.Equal(t, s.Outbox.Events, decoded.Outbox.Events)
+			require.Equal(t, s.OutboxDead.Count, decoded.OutboxDead.Count)
+		})
+	}
 }
 
 func TestStatusShowsRetainedEventsAndReplays(t *testing.T) {
@@ -152,37 +188,40 @@ func TestStatusShowsRetainedEventsAndReplays(t *testing.T) {
 
 func TestDeadLetters(t *testing.T) {
 	t.Parallel()
+	backends := backends(t)
 
-	t.Run("redrive sends the email once and empties the dead-letter stream", func(t *testing.T) {
-		t.Parallel()
-		b := setup(t)
-		ctx := context.Background()
-		se := b.sendemail(t)
-		b.smtp.FailData(1, smtptest.NoSuchUser) // the mailbox did not exist yet
-		b.addUser(t, 1, "ada@example.com")
-		require.EqualValues(t, 1, pass(t, se)["dead_lettered"])
+	for _, on := range backends {
+		t.Run("redrive sends the email once and empties the dead-letter stream, on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			ctx := context.Background()
+			se := b.sendemail(t)
+			b.smtp.FailData(1, smtptest.NoSuchUser) // the mailbox did not exist yet
+			b.addUser(t, 1, "ada@example.com")
+			require.EqualValues(t, 1, pass(t, se)["dead_lettered"])
 
-		letters, err := b.ops.dlqList(ctx, 10)
-		require.NoError(t, err)
-		require.Len(t, letters, 1)
-		require.Contains(t, letters[0].Error, "550")
-		require.Equal(t, "1", letters[0].Deliveries)
-		require.Equal(t, "user.created", letters[0].EventType)
-		require.NoError(t, b.ops.command(ctx, []string{"dlq", "list"}))
-		require.Contains(t, b.out.String(), letters[0].ID)
+			letters, err := b.ops.dlqList(ctx, 10)
+			require.NoError(t, err)
+			require.Len(t, letters, 1)
+			require.Contains(t, letters[0].Error, "550")
+			require.Equal(t, "1", letters[0].Deliveries)
+			require.Equal(t, "user.created", letters[0].EventType)
+			require.NoError(t, b.ops.command(ctx, []string{"dlq", "list"}))
+			require.Contains(t, b.out.String(), letters[0].ID)
 
-		n, err := b.ops.dlqRedrive(ctx, []string{letters[0].ID})
-		require.NoError(t, err)
-		require.Equal(t, 1, n)
-		letters, err = b.ops.dlqList(ctx, 10)
-		require.NoError(t, err)
-		require.Empty(t, letters)
+			n, err := b.ops.dlqRedrive(ctx, []string{letters[0].ID})
+			require.NoError(t, err)
+			require.Equal(t, 1, n)
+			letters, err = b.ops.dlqList(ctx, 10)
+			require.NoError(t, err)
+			require.Empty(t, letters)
 
-		require.EqualValues(t, 1, pass(t, se)["sent"])
-		require.EqualValues(t, 0, pass(t, se)["sent"], "nothing is left to send")
-		require.Equal(t, 1, b.smtp.Count(), "one email")
-		require.Equal(t, []string{"ada@example.com"}, b.smtp.Messages()[0].To)
-	})
+			require.EqualValues(t, 1, pass(t, se)["sent"])
+			require.EqualValues(t, 0, pass(t, se)["sent"], "nothing is left to send")
+			require.Equal(t, 1, b.smtp.Count(), "one email")
+			require.Equal(t, []string{"ada@example.com"}, b.smtp.Messages()[0].To)
+		})
+	}
 
 	t.Run("drop deletes all dead letters and redrive refuses an unknown id", func(t *testing.T) {
 		t.Parallel()
@@ -200,6 +239,28 @@ func TestDeadLetters(t *testing.T) {
 		letters, err := b.ops.dlqList(ctx, 10)
 		require.NoError(t, err)
 		require.Empty(t, letters)
+	})
+
+	t.Run("letters an older sendemail left under <stream>:dead are moved where dlq finds them", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx := context.Background()
+		legacy := sendemail.LegacyDeadLetterStream(b.ops.userStream())
+		for i := range 3 {
+			require.NoError(t, b.ops.redis.Do(ctx, b.ops.redis.B().Xadd().Key(legacy).Id("*").FieldValue().
+				FieldValue("event_type", "user.created").FieldValue("n", fmt.Sprint(i)).
+				FieldValue(sendemail.FieldDeadError, "old").Build()).Error())
+		}
+		letters, err := b.ops.dlqList(ctx, 0)
+		require.NoError(t, err)
+		require.Len(t, letters, 3)
+		for i, l := range letters {
+			require.Equal(t, fmt.Sprint(i), l.Fields["n"], "in their order")
+			require.Equal(t, "old", l.Error)
+		}
+		n, err := b.ops.redis.Do(ctx, b.ops.redis.B().Exists().Key(legacy).Build()).AsInt64()
+		require.NoError(t, err)
+		require.Zero(t, n, "the old stream is gone")
 	})
 }
 

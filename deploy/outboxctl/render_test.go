@@ -25,7 +25,7 @@ var hostile = []string{
 
 func renderArgs(mailFrom, file string) []string {
 	return []string{"-set", "PROJECT=my-project", "-set", "REGION=europe-west1", "-set", "SQL_INSTANCE=outbox",
-		"-set", "NETWORK=default", "-set", "SUBNET=default",
+		"-set", "NETWORK=default", "-set", "SUBNET=default", "-set", "REDIS_CLUSTER=false",
 		"-set", "IMAGE=europe-west1-docker.pkg.dev/my-project/outbox/relay@sha256:0123abcd",
 		"-text", "MAIL_FROM=" + mailFrom, file}
 }
@@ -71,6 +71,9 @@ func TestRender(t *testing.T) {
 				var out bytes.Buffer
 				require.NoError(t, runRender(renderArgs(from, file), &out), file)
 				env := envOf(t, out.Bytes())
+				if strings.HasSuffix(file, "sendemail.yaml") || strings.HasSuffix(file, "relay.yaml") {
+					require.Equal(t, "false", env["REDIS_CLUSTER"], "a string, as Cloud Run wants")
+				}
 				if strings.HasSuffix(file, "sendemail.yaml") {
 					require.Equal(t, from, env["MAIL_FROM"])
 				}

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/stream"
 	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
@@ -22,7 +23,9 @@ type Config struct {
 	// over the streams; health checks and the backlog use what is left.
 	DBMaxConns int32 `envconfig:"DB_MAX_CONNS" default:"4" desc:"Largest number of pooled PostgreSQL connections, besides the one LISTEN connection; at least 3 (a drain uses two, and a third beside them when it starts). Default 4."`
 	// RedisURL is the Redis the streams live in.
-	RedisURL string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). Default the local server."`
+	RedisURL string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). With REDIS_CLUSTER, the nodes to learn the cluster from: redis://host:port?addr=host2:port2&addr=host3:port3, or Memorystore for Redis Cluster's discovery endpoint alone. Default the local server."`
+	// RedisCluster chooses a Redis Cluster client.
+	RedisCluster bool `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster (Memorystore for Redis Cluster, Valkey or Redis in cluster mode): commands are routed by hash slot and follow failovers. At least one node must answer at start-up. false: a single primary (Memorystore for Redis, a standalone server), which may be down at start-up. Default false."`
 	// StreamPrefix is prepended to the aggregate type to name a stream.
 	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names: events of aggregate type T go to the stream <prefix>T (user events to outbox:user). Default outbox:."`
 	// BatchSize is how many outbox rows one transaction claims and publishes.
@@ -94,6 +97,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("RELAY_RECONNECT_DELAY must be positive, not %s", c.ReconnectDelay)
 	case c.StreamPrefix == "":
 		return fmt.Errorf("STREAM_PREFIX must not be empty")
+	case stream.ValidPrefix(c.StreamPrefix) != nil:
+		return stream.ValidPrefix(c.StreamPrefix)
 	}
 	return nil
 }

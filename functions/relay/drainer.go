@@ -258,7 +258,7 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (res Result, err 
 		return res, fmt.Errorf("acquire connection: %w", err)
 	}
 	defer conn.Release()
-	streams, err := d.lockDrain(ctx, conn, wait)
+	epoch, streams, err := d.lockDrain(ctx, conn, wait)
 	if err != nil {
 		return res, err
 	}
@@ -268,7 +268,7 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (res Result, err 
 	// Only now, holding the drain lock, may the relay take over the
 	// streams; the round trip to Redis runs while the first batch is
 	// claimed.
-	sess := d.publisher.open(ctx, streams, d.rowsExist)
+	sess := d.publisher.open(ctx, epoch, streams, d.rowsExist)
 	defer sess.close()
 
 	for {
@@ -325,17 +325,20 @@ func (d *Drainer) trim(ctx context.Context) {
 }
 
 // lockDrain takes the drain lock, waiting at most wait for another relay
-// to let it go. Holding it, the session is ended by the server if it stays
-// idle for SessionIdleTimeout, so that a relay cut off by the network
-// cannot keep it.
-func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn, wait time.Duration) ([]streamRecord, error) {
+// to let it go, and returns the drain's epoch: a number taken while the
+// lock is held, from a sequence, so larger than that of every relay that
+// held the lock before (see Publisher). Holding it, the session is ended by
+// the server if it stays idle for SessionIdleTimeout, so that a relay cut
+// off by the network cannot keep it.
+func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn, wait time.Duration) (int64, []streamRecord, error) {
 	// lock_timeout turns a long wait into an error without cancelling the
 	// query, which would cost the connection; SET LOCAL lasts as long as
-	// the statements sent together, one implicit transaction. The
-	// streams' records come in the same round trip, for the takeover.
+	// the statements sent together, one implicit transaction. The epoch
+	// and the streams' records come in the same round trip, for the
+	// takeover.
 	sql := fmt.Sprintf(`SET LOCAL lock_timeout = %d; SELECT pg_advisory_lock(%s);
-		SELECT pg_advisory_xact_lock(%s); SET idle_session_timeout = %d`,
-		max(wait.Milliseconds(), 1), drainLock, claimLock, SessionIdleTimeout.Milliseconds())
+		SELECT pg_advisory_xact_lock(%s); SET idle_session_timeout = %d; %s`,
+		max(wait.Milliseconds(), 1), drainLock, claimLock, SessionIdleTimeout.Milliseconds(), epochSQL)
 	if d.retention > 0 {
 		sql += "; " + recordedStreamsSQL
 	}
@@ -350,22 +353,39 @@ func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn, wait time.D
 		if _, err := conn.Exec(ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
 			conn.Conn().Close(context.WithoutCancel(ctx)) //nolint:errcheck // the pool discards a closed connection
 		}
-		return nil, ErrBusy
+		return 0, nil, ErrBusy
 	case err != nil:
 		// Whether the lock was taken is unknown; closing the connection
 		// releases it if it was.
 		conn.Conn().Close(context.WithoutCancel(ctx)) //nolint:errcheck // the pool discards a closed connection
-		return nil, fmt.Errorf("take drain lock: %w", err)
+		return 0, nil, fmt.Errorf("take drain lock: %w", err)
+	}
+	epoch, err := parseEpoch(results[4].Rows)
+	if err != nil {
+		d.unlock(ctx, conn, err)
+		return 0, nil, fmt.Errorf("take drain epoch: %w", err)
 	}
 	if d.retention == 0 {
-		return nil, nil
+		return epoch, nil, nil
 	}
 	streams, err := parseStreamRecords(results[len(results)-1].Rows)
 	if err != nil {
 		d.unlock(ctx, conn, err)
-		return nil, fmt.Errorf("read recorded streams: %w", err)
+		return 0, nil, fmt.Errorf("read recorded streams: %w", err)
 	}
-	return streams, nil
+	return epoch, streams, nil
+}
+
+// epochSQL numbers a drain. The batches' sequence serves: any number that
+// grows from one drain to the next would, and this one lives where the
+// drain lock does, so a Redis that forgets cannot take it back.
+const epochSQL = `SELECT nextval('outbox_relay_batch')`
+
+func parseEpoch(rows [][][]byte) (int64, error) {
+	if len(rows) != 1 || len(rows[0]) != 1 {
+		return 0, fmt.Errorf("want one value, got %d rows", len(rows))
+	}
+	return strconv.ParseInt(string(rows[0][0]), 10, 64)
 }
 
 // recordedStreamsSQL reads where PostgreSQL recorded each stream stood.

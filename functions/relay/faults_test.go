@@ -286,7 +286,7 @@ func TestABatchWaitsForAReplicaWhenAsked(t *testing.T) {
 	b := setup(t)
 	primary := redistest.StartServer(t)
 	replica := redistest.StartReplica(t, primary)
-	onReplica, err := stream.NewClient(replica.URL())
+	onReplica, err := stream.NewClient(replica.URL(), false)
 	require.NoError(t, err)
 	t.Cleanup(onReplica.Close)
 	s := b.relay(t, func(c *Config) {

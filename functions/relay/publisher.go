@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -27,15 +28,27 @@ var ErrSuperseded = errors.New("another relay has taken over the streams")
 
 // Publisher writes batches of events to their streams.
 //
-// Each batch goes out as one MULTI … EXEC in one round trip: the XADDs, and a
-// SET of the "in-flight marker", the event and row ids of every event the
-// batch holds. The relay deletes the batch's rows only after EXEC succeeded;
-// if it dies or fails before its COMMIT, the rows are claimed again later, by
-// it or by another relay, and the marker says which of them are in the
-// stream already. Because one relay drains at a time and commits each batch
-// before publishing the next, only the last batch can ever be in doubt, so
-// one key suffices. The bookkeeping costs one SET per batch, not one command
-// per event.
+// Each batch goes out as one MULTI … EXEC per stream it has events for,
+// all in one round trip: the stream's XADDs, and a SET of the stream's
+// "in-flight marker", the event and row ids of every event of that stream
+// the batch holds. The relay deletes the batch's rows only after every
+// EXEC succeeded; if it dies or fails before its COMMIT, the rows are
+// claimed again later, by it or by another relay, and each stream's marker
+// says which of them are in that stream already. Because one relay drains
+// at a time and commits each batch before publishing the next, only the
+// last batch can ever be in doubt, so one key per stream suffices. The
+// bookkeeping costs one SET per stream and batch, not one command per
+// event.
+//
+// One MULTI per stream, not one for the batch, because a Redis Cluster
+// runs a transaction only on keys of one hash slot: each stream's marker
+// and fence (below) are named with the stream's name as their hash tag
+// (stream.Sibling: {outbox:user}:relay-in-flight), so that they live in
+// its slot, and the stream's name itself is unchanged. Nothing needs the
+// streams to change together: each stream's part carries its own marker
+// and fence, so a batch half published (one EXEC ran, the other failed) is
+// sorted out per stream by the next takeover. On a single server it is the
+// same code.
 //
 // The marker a relay finds when it takes over usually describes a batch
 // that was committed: its rows are gone and it needs no protection. Carried
@@ -46,21 +59,24 @@ var ErrSuperseded = errors.New("another relay has taken over the streams")
 //
 // "One relay at a time" is the drain lock's promise, and a lock held by a
 // connection can be lost without its holder knowing until its next query.
-// So each relay that takes the lock also takes a new epoch in Redis (INCR)
-// before it reads the marker, and publishes only while the epoch is still
-// its own: its MULTI runs under a WATCH of the epoch. A relay that lost the
-// lock mid-publish either published before the new holder read the marker
-// (which then covers its batch) or its EXEC fails. The WATCH for the next
-// batch is set in the same round trip as this batch's EXEC, so the fence
-// costs no round trip (a Lua script doing the same measured 30% slower).
+// So each relay that takes the lock also takes, for each stream before it
+// first writes to it, a new epoch of that stream in Redis (INCR) before it
+// reads the stream's marker, and publishes to the stream only while the
+// epoch is still its own: the stream's MULTI runs under a WATCH of it, on
+// a connection of the session's own to the stream's node. A relay that
+// lost the lock mid-publish either published before the new holder read
+// the marker (which then covers its batch) or its EXEC fails; and the new
+// holder writes to no stream it has not fenced first. The WATCH for the
+// next batch is set in the same round trip as this batch's EXEC, so the
+// fence costs no round trip (a Lua script doing the same measured 30%
+// slower). The streams a session expects to write to (those PostgreSQL
+// has records of, and those the publisher wrote to before) are taken over
+// while the first batch is claimed; any other on its first batch.
 type Publisher struct {
 	client rueidis.Client
 	prefix string
-	// epochKey counts takeovers; markerKey holds the in-flight marker,
-	// which expires after window.
-	epochKey  string
-	markerKey string
-	window    time.Duration
+	// window is how long a marker lives.
+	window time.Duration
 	// waitReplicas, when positive, is how many replicas must acknowledge a
 	// batch (WAIT) before its rows are deleted, waiting up to waitTimeout.
 	waitReplicas int64
@@ -71,37 +87,53 @@ type Publisher struct {
 	// timeout bounds each round trip; rueidis retries reads until the
 	// context ends, which must not be the caller's whole deadline.
 	timeout time.Duration
-	streams map[string]string // aggregate type → stream name, to spare allocations
+	// streams caches each aggregate type's keys, to spare allocations; its
+	// types are also the ones a new session takes over at once. Only the
+	// one drain of a process at a time uses it.
+	streams map[string]streamKeys
 }
+
+// streamKeys are a stream's name and the relay's keys in its hash slot.
+type streamKeys struct {
+	name   string
+	epoch  string // counts takeovers of the stream
+	marker string // the stream's in-flight marker, which expires after window
+}
+
+// Key roles of the relay's keys beside each stream (stream.Sibling).
+const (
+	epochRole  = "relay-epoch"
+	markerRole = "relay-in-flight"
+)
 
 // NewPublisher returns a publisher writing to streams named prefix+aggregate.
 // A zero window turns duplicate suppression off.
 func NewPublisher(client rueidis.Client, prefix string, window time.Duration) *Publisher {
 	return &Publisher{
-		client:    client,
-		prefix:    prefix,
-		epochKey:  prefix + "_relay:epoch",
-		markerKey: prefix + "_relay:in-flight",
-		window:    window,
-		timeout:   5 * time.Second,
-		streams:   make(map[string]string),
+		client:  client,
+		prefix:  prefix,
+		window:  window,
+		timeout: 5 * time.Second,
+		streams: make(map[string]streamKeys),
 	}
 }
 
 // session publishes for the relay that holds the drain lock, from the
-// moment it took the lock until it lets go, over a connection of its own
-// (WATCH belongs to a connection). Its methods are not safe for concurrent
-// use.
+// moment it took the lock until it lets go, over connections of its own,
+// one per stream (WATCH belongs to a connection, and on a cluster each
+// stream may live on another node). Its methods are not safe for
+// concurrent use.
 type session struct {
-	p       *Publisher
-	conn    rueidis.DedicatedClient
-	release func()
-	// ready is closed once the epoch is taken and the marker read; the
-	// round trip runs while the first batch is claimed.
+	p *Publisher
+	// conns holds, by aggregate type, the streams taken over.
+	conns map[string]*streamConn
+	// exist is asked which marker rows still exist.
+	exist rowsExist
+	// ready is closed once the expected streams are taken over; the round
+	// trips run while the first batch is claimed.
 	ready chan struct{}
-	epoch string
 	// inFlight maps the events that may be in a stream while their rows
-	// are still in the outbox to those rows: the marker's, then the batch
+	// are still in the outbox to those rows: the markers', then the batch
 	// being published until its rows are deleted.
 	inFlight map[eventID]flight
 	// added is each stream's entries-added counter (by aggregate type) as
@@ -111,11 +143,26 @@ type session struct {
 	// lost lists the streams Redis no longer holds all of: they are
 	// published again (see Drainer.replay) before anything else.
 	lost []lostStream
-	// err, once set, fails every later publish: the connection's WATCH
+	// err, once set, fails every later publish: a connection's WATCH
 	// state is unknown, or another relay took over.
-	err  error
-	cmds rueidis.Commands // reused between batches
-	sent []int            // reused between batches
+	err error
+	// epoch is the drain's number (see Drainer.lockDrain), which each
+	// stream's epoch key takes when the session takes the stream over.
+	epoch string
+	// legacy is the marker a relay of an older version left (see
+	// fenceLegacy), read with each stream's own.
+	legacy []byte
+	// records are PostgreSQL's records of the streams, by aggregate type,
+	// which a takeover compares the streams with.
+	records map[string]*streamRecord
+}
+
+// streamConn is a session's connection for one stream, fenced by the
+// stream's epoch.
+type streamConn struct {
+	conn    rueidis.DedicatedClient
+	release func()
+	cmds    rueidis.Commands // reused between batches
 }
 
 // flight is an event published by a batch whose commit is not confirmed.
@@ -166,83 +213,155 @@ const markerRecord = 8 + 16
 // other writers (a dead-letter redrive) added since.
 const verifyTail = 1000
 
-// open starts a session: it takes a new epoch, which from then on fails
-// the EXEC of any relay that held the lock before, reads the marker those
-// relays left, keeping the records whose rows exist, and compares the
-// streams with what PostgreSQL recorded of them. It must be called only
-// with the drain lock held, and the session closed before the lock is let
-// go. streams are PostgreSQL's records of the streams (none without
-// retention).
-func (p *Publisher) open(ctx context.Context, streams []streamRecord, exist rowsExist) *session {
-	conn, release := p.client.Dedicate()
-	s := &session{p: p, conn: conn, release: release, ready: make(chan struct{})}
+// open starts a session: it takes over the streams it expects to write to
+// (see takeOverStream), and the others when it first writes to them. It
+// must be called only with the drain lock held, and the session closed
+// before the lock is let go. streams are PostgreSQL's records of the
+// streams (none without retention).
+func (p *Publisher) open(ctx context.Context, epoch int64, streams []streamRecord, exist rowsExist) *session {
+	s := &session{p: p, epoch: strconv.FormatInt(epoch, 10), conns: make(map[string]*streamConn), exist: exist, ready: make(chan struct{}),
+		records:  make(map[string]*streamRecord, len(streams)),
+		inFlight: make(map[eventID]flight), added: make(map[string]int64, len(streams))}
+	known := make([]string, 0, len(p.streams))
+	for t := range p.streams {
+		known = append(known, t)
+	}
 	go func() {
 		defer close(s.ready)
-		s.err = s.takeOver(ctx, streams, exist)
+		s.err = s.takeOver(ctx, streams, known)
 	}()
 	return s
 }
 
-func (s *session) takeOver(ctx context.Context, streams []streamRecord, exist rowsExist) error {
-	p, c := s.p, s.conn
+// takeOver takes over the recorded streams, comparing each with its
+// record, and then the other known ones. A stream it cannot reach (its
+// shard is down) is left for publish to take over when a batch has events
+// for it, so that one shard does not hold back the streams of the others;
+// the takeover fails only when another relay has taken over, or Redis
+// itself refuses the fence.
+func (s *session) takeOver(ctx context.Context, streams []streamRecord, known []string) error {
+	if err := s.fenceLegacy(ctx); err != nil {
+		return err
+	}
+	for i := range streams {
+		s.records[streams[i].aggregateType] = &streams[i]
+	}
+	try := func(t string) error {
+		err := s.takeOverStream(ctx, t, s.records[t])
+		var redisErr *rueidis.RedisError
+		if err == nil || errors.Is(err, ErrSuperseded) || errors.As(err, &redisErr) || ctx.Err() != nil {
+			return err
+		}
+		s.conns[t].release()
+		delete(s.conns, t)
+		return nil
+	}
+	for i := range streams {
+		if err := try(streams[i].aggregateType); err != nil {
+			return err
+		}
+	}
+	for _, t := range known {
+		if _, ok := s.records[t]; !ok {
+			if err := try(t); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// takeOverStream takes a new epoch of the stream of aggregate type t, which
+// from then on fails the EXEC of any relay that held the lock before, reads
+// the marker those relays left, keeping the records whose rows exist, and,
+// given PostgreSQL's record of the stream, compares the stream with it.
+func (s *session) takeOverStream(ctx context.Context, t string, rec *streamRecord) error {
+	p := s.p
+	keys := p.keys(t)
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
+	for attempt := 1; ; attempt++ {
+		err := s.takeOverStreamOnce(ctx, t, keys, rec)
+		var redisErr *rueidis.RedisError
+		if err == nil || attempt == takeOverAttempts || errors.As(err, &redisErr) || errors.Is(err, ErrSuperseded) || ctx.Err() != nil {
+			return err
+		}
+		// A connection from the pool found broken (Redis restarted since
+		// it was last used): each stream's takeover takes one, so without
+		// another try a restart would fail a drain per stream.
+		s.conns[t].conn.Close()
+	}
+}
+
+// takeOverAttempts bounds the tries of a takeover that fails for want of
+// a connection.
+const takeOverAttempts = 3
+
+func (s *session) takeOverStreamOnce(ctx context.Context, t string, keys streamKeys, rec *streamRecord) error {
+	p := s.p
+	if old, ok := s.conns[t]; ok {
+		old.release()
+	}
+	c, release := p.client.Dedicate()
+	sc := &streamConn{conn: c, release: release}
+	s.conns[t] = sc // released by close, even if the takeover fails
 	// UNWATCH: the connection comes from a pool and may still watch the
 	// epoch for an earlier session, whose EXEC never came; a change since
-	// would fail this session's first EXEC. INCR comes before the GET of
-	// the marker: a batch of an older epoch either lands before the GET,
-	// and is in the marker read, or its EXEC fails. The GET after WATCH
-	// proves that nobody took over between the INCR and the WATCH.
+	// would fail this session's first EXEC. The script raises the stream's
+	// epoch to the session's and reads the marker in one step: a batch of
+	// an older epoch either landed before, and is in the marker read, or
+	// its EXEC fails; and a relay whose epoch is older than the stream's
+	// is refused. The GET after WATCH proves that nobody took over between
+	// the script and the WATCH.
 	cmds := rueidis.Commands{
 		c.B().Unwatch().Build(),
-		c.B().Incr().Key(p.epochKey).Build(),
-		c.B().Get().Key(p.markerKey).Build(),
+		c.B().Eval().Script(takeOverScript).Numkeys(2).Key(keys.epoch, keys.marker).Arg(s.epoch).Build(),
 	}
-	// Per recorded stream, its XINFO, the entry recorded last, the newest
-	// entry at or before it and the entries after it: counters alone cannot
-	// tell a stream that lost its end and was then written to by someone
-	// else.
-	for _, r := range streams {
-		name := p.streamName(r.aggregateType)
-		last := r.last.String()
-		cmds = append(cmds, c.B().XinfoStream().Key(name).Build(),
-			c.B().Xrange().Key(name).Start(last).End(last).Build(),
-			c.B().Xrevrange().Key(name).End(last).Start("-").Count(1).Build(),
-			c.B().Xrange().Key(name).Start("("+last).End("+").Count(followingEntries).Build())
+	// With a record, the stream's XINFO, the entry recorded last, the
+	// newest entry at or before it and the entries after it: counters
+	// alone cannot tell a stream that lost its end and was then written to
+	// by someone else.
+	if rec != nil {
+		last := rec.last.String()
+		cmds = append(cmds, c.B().XinfoStream().Key(keys.name).Build(),
+			c.B().Xrange().Key(keys.name).Start(last).End(last).Build(),
+			c.B().Xrevrange().Key(keys.name).End(last).Start("-").Count(1).Build(),
+			c.B().Xrange().Key(keys.name).Start("("+last).End("+").Count(followingEntries).Build())
 	}
-	cmds = append(cmds, c.B().Watch().Key(p.epochKey).Build(), c.B().Get().Key(p.epochKey).Build())
+	cmds = append(cmds, c.B().Watch().Key(keys.epoch).Build(), c.B().Get().Key(keys.epoch).Build())
 	results := c.DoMulti(ctx, cmds...)
+	if err := results[1].Error(); err != nil && !rueidis.IsRedisNil(err) {
+		if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "SUPERSEDED") {
+			c.Close()
+			return fmt.Errorf("take over %s: %w", keys.name, ErrSuperseded)
+		}
+	}
 	for i, r := range results {
-		if i >= 3 && i < 3+4*len(streams) {
+		if i >= 2 && rec != nil && i < 6 {
 			continue // a stream's XINFO fails when the stream is gone
 		}
 		if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) {
 			c.Close()
-			return fmt.Errorf("take publishing epoch: %w", err)
+			return fmt.Errorf("take over %s: %w", keys.name, err)
 		}
 	}
-	s.added = make(map[string]int64, len(streams))
-	for i, r := range streams {
-		if err := s.compare(r, results[3+4*i], results[4+4*i], results[5+4*i], results[6+4*i]); err != nil {
+	if rec != nil {
+		if err := s.compare(*rec, results[2], results[3], results[4], results[5]); err != nil {
 			c.Close()
 			return err
 		}
+		results = append(results[:2], results[6:]...)
 	}
-	results = append(results[:3], results[3+4*len(streams):]...)
-	epoch, err := results[1].AsInt64()
-	if err != nil {
-		c.Close()
-		return fmt.Errorf("take publishing epoch: %w", err)
+	if current, _ := results[3].ToString(); current != s.epoch {
+		return fmt.Errorf("take over %s: %w", keys.name, ErrSuperseded)
 	}
-	s.epoch = strconv.FormatInt(epoch, 10)
-	if current, _ := results[4].ToString(); current != s.epoch {
-		return fmt.Errorf("take publishing epoch: %w", ErrSuperseded)
-	}
-	s.inFlight = make(map[eventID]flight)
 	if p.window == 0 {
 		return nil
 	}
-	marker, _ := results[2].AsBytes() // nil when there is none
+	marker, _ := results[1].AsBytes() // nil when there is none
+	if len(s.legacy) > 0 {
+		marker = append(append(make([]byte, 0, len(marker)+len(s.legacy)), marker...), s.legacy...)
+	}
 	if len(marker) == 0 {
 		return nil
 	}
@@ -255,7 +374,7 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, exist ro
 	}
 	// A row that is gone was committed (deleted) by whoever published it;
 	// only the rows still there can be claimed, and published, again.
-	types, err := exist(ctx, rows)
+	types, err := s.exist(ctx, rows)
 	if err != nil {
 		return fmt.Errorf("check in-flight rows: %w", err)
 	}
@@ -265,35 +384,85 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, exist ro
 	// The marker says what was sent, not what Redis took: MULTI … EXEC runs
 	// the marker's SET even when an XADD before it fails. So the batch in
 	// doubt counts as published only for the events found at the end of
-	// their streams.
-	byStream := make(map[string]int)
-	for _, t := range types {
-		byStream[stream.Name(p.prefix, t)]++
+	// the stream.
+	entries, err := c.Do(ctx, c.B().Xrevrange().Key(keys.name).End("+").Start("-").Count(int64(len(types)+verifyTail)).Build()).AsXRange()
+	if isWrongType(err) {
+		// A key of another type holds the name: no XADD landed there,
+		// and the events go to outbox_dead when claimed again.
+		return nil
 	}
-	found := make(map[string]streamID)
-	for name, n := range byStream {
-		entries, err := c.Do(ctx, c.B().Xrevrange().Key(name).End("+").Start("-").Count(int64(n+verifyTail)).Build()).AsXRange()
-		if isWrongType(err) {
-			// A key of another type holds the name: no XADD landed there,
-			// and the events go to outbox_dead when claimed again.
-			continue
-		}
-		if err != nil && !rueidis.IsRedisNil(err) {
-			return fmt.Errorf("find in-flight events in %s: %w", name, err)
-		}
-		for _, e := range entries {
-			if id, err := parseID(e.ID); err == nil {
-				found[e.FieldValues[stream.FieldEventID]] = id
-			}
+	if err != nil && !rueidis.IsRedisNil(err) {
+		return fmt.Errorf("find in-flight events in %s: %w", keys.name, err)
+	}
+	found := make(map[string]streamID, len(entries))
+	for _, e := range entries {
+		if id, err := parseID(e.ID); err == nil {
+			found[e.FieldValues[stream.FieldEventID]] = id
 		}
 	}
-	for row, t := range types {
+	for row, typ := range types {
 		id := byRow[row]
-		if entry, ok := found[uuid.UUID(id).String()]; ok && !s.isLost(t) {
+		if entry, ok := found[uuid.UUID(id).String()]; ok && typ == t && !s.isLost(t) {
 			// In a stream that lost events, the batch in doubt may sit
 			// before them: it is published again after them instead.
 			s.inFlight[id] = flight{row: row, typ: t, entry: entry}
 		}
+	}
+	return nil
+}
+
+// takeOverScript sets a stream's epoch (KEYS[1]) to the session's
+// (ARGV[1]) unless a later session has taken the stream over, and returns
+// the stream's marker (KEYS[2]).
+const takeOverScript = `
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current and current > tonumber(ARGV[1]) then
+  return redis.error_reply('SUPERSEDED a relay with a later epoch has taken the stream over')
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return redis.call('GET', KEYS[2])`
+
+// Keys of relays before 2026-11-24, which published every batch in one
+// MULTI under one epoch for all streams. On a single server the session
+// raises that epoch too, so that a relay of the older version that lost
+// its lock during a rolling deploy is fenced off as well, and reads the
+// marker such a relay left.
+const (
+	legacyEpochKey  = "_relay:epoch"
+	legacyMarkerKey = "_relay:in-flight"
+)
+
+// fenceLegacy fences relays of the older version (see legacyEpochKey).
+// A Redis Cluster never had one.
+func (s *session) fenceLegacy(ctx context.Context) error {
+	p := s.p
+	if p.client.Mode() == rueidis.ClientModeCluster {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	var results []rueidis.RedisResult
+	for attempt := 1; ; attempt++ {
+		results = p.client.DoMulti(ctx,
+			p.client.B().Incr().Key(p.prefix+legacyEpochKey).Build(),
+			p.client.B().Get().Key(p.prefix+legacyMarkerKey).Build())
+		err := errors.Join(results[0].NonRedisError(), results[1].NonRedisError())
+		if err == nil {
+			break
+		}
+		// The connection found broken (Redis restarted) is dialled again
+		// by the next command.
+		if attempt == takeOverAttempts || ctx.Err() != nil {
+			return fmt.Errorf("fence relays of the older version: %w", err)
+		}
+	}
+	for _, r := range results {
+		if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) {
+			return fmt.Errorf("fence relays of the older version: %w", err)
+		}
+	}
+	if p.window > 0 {
+		s.legacy, _ = results[1].AsBytes()
 	}
 	return nil
 }
@@ -311,7 +480,7 @@ func (s *session) isLost(t string) bool {
 // replies of takeOver's four reads), and adds it to s.lost when Redis no
 // longer holds every recorded batch.
 func (s *session) compare(r streamRecord, infoReply, lastReply, belowReply, afterReply rueidis.RedisResult) error {
-	name := s.p.streamName(r.aggregateType)
+	name := s.p.keys(r.aggregateType).name
 	lost := lostStream{aggregateType: r.aggregateType, replayFrom: r.replayFrom}
 	info, err := infoReply.AsMap()
 	switch {
@@ -406,10 +575,12 @@ func isWrongType(err error) bool {
 	return ok && strings.HasPrefix(re.Error(), "WRONGTYPE")
 }
 
-// close waits for the takeover to finish and returns the connection.
+// close waits for the takeover to finish and returns the connections.
 func (s *session) close() {
 	<-s.ready
-	s.release()
+	for _, sc := range s.conns {
+		sc.release()
+	}
 }
 
 // published is what one publish did.
@@ -445,11 +616,11 @@ var errReplayNeeded = errors.New("a stream lost events; publishing them again fi
 
 // publish adds the events, in order, to their streams, except those in
 // flight (published before by a batch whose commit was not confirmed), and
-// records them in the marker. The events stay in flight until committed is
-// called.
+// records them in the streams' markers. The events stay in flight until
+// committed is called.
 //
 // With retention on, each stream the batch writes to is read back (XINFO
-// STREAM) inside the same MULTI: if its entries-added counter is lower than
+// STREAM) inside its MULTI: if its entries-added counter is lower than
 // this session last saw plus what the batch added, the stream was deleted
 // (and created again by this XADD or another client) since, and the events
 // it held are published again before the batch.
@@ -462,19 +633,19 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	if len(s.lost) > 0 {
 		return res, errReplayNeeded
 	}
-	p, c := s.p, s.conn
-	cmds := append(s.cmds[:0], c.B().Multi().Build())
-	sent := s.sent[:0] // index of the event each XADD carries
-	counts := make(map[string]int64)
+	p := s.p
+	// Each stream's part of the batch: the index of each event it sends,
+	// in order.
+	parts := make(map[string]*streamPart)
 	var order []string           // aggregate types, in the order of their first event
 	invalid := map[string]bool{} // aggregate types checked once per batch
 	for i := range events {
 		e := &events[i]
-		if _, ok := counts[e.AggregateType]; !ok && !invalid[e.AggregateType] {
+		if _, ok := parts[e.AggregateType]; !ok && !invalid[e.AggregateType] {
 			if !outbox.ValidAggregateType(e.AggregateType) {
 				invalid[e.AggregateType] = true
 			} else {
-				counts[e.AggregateType] = 0
+				parts[e.AggregateType] = &streamPart{}
 				order = append(order, e.AggregateType)
 			}
 		}
@@ -482,23 +653,32 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 			// Its stream name could be one of the relay's own keys, or a
 			// dead-letter stream.
 			res.refuse(i, fmt.Sprintf("aggregate type %q does not name a valid stream", e.AggregateType))
-			continue
+		}
+	}
+	// A stream not taken over yet is taken over now, before anything is
+	// written to it; its marker may put events in flight.
+	for _, t := range order {
+		if _, ok := s.conns[t]; !ok {
+			if err := s.takeOverStream(ctx, t, s.records[t]); err != nil {
+				return res, s.fail(err)
+			}
+		}
+	}
+	if len(s.lost) > 0 {
+		return res, errReplayNeeded // found by a takeover just now
+	}
+	for i := range events {
+		e := &events[i]
+		part, ok := parts[e.AggregateType]
+		if !ok {
+			continue // refused
 		}
 		if p.window > 0 {
 			if _, seen := s.inFlight[e.EventID]; seen {
 				continue
 			}
 		}
-		cmds = append(cmds, s.xadd(e))
-		sent = append(sent, i)
-		counts[e.AggregateType]++
-	}
-	infoAt := make(map[string]int, len(order)) // index of each stream's XINFO in the EXEC reply
-	for _, t := range order {
-		if counts[t] > 0 && p.track {
-			infoAt[t] = len(cmds) - 1
-			cmds = append(cmds, c.B().XinfoStream().Key(p.streamName(t)).Build())
-		}
+		part.sent = append(part.sent, i)
 	}
 	if p.window > 0 {
 		for i := range events {
@@ -509,76 +689,39 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 				}
 			}
 		}
-		cmds = append(cmds, c.B().Set().Key(p.markerKey).Value(rueidis.BinaryString(s.marker())).
-			Px(p.window).Build())
 	}
-	queued := len(cmds) - 1 // commands inside the MULTI
-	cmds = append(cmds, c.B().Exec().Build())
-	exec := len(cmds) - 1
-	if p.waitReplicas > 0 {
-		// Before the rows are deleted, the batch should be on a replica
-		// too: a failover then cannot drop it.
-		cmds = append(cmds, c.B().Wait().Numreplicas(p.waitReplicas).Timeout(p.waitTimeout.Milliseconds()).Build())
+	for _, t := range order {
+		s.build(t, parts[t], events)
 	}
-	// The next batch's WATCH rides along with this one's EXEC.
-	cmds = append(cmds, c.B().Watch().Key(p.epochKey).Build(), c.B().Get().Key(p.epochKey).Build())
-	s.cmds, s.sent = cmds[:0], sent
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	results := c.DoMulti(ctx, cmds...)
-	wait := -1
-	if p.waitReplicas > 0 {
-		wait = exec + 1
-	}
-	for i, r := range results {
-		// A refused or failed WAIT leaves the batch published and the
-		// connection usable: the batch counts as unreplicated.
-		if err := r.Error(); err != nil && i != wait && !(i == exec && rueidis.IsRedisNil(err)) {
-			return res, s.fail(fmt.Errorf("publish batch: %w", err))
+	// The streams' transactions go out side by side: one round trip in
+	// all, whatever node each stream is on.
+	if len(order) == 1 {
+		t := order[0]
+		parts[t].results = s.conns[t].conn.DoMulti(ctx, s.conns[t].cmds...)
+	} else {
+		var wg sync.WaitGroup
+		for _, t := range order {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				parts[t].results = s.conns[t].conn.DoMulti(ctx, s.conns[t].cmds...)
+			}()
 		}
+		wg.Wait()
 	}
-	replies, err := results[exec].ToArray()
-	if rueidis.IsRedisNil(err) { // the epoch changed under the WATCH
-		return res, s.fail(fmt.Errorf("publish batch: %w", ErrSuperseded))
-	}
-	if err != nil {
-		return res, s.fail(fmt.Errorf("publish batch: read EXEC reply: %w", err))
-	}
-	if len(replies) != queued {
-		return res, s.fail(fmt.Errorf("publish batch: EXEC answered %d replies for %d commands", len(replies), queued))
-	}
-	// A runtime error fails only its own command: an XADD refused (a key
-	// of another type holds the stream's name) is skipped, the rest ran.
 	lastOf := make(map[string]streamID, len(order))
-	for j, i := range sent {
-		e := &events[i]
-		id, err := replies[j].ToString()
-		if err == nil {
-			var entry streamID
-			if entry, err = parseID(id); err == nil {
-				lastOf[e.AggregateType] = entry
-				if f, ok := s.inFlight[e.EventID]; ok {
-					f.entry = entry
-					s.inFlight[e.EventID] = f
-				}
-				res.added++
-				continue
-			}
+	for _, t := range order {
+		if err := s.read(t, parts[t], events, &res, lastOf); err != nil {
+			return res, s.fail(err)
 		}
-		res.refuse(i, err.Error())
-		counts[e.AggregateType]--
-		delete(s.inFlight, e.EventID)
 	}
 	for i := range events {
 		// Events in flight are in their streams already, at the entry
 		// the takeover found or an earlier publish got.
 		if f, ok := s.inFlight[events[i].EventID]; ok && lastOf[f.typ].less(f.entry) {
 			lastOf[f.typ] = f.entry
-		}
-	}
-	if p.window > 0 {
-		if err := replies[len(replies)-1].Error(); err != nil {
-			return res, s.fail(fmt.Errorf("publish batch: write in-flight marker: %w", err))
 		}
 	}
 	kept := make(map[string]bool, len(order))
@@ -591,25 +734,16 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 		if !kept[t] {
 			continue // every event of the batch for that stream was refused
 		}
+		part := parts[t]
 		rec := batchRecord{aggregateType: t, last: lastOf[t], added: s.added[t]}
-		if at, ok := infoAt[t]; ok {
-			// An XINFO fails only when the stream's XADDs were refused.
-			if added, ok := entriesAdded(replies[at]); ok {
-				if before, known := s.added[t]; known && added < before+counts[t] {
-					s.lost = append(s.lost, lostStream{aggregateType: t, replayFrom: -1, current: lastOf[t],
-						why: "the stream was deleted and created again"})
-				}
-				s.added[t], rec.added = added, added
+		if part.hasAdded {
+			if before, known := s.added[t]; known && part.entriesAdded < before+int64(part.added) {
+				s.lost = append(s.lost, lostStream{aggregateType: t, replayFrom: -1, current: lastOf[t],
+					why: "the stream was deleted and created again"})
 			}
+			s.added[t], rec.added = part.entriesAdded, part.entriesAdded
 		}
 		res.streams = append(res.streams, rec)
-	}
-	if p.waitReplicas > 0 {
-		acked, _ := results[exec+1].AsInt64()
-		res.unreplicated = acked < p.waitReplicas
-	}
-	if current, _ := results[len(results)-1].ToString(); current != s.epoch {
-		s.err = fmt.Errorf("publish batch: %w", ErrSuperseded)
 	}
 	if len(s.lost) > 0 {
 		// The batch landed in a stream that lost what came before it: it
@@ -622,6 +756,113 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 		return res, errReplayNeeded
 	}
 	return res, nil
+}
+
+// streamPart is one stream's share of a batch: what it sends, and what
+// came back.
+type streamPart struct {
+	sent []int // index of the event each XADD carries
+	// exec, info and wait are the indexes of EXEC, of XINFO within the
+	// EXEC reply, and of WAIT in the round trip (-1 when not sent).
+	exec, info, wait int
+	queued           int // commands inside the MULTI
+	results          []rueidis.RedisResult
+	added            int // events the stream took
+	entriesAdded     int64
+	hasAdded         bool
+}
+
+// build writes the round trip of stream t's part of a batch into its
+// connection's command buffer: its transaction, the WAIT for replicas, and
+// the next batch's WATCH, which rides along with this one's EXEC.
+func (s *session) build(t string, part *streamPart, events []row) {
+	p, sc := s.p, s.conns[t]
+	c, keys := sc.conn, p.keys(t)
+	cmds := append(sc.cmds[:0], c.B().Multi().Build())
+	for _, i := range part.sent {
+		cmds = append(cmds, s.xadd(c, &events[i]))
+	}
+	part.info = -1
+	if len(part.sent) > 0 && p.track {
+		part.info = len(cmds) - 1
+		cmds = append(cmds, c.B().XinfoStream().Key(keys.name).Build())
+	}
+	if p.window > 0 {
+		cmds = append(cmds, c.B().Set().Key(keys.marker).Value(rueidis.BinaryString(s.marker(t))).
+			Px(p.window).Build())
+	}
+	part.queued = len(cmds) - 1
+	cmds = append(cmds, c.B().Exec().Build())
+	part.exec, part.wait = len(cmds)-1, -1
+	if p.waitReplicas > 0 {
+		// Before the rows are deleted, the batch should be on a replica
+		// too: a failover then cannot drop it. WAIT has no key: it goes
+		// to this connection's node, the stream's primary.
+		part.wait = len(cmds)
+		cmds = append(cmds, c.B().Wait().Numreplicas(p.waitReplicas).Timeout(p.waitTimeout.Milliseconds()).Build())
+	}
+	cmds = append(cmds, c.B().Watch().Key(keys.epoch).Build(), c.B().Get().Key(keys.epoch).Build())
+	sc.cmds = cmds
+}
+
+// read checks the replies of stream t's part of a batch, records the
+// entries its events got, and refuses those Redis refused.
+func (s *session) read(t string, part *streamPart, events []row, res *published, lastOf map[string]streamID) error {
+	for i, r := range part.results {
+		// A refused or failed WAIT leaves the batch published and the
+		// connection usable: the batch counts as unreplicated.
+		if err := r.Error(); err != nil && i != part.wait && !(i == part.exec && rueidis.IsRedisNil(err)) {
+			return fmt.Errorf("publish batch: %w", err)
+		}
+	}
+	replies, err := part.results[part.exec].ToArray()
+	if rueidis.IsRedisNil(err) { // the epoch changed under the WATCH
+		return fmt.Errorf("publish batch: %w", ErrSuperseded)
+	}
+	if err != nil {
+		return fmt.Errorf("publish batch: read EXEC reply: %w", err)
+	}
+	if len(replies) != part.queued {
+		return fmt.Errorf("publish batch: EXEC answered %d replies for %d commands", len(replies), part.queued)
+	}
+	// A runtime error fails only its own command: an XADD refused (a key
+	// of another type holds the stream's name) is skipped, the rest ran.
+	for j, i := range part.sent {
+		e := &events[i]
+		id, err := replies[j].ToString()
+		if err == nil {
+			var entry streamID
+			if entry, err = parseID(id); err == nil {
+				lastOf[t] = entry
+				if f, ok := s.inFlight[e.EventID]; ok {
+					f.entry = entry
+					s.inFlight[e.EventID] = f
+				}
+				res.added++
+				part.added++
+				continue
+			}
+		}
+		res.refuse(i, err.Error())
+		delete(s.inFlight, e.EventID)
+	}
+	if s.p.window > 0 {
+		if err := replies[len(replies)-1].Error(); err != nil {
+			return fmt.Errorf("publish batch: write in-flight marker: %w", err)
+		}
+	}
+	if part.info >= 0 {
+		// An XINFO fails only when the stream's XADDs were refused.
+		part.entriesAdded, part.hasAdded = entriesAdded(replies[part.info])
+	}
+	if part.wait >= 0 {
+		acked, _ := part.results[part.wait].AsInt64()
+		res.unreplicated = res.unreplicated || acked < s.p.waitReplicas
+	}
+	if current, _ := part.results[len(part.results)-1].ToString(); current != s.epoch {
+		s.err = fmt.Errorf("publish batch: %w", ErrSuperseded)
+	}
+	return nil
 }
 
 // entriesAdded reads the entries-added counter from an XINFO STREAM reply;
@@ -651,21 +892,25 @@ func (r *published) refuse(i int, reason string) {
 	r.refused[i] = reason
 }
 
-// marker encodes the events in flight.
-func (s *session) marker() []byte {
+// marker encodes the events in flight to the stream of aggregate type t.
+func (s *session) marker(t string) []byte {
 	marker := make([]byte, 0, markerRecord*len(s.inFlight))
 	for id, f := range s.inFlight {
-		marker = binary.BigEndian.AppendUint64(marker, uint64(f.row))
-		marker = append(marker, id[:]...)
+		if f.typ == t {
+			marker = binary.BigEndian.AppendUint64(marker, uint64(f.row))
+			marker = append(marker, id[:]...)
+		}
 	}
 	return marker
 }
 
-// fail ends the session: its connection may be left inside a MULTI or
-// watching, so it is closed rather than returned to the pool.
+// fail ends the session: its connections may be left inside a MULTI or
+// watching, so they are closed rather than returned to the pool.
 func (s *session) fail(err error) error {
 	s.err = err
-	s.conn.Close()
+	for _, sc := range s.conns {
+		sc.conn.Close()
+	}
 	return err
 }
 
@@ -687,14 +932,21 @@ func (s *session) republish(ctx context.Context, t string, events []row) ([]stre
 	if s.err != nil {
 		return nil, 0, s.err
 	}
-	p, c := s.p, s.conn
+	p := s.p
+	if _, ok := s.conns[t]; !ok {
+		if err := s.takeOverStream(ctx, t, s.records[t]); err != nil {
+			return nil, 0, s.fail(err)
+		}
+	}
+	sc, keys := s.conns[t], p.keys(t)
+	c := sc.conn
 	cmds := make(rueidis.Commands, 0, len(events)+6)
 	cmds = append(cmds, c.B().Multi().Build())
 	for i := range events {
-		cmds = append(cmds, s.xadd(&events[i]))
+		cmds = append(cmds, s.xadd(c, &events[i]))
 	}
-	cmds = append(cmds, c.B().XinfoStream().Key(p.streamName(t)).Build(), c.B().Exec().Build(),
-		c.B().Watch().Key(p.epochKey).Build(), c.B().Get().Key(p.epochKey).Build())
+	cmds = append(cmds, c.B().XinfoStream().Key(keys.name).Build(), c.B().Exec().Build(),
+		c.B().Watch().Key(keys.epoch).Build(), c.B().Get().Key(keys.epoch).Build())
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	results := c.DoMulti(ctx, cmds...)
@@ -718,7 +970,7 @@ func (s *session) republish(ctx context.Context, t string, events []row) ([]stre
 			ids[i], err = parseID(str)
 		}
 		if err != nil {
-			return nil, 0, s.fail(fmt.Errorf("publish events again to %s: %w", p.streamName(t), err))
+			return nil, 0, s.fail(fmt.Errorf("publish events again to %s: %w", keys.name, err))
 		}
 	}
 	added, ok := entriesAdded(replies[len(events)])
@@ -731,19 +983,22 @@ func (s *session) republish(ctx context.Context, t string, events []row) ([]stre
 	return ids, added, nil
 }
 
-// streamName returns the stream of aggregate type t, from a cache that
+// keys returns the keys of aggregate type t's stream, from a cache that
 // spares the allocations.
-func (p *Publisher) streamName(t string) string {
-	name, ok := p.streams[t]
+func (p *Publisher) keys(t string) streamKeys {
+	k, ok := p.streams[t]
 	if !ok {
-		name = stream.Name(p.prefix, t)
-		p.streams[t] = name
+		name := stream.Name(p.prefix, t)
+		k = streamKeys{name: name, epoch: stream.Sibling(name, epochRole), marker: stream.Sibling(name, markerRole)}
+		p.streams[t] = k
 	}
-	return name
+	return k
 }
 
-func (s *session) xadd(e *row) rueidis.Completed {
-	c := s.conn
+// streamName returns the stream of aggregate type t.
+func (p *Publisher) streamName(t string) string { return p.keys(t).name }
+
+func (s *session) xadd(c rueidis.DedicatedClient, e *row) rueidis.Completed {
 	b := c.B().Xadd().Key(s.p.streamName(e.AggregateType)).Id("*").FieldValue().
 		FieldValue(stream.FieldEventID, e.eventIDString()).
 		FieldValue(stream.FieldEventType, e.EventType).

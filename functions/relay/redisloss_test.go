@@ -28,7 +28,7 @@ func newLossBundle(t *testing.T, mutate ...func(*Config)) *lossBundle {
 	t.Helper()
 	b := setup(t)
 	server := redistest.StartServer(t)
-	client, err := stream.NewClient(server.URL())
+	client, err := stream.NewClient(server.URL(), false)
 	require.NoError(t, err)
 	t.Cleanup(client.Close)
 	s := b.relay(t, append([]func(*Config){func(c *Config) {

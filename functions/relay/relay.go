@@ -93,7 +93,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 	if err != nil {
 		return nil, err
 	}
-	client, err := stream.NewClient(cfg.RedisURL)
+	client, err := stream.NewClient(cfg.RedisURL, cfg.RedisCluster)
 	if err != nil {
 		pool.Close()
 		return nil, err

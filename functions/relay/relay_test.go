@@ -28,7 +28,11 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	// After a failover a rueidis cluster client closes the connections to
+	// nodes that left the slot map 5 s later, in a goroutine of its own
+	// that Close does not wait for.
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*clusterClient)._refresh.func2"))
 }
 
 type testBundle struct {
@@ -36,13 +40,24 @@ type testBundle struct {
 	pool   *pgxpool.Pool
 	redis  rueidis.Client
 	prefix string
+	// redisURL and cluster are what the relay connects to.
+	redisURL string
+	cluster  bool
 }
 
 func setup(t *testing.T) *testBundle {
 	t.Helper()
 	url, pool := pgtest.NewPool(t)
 	client, prefix := redistest.New(t)
-	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix}
+	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, redisURL: redistest.URL()}
+}
+
+// setupOn is setup with the streams on the Redis Cluster c.
+func setupOn(t *testing.T, c *redistest.Cluster) *testBundle {
+	t.Helper()
+	url, pool := pgtest.NewPool(t)
+	client, prefix := c.Client(t)
+	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, redisURL: c.URL(), cluster: true}
 }
 
 func (b *testBundle) config(mutate ...func(*Config)) Config {
@@ -50,7 +65,8 @@ func (b *testBundle) config(mutate ...func(*Config)) Config {
 		Config:         logging.Config{LogFormat: "text", LogLevel: "info"},
 		DatabaseURL:    b.url,
 		DBMaxConns:     4,
-		RedisURL:       redistest.URL(),
+		RedisURL:       b.redisURL,
+		RedisCluster:   b.cluster,
 		StreamPrefix:   b.prefix,
 		BatchSize:      100,
 		PollInterval:   time.Hour, // tests prove wake-ups; the poll must not rescue them
@@ -174,65 +190,87 @@ func trigger(t *testing.T, s *Service, header ...string) (int, map[string]any) {
 	return rec.Code, body
 }
 
+// backends are the Redis deployments the main tests run against: the
+// shared server, and a three-shard Redis Cluster with a replica per shard,
+// started for t.
+func backends(t *testing.T) []struct {
+	name  string
+	setup func(*testing.T) *testBundle
+} {
+	c := redistest.StartCluster(t, 3, 1)
+	return []struct {
+		name  string
+		setup func(*testing.T) *testBundle
+	}{
+		{"one server", setup},
+		{"a Redis Cluster", func(t *testing.T) *testBundle { return setupOn(t, c) }},
+	}
+}
+
 func TestRelay(t *testing.T) {
 	t.Parallel()
+	backends := backends(t)
 
-	t.Run("publishes every row once with its fields intact, then deletes it", func(t *testing.T) {
-		t.Parallel()
-		b := setup(t)
-		ctx := context.Background()
-		tx, err := b.pool.Begin(ctx)
-		require.NoError(t, err)
-		tp := "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-		payload := `{"user_id": 7,  "name": "Zoë \"Z\" <z>", "nested": {"a": [1, 2.50]}}`
-		require.NoError(t, outbox.Insert(ctx, tx, outbox.Event{AggregateType: "user", AggregateID: "7",
-			EventType: "user.created", Payload: json.RawMessage(payload), Traceparent: tp}))
-		require.NoError(t, tx.Commit(ctx))
-		var eventID string
-		var createdAt time.Time
-		require.NoError(t, b.pool.QueryRow(ctx, `SELECT event_id::text, created_at FROM outbox`).Scan(&eventID, &createdAt))
-		b.insertBulk(t, "order", 250)
+	for _, on := range backends {
+		t.Run("publishes every row once with its fields intact, then deletes it, on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			ctx := context.Background()
+			tx, err := b.pool.Begin(ctx)
+			require.NoError(t, err)
+			tp := "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+			payload := `{"user_id": 7,  "name": "Zoë \"Z\" <z>", "nested": {"a": [1, 2.50]}}`
+			require.NoError(t, outbox.Insert(ctx, tx, outbox.Event{AggregateType: "user", AggregateID: "7",
+				EventType: "user.created", Payload: json.RawMessage(payload), Traceparent: tp}))
+			require.NoError(t, tx.Commit(ctx))
+			var eventID string
+			var createdAt time.Time
+			require.NoError(t, b.pool.QueryRow(ctx, `SELECT event_id::text, created_at FROM outbox`).Scan(&eventID, &createdAt))
+			b.insertBulk(t, "order", 250)
 
-		status, body := trigger(t, b.relay(t))
-		require.Equal(t, http.StatusOK, status, body)
-		require.EqualValues(t, 251, body["relayed"])
-		require.EqualValues(t, 0, body["backlog"])
-		require.EqualValues(t, 0, body["oldest_age_seconds"])
-		require.Equal(t, true, body["complete"])
-		require.EqualValues(t, 3, body["batches"], "251 rows in batches of 100")
+			status, body := trigger(t, b.relay(t))
+			require.Equal(t, http.StatusOK, status, body)
+			require.EqualValues(t, 251, body["relayed"])
+			require.EqualValues(t, 0, body["backlog"])
+			require.EqualValues(t, 0, body["oldest_age_seconds"])
+			require.Equal(t, true, body["complete"])
+			require.EqualValues(t, 3, body["batches"], "251 rows in batches of 100")
 
-		users := b.entries(t, "user")
-		require.Len(t, users, 1)
-		e := users[0]
-		require.Equal(t, eventID, e.EventID)
-		require.Equal(t, "user.created", e.EventType)
-		require.Equal(t, "user", e.AggregateType)
-		require.Equal(t, "7", e.AggregateID)
-		require.Equal(t, payload, e.Payload, "the payload is relayed byte for byte")
-		require.Equal(t, tp, e.Traceparent)
-		require.True(t, createdAt.Equal(e.OccurredAt), "occurred_at %s != created_at %s", e.OccurredAt, createdAt)
+			users := b.entries(t, "user")
+			require.Len(t, users, 1)
+			e := users[0]
+			require.Equal(t, eventID, e.EventID)
+			require.Equal(t, "user.created", e.EventType)
+			require.Equal(t, "user", e.AggregateType)
+			require.Equal(t, "7", e.AggregateID)
+			require.Equal(t, payload, e.Payload, "the payload is relayed byte for byte")
+			require.Equal(t, tp, e.Traceparent)
+			require.True(t, createdAt.Equal(e.OccurredAt), "occurred_at %s != created_at %s", e.OccurredAt, createdAt)
 
-		orders := b.entries(t, "order")
-		requireExactlyOnceInOrder(t, orders, 250)
-		require.Empty(t, orders[0].Traceparent, "no traceparent field when none was stored")
-		require.Zero(t, b.outboxCount(t))
-	})
+			orders := b.entries(t, "order")
+			requireExactlyOnceInOrder(t, orders, 250)
+			require.Empty(t, orders[0].Traceparent, "no traceparent field when none was stored")
+			require.Zero(t, b.outboxCount(t))
+		})
+	}
 
-	t.Run("relays concurrent inserts exactly once and in order per aggregate", func(t *testing.T) {
-		t.Parallel()
-		b := setup(t)
-		s := b.relay(t)
-		start(t, s)
-		var wg sync.WaitGroup
-		for g := range 8 {
-			wg.Go(func() { b.insert(t, "item", fmt.Sprint(g), 0, 100) })
-		}
-		wg.Wait()
-		waitFor(t, 20*time.Second, "800 entries arrive", func() bool { return len(b.entries(t, "item")) >= 800 })
-		requireExactlyOnceInOrder(t, b.entries(t, "item"), 800)
-		// Entries are in the stream from the EXEC on, rows gone only at the COMMIT after it.
-		waitFor(t, 10*time.Second, "the last batch commits", func() bool { return b.outboxCount(t) == 0 })
-	})
+	for _, on := range backends {
+		t.Run("relays concurrent inserts exactly once and in order per aggregate, on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			s := b.relay(t)
+			start(t, s)
+			var wg sync.WaitGroup
+			for g := range 8 {
+				wg.Go(func() { b.insert(t, "item", fmt.Sprint(g), 0, 100) })
+			}
+			wg.Wait()
+			waitFor(t, 20*time.Second, "800 entries arrive", func() bool { return len(b.entries(t, "item")) >= 800 })
+			requireExactlyOnceInOrder(t, b.entries(t, "item"), 800)
+			// Entries are in the stream from the EXEC on, rows gone only at the COMMIT after it.
+			waitFor(t, 10*time.Second, "the last batch commits", func() bool { return b.outboxCount(t) == 0 })
+		})
+	}
 
 	t.Run("lets two relays run at once without losing or duplicating", func(t *testing.T) {
 		t.Parallel()
@@ -260,104 +298,110 @@ func TestRelay(t *testing.T) {
 		waitFor(t, 10*time.Second, "the last batch commits", func() bool { return b.outboxCount(t) == 0 })
 	})
 
-	t.Run("loses nothing and publishes nothing twice when killed between XADD and COMMIT", func(t *testing.T) {
-		t.Parallel()
-		b := setup(t)
-		b.insertBulk(t, "item", 250)
-		crashing := b.relay(t)
-		crashing.drainer.afterPublish = func() error { return errors.New("simulated crash") }
-		_, err := crashing.drainer.Drain(context.Background(), time.Time{})
-		require.ErrorContains(t, err, "simulated crash")
-		require.Len(t, b.entries(t, "item"), 100, "the first batch reached the stream")
-		require.Equal(t, 250, b.outboxCount(t), "but its rows were not deleted")
+	for _, on := range backends {
+		t.Run("loses nothing and publishes nothing twice when killed between XADD and COMMIT, on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			b.insertBulk(t, "item", 250)
+			crashing := b.relay(t)
+			crashing.drainer.afterPublish = func() error { return errors.New("simulated crash") }
+			_, err := crashing.drainer.Drain(context.Background(), time.Time{})
+			require.ErrorContains(t, err, "simulated crash")
+			require.Len(t, b.entries(t, "item"), 100, "the first batch reached the stream")
+			require.Equal(t, 250, b.outboxCount(t), "but its rows were not deleted")
 
-		// A new relay, with nothing in memory, takes over.
-		res, err := b.relay(t).drainer.Drain(context.Background(), time.Time{})
-		require.NoError(t, err)
-		require.Equal(t, 150, res.Relayed)
-		require.Equal(t, 100, res.Duplicates)
-		require.Zero(t, b.outboxCount(t))
-		entries := b.entries(t, "item")
-		require.Len(t, entries, 250)
-		ids := map[string]bool{}
-		for _, e := range entries {
-			ids[e.EventID] = true
-		}
-		require.Len(t, ids, 250, "no event is in the stream twice")
-	})
+			// A new relay, with nothing in memory, takes over.
+			res, err := b.relay(t).drainer.Drain(context.Background(), time.Time{})
+			require.NoError(t, err)
+			require.Equal(t, 150, res.Relayed)
+			require.Equal(t, 100, res.Duplicates)
+			require.Zero(t, b.outboxCount(t))
+			entries := b.entries(t, "item")
+			require.Len(t, entries, 250)
+			ids := map[string]bool{}
+			for _, e := range entries {
+				ids[e.EventID] = true
+			}
+			require.Len(t, ids, 250, "no event is in the stream twice")
+		})
+	}
 
-	t.Run("refuses the batch of a relay that lost its lock without noticing", func(t *testing.T) {
-		t.Parallel()
-		b := setup(t)
-		b.insertBulk(t, "item", 50)
-		ctx := context.Background()
-		zombie := b.relay(t)
-		var takeover struct {
-			res Result
-			err error
-		}
-		// Between the zombie's claim and its XADD, its connection dies (a
-		// network partition, say) and another relay drains everything.
-		zombie.drainer.beforePublish = func() {
-			_, err := b.pool.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_locks
+	for _, on := range backends {
+		t.Run("refuses the batch of a relay that lost its lock without noticing, on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			b.insertBulk(t, "item", 50)
+			ctx := context.Background()
+			zombie := b.relay(t)
+			var takeover struct {
+				res Result
+				err error
+			}
+			// Between the zombie's claim and its XADD, its connection dies (a
+			// network partition, say) and another relay drains everything.
+			zombie.drainer.beforePublish = func() {
+				_, err := b.pool.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_locks
 				WHERE locktype = 'advisory' AND pid <> pg_backend_pid()
 				  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`)
-			if err == nil {
-				takeover.res, takeover.err = b.relay(t).drainer.Drain(ctx, time.Time{})
-			} else {
-				takeover.err = err
+				if err == nil {
+					takeover.res, takeover.err = b.relay(t).drainer.Drain(ctx, time.Time{})
+				} else {
+					takeover.err = err
+				}
 			}
-		}
-		_, err := zombie.drainer.Drain(ctx, time.Time{})
-		require.ErrorIs(t, err, ErrSuperseded)
-		require.NoError(t, takeover.err)
-		require.Equal(t, 50, takeover.res.Relayed)
+			_, err := zombie.drainer.Drain(ctx, time.Time{})
+			require.ErrorIs(t, err, ErrSuperseded)
+			require.NoError(t, takeover.err)
+			require.Equal(t, 50, takeover.res.Relayed)
 
-		entries := b.entries(t, "item")
-		ids := map[string]bool{}
-		for _, e := range entries {
-			ids[e.EventID] = true
-		}
-		require.Len(t, ids, 50, "every event is in the stream")
-		require.Equal(t, 50, len(entries), "and none twice")
-		require.Zero(t, b.outboxCount(t))
-	})
+			entries := b.entries(t, "item")
+			ids := map[string]bool{}
+			for _, e := range entries {
+				ids[e.EventID] = true
+			}
+			require.Len(t, ids, 50, "every event is in the stream")
+			require.Equal(t, 50, len(entries), "and none twice")
+			require.Zero(t, b.outboxCount(t))
+		})
+	}
 
-	t.Run("keeps no more than the batch in doubt in its in-flight marker", func(t *testing.T) {
-		t.Parallel()
-		b := setup(t)
-		ctx := context.Background()
-		records := func() int64 {
-			n, err := b.redis.Do(ctx, b.redis.B().Strlen().Key(b.prefix+"_relay:in-flight").Build()).AsInt64()
+	for _, on := range backends {
+		t.Run("keeps no more than the batch in doubt in its in-flight marker, on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			ctx := context.Background()
+			records := func() int64 {
+				n, err := b.redis.Do(ctx, b.redis.B().Strlen().Key(stream.Sibling(stream.Name(b.prefix, "item"), markerRole)).Build()).AsInt64()
+				require.NoError(t, err)
+				return n / markerRecord
+			}
+			s := b.relay(t)
+			for i := range 30 {
+				b.insert(t, "item", "a", i, 1)
+				_, err := s.drainer.Drain(ctx, time.Time{})
+				require.NoError(t, err)
+				require.LessOrEqual(t, records(), int64(1), "drain %d carried committed batches forward", i)
+			}
+
+			// A crash leaves a batch in doubt: the next relay keeps it, skips
+			// it, and drops it from the marker once its rows are deleted.
+			b.insertBulk(t, "item", 150)
+			crashing := b.relay(t)
+			crashing.drainer.afterPublish = func() error { return errors.New("simulated crash") }
+			_, err := crashing.drainer.Drain(ctx, time.Time{})
+			require.Error(t, err)
+			require.EqualValues(t, 100, records())
+			res, err := b.relay(t).drainer.Drain(ctx, time.Time{})
 			require.NoError(t, err)
-			return n / markerRecord
-		}
-		s := b.relay(t)
-		for i := range 30 {
-			b.insert(t, "item", "a", i, 1)
-			_, err := s.drainer.Drain(ctx, time.Time{})
+			require.Equal(t, 100, res.Duplicates)
+			require.Equal(t, 50, res.Relayed)
+			b.insert(t, "item", "b", 0, 1)
+			_, err = s.drainer.Drain(ctx, time.Time{})
 			require.NoError(t, err)
-			require.LessOrEqual(t, records(), int64(1), "drain %d carried committed batches forward", i)
-		}
-
-		// A crash leaves a batch in doubt: the next relay keeps it, skips
-		// it, and drops it from the marker once its rows are deleted.
-		b.insertBulk(t, "item", 150)
-		crashing := b.relay(t)
-		crashing.drainer.afterPublish = func() error { return errors.New("simulated crash") }
-		_, err := crashing.drainer.Drain(ctx, time.Time{})
-		require.Error(t, err)
-		require.EqualValues(t, 100, records())
-		res, err := b.relay(t).drainer.Drain(ctx, time.Time{})
-		require.NoError(t, err)
-		require.Equal(t, 100, res.Duplicates)
-		require.Equal(t, 50, res.Relayed)
-		b.insert(t, "item", "b", 0, 1)
-		_, err = s.drainer.Drain(ctx, time.Time{})
-		require.NoError(t, err)
-		require.LessOrEqual(t, records(), int64(1))
-		require.Len(t, b.entries(t, "item"), 181, "every event once")
-	})
+			require.LessOrEqual(t, records(), int64(1))
+			require.Len(t, b.entries(t, "item"), 181, "every event once")
+		})
+	}
 
 	t.Run("republishes an interrupted batch when suppression is off", func(t *testing.T) {
 		t.Parallel()
@@ -379,7 +423,7 @@ func TestRelay(t *testing.T) {
 		s := b.relay(t, func(c *Config) { c.RedisURL = server.URL() })
 		start(t, s)
 		b.insert(t, "item", "a", 0, 3)
-		client, err := stream.NewClient(server.URL())
+		client, err := stream.NewClient(server.URL(), false)
 		require.NoError(t, err)
 		defer client.Close()
 		count := func() int64 {

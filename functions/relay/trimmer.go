@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/redis/rueidis"
+
+	"github.com/outboxfn/outbox/shared/stream"
 )
 
 // trimBatch is the most entries one XTRIM call may remove. Approximate
@@ -57,7 +59,8 @@ func NewTrimmer(client rueidis.Client, prefix string, retention time.Duration) *
 // TrimAll trims every stream under the prefix and returns how many entries
 // it removed. Keys of other types under the prefix are skipped.
 //
-// Listing uses SCAN … MATCH prefix* TYPE stream: Redis applies MATCH and
+// Listing uses SCAN … MATCH prefix* TYPE stream, on every node of a
+// cluster (stream.Keys): Redis applies MATCH and
 // TYPE after walking the keyspace, so a full pass costs O(keys in the
 // database), streams or not, in calls of about 1,000 keys each. The relay's
 // database holds a handful of streams and bookkeeping keys, so this is
@@ -67,34 +70,24 @@ func (t *Trimmer) TrimAll(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	var (
-		total  int64
-		cursor uint64
-		errs   []error
-	)
-	for {
-		scan, err := t.client.Do(ctx, t.client.B().Scan().Cursor(cursor).Match(t.prefix+"*").Count(1000).Type("stream").Build()).AsScanEntry()
-		if err != nil {
-			errs = append(errs, fmt.Errorf("list streams under %s: %w", t.prefix, err))
-			return total, errors.Join(errs...)
-		}
-		for _, key := range scan.Elements {
-			// One stream that cannot be trimmed must not let the others
-			// grow.
-			n, err := t.trim(ctx, key, cut)
-			total += n
-			if err != nil {
-				errs = append(errs, err)
-			}
-			if ctx.Err() != nil {
-				return total, errors.Join(errs...)
-			}
-		}
-		if scan.Cursor == 0 {
-			return total, errors.Join(errs...)
-		}
-		cursor = scan.Cursor
+	var total int64
+	var errs []error
+	keys, err := stream.Keys(ctx, t.client, t.prefix+"*", "stream")
+	if err != nil {
+		return 0, fmt.Errorf("list streams under %s: %w", t.prefix, err)
 	}
+	for _, key := range keys {
+		// One stream that cannot be trimmed must not let the others grow.
+		n, err := t.trim(ctx, key, cut)
+		total += n
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return total, errors.Join(errs...)
 }
 
 // Trim trims one stream and returns how many entries it removed. A stream

@@ -51,7 +51,7 @@ func TestARefusedWaitDoesNotStopTheRelay(t *testing.T) {
 	ctx := context.Background()
 	b := setup(t)
 	primary := redistest.StartServer(t)
-	admin, err := stream.NewClient(primary.URL())
+	admin, err := stream.NewClient(primary.URL(), false)
 	require.NoError(t, err)
 	t.Cleanup(admin.Close)
 	require.NoError(t, admin.Do(ctx, admin.B().Arbitrary("ACL", "SETUSER", "default", "-wait").Build()).Error())

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/stream"
 	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
@@ -21,9 +22,11 @@ type Config struct {
 	// DBMaxConns caps the pool.
 	DBMaxConns int32 `envconfig:"DB_MAX_CONNS" default:"8" desc:"Largest number of PostgreSQL connections one instance opens. Default 8."`
 	// RedisURL is the Redis the streams live in.
-	RedisURL string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). Default the local server."`
+	RedisURL string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). With REDIS_CLUSTER, the nodes to learn the cluster from: redis://host:port?addr=host2:port2&addr=host3:port3, or Memorystore for Redis Cluster's discovery endpoint alone. Default the local server."`
+	// RedisCluster chooses a Redis Cluster client.
+	RedisCluster bool `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster (Memorystore for Redis Cluster, Valkey or Redis in cluster mode): commands are routed by hash slot and follow failovers. At least one node must answer at start-up. false: a single primary (Memorystore for Redis, a standalone server), which may be down at start-up. Default false."`
 	// StreamPrefix must match the relay's.
-	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the relay; sendemail reads <prefix>user and dead-letters to <prefix>user:dead. Default outbox:."`
+	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the relay; sendemail reads <prefix>user and dead-letters to {<prefix>user}:dead. Default outbox:."`
 	// Group is the consumer group; every sendemail instance joins it.
 	Group string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"Consumer group name shared by all sendemail instances. Default sendemail."`
 	// ConsumerName names this instance in the group.
@@ -79,6 +82,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("DB_MAX_CONNS must be at least 1, not %d", c.DBMaxConns)
 	case c.StreamPrefix == "":
 		return fmt.Errorf("STREAM_PREFIX must not be empty")
+	case stream.ValidPrefix(c.StreamPrefix) != nil:
+		return stream.ValidPrefix(c.StreamPrefix)
 	case c.Group == "":
 		return fmt.Errorf("SENDEMAIL_GROUP must not be empty")
 	case c.BatchSize < 1 || c.BatchSize > 10000:

@@ -39,7 +39,7 @@ func TestTheConsumerGroupIsCreatedAgainWhenRedisForgetsIt(t *testing.T) {
 				t.Parallel()
 				server := redistest.StartServer(t)
 				b := setup(t)
-				client, err := stream.NewClient(server.URL())
+				client, err := stream.NewClient(server.URL(), false)
 				require.NoError(t, err)
 				t.Cleanup(client.Close)
 				b.redis = client
@@ -100,7 +100,7 @@ func TestAnAcknowledgementThatMeetsARestartedRedisIsSentAgain(t *testing.T) {
 	ctx := context.Background()
 	server := redistest.StartServer(t)
 	b := setup(t)
-	client, err := stream.NewClient(server.URL())
+	client, err := stream.NewClient(server.URL(), false)
 	require.NoError(t, err)
 	t.Cleanup(client.Close)
 	b.redis = client
@@ -126,7 +126,7 @@ func TestAnAcknowledgementThatMeetsARestartedRedisIsSentAgain(t *testing.T) {
 	require.NoError(t, client.Do(ctx, client.B().Save().Build()).Error())
 	server.Stop()
 	server.Start()
-	client, err = stream.NewClient(server.URL()) // the test's own connection died too
+	client, err = stream.NewClient(server.URL(), false) // the test's own connection died too
 	require.NoError(t, err)
 	t.Cleanup(client.Close)
 	b.redis = client

@@ -63,8 +63,16 @@ var Function = serve.Define(Name, New)
 
 func init() { functions.HTTP(Name, Function.Handler.ServeHTTP) }
 
-// DeadLetterStream names the dead-letter stream of a stream.
-func DeadLetterStream(stream string) string { return stream + ":dead" }
+// DeadLetterStream names the dead-letter stream of a stream: {<stream>}:dead,
+// in the stream's hash slot (stream.Sibling), because an entry moves there
+// and is acknowledged in one script, which a Redis Cluster runs only on
+// keys of one slot.
+func DeadLetterStream(name string) string { return stream.Sibling(name, "dead") }
+
+// LegacyDeadLetterStream names the dead-letter stream of a stream before
+// 2026-11-24 (<stream>:dead), which is in another slot. outboxctl moves
+// what it holds to DeadLetterStream.
+func LegacyDeadLetterStream(name string) string { return name + ":dead" }
 
 // Service is sendemail: an HTTP trigger and a background loop around one
 // Consumer.
@@ -110,7 +118,7 @@ func NewWithSender(ctx context.Context, cfg Config, sender Sender, logger *slog.
 	if err != nil {
 		return nil, err
 	}
-	client, err := stream.NewClient(cfg.RedisURL)
+	client, err := stream.NewClient(cfg.RedisURL, cfg.RedisCluster)
 	if err != nil {
 		pool.Close()
 		return nil, err

@@ -29,7 +29,11 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	// After a failover a rueidis cluster client closes the connections to
+	// nodes that left the slot map 5 s later, in a goroutine of its own
+	// that Close does not wait for.
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*clusterClient)._refresh.func2"))
 }
 
 type testBundle struct {
@@ -39,13 +43,26 @@ type testBundle struct {
 	prefix string
 	smtp   *smtptest.Server
 	stream string
+	// redisURL and cluster are what sendemail connects to.
+	redisURL string
+	cluster  bool
 }
 
 func setup(t *testing.T) *testBundle {
 	t.Helper()
 	url, pool := pgtest.NewPool(t)
 	client, prefix := redistest.New(t)
-	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, smtp: smtptest.Start(t), stream: prefix + "user"}
+	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, smtp: smtptest.Start(t), stream: prefix + "user",
+		redisURL: redistest.URL()}
+}
+
+// setupOn is setup with the stream on the Redis Cluster c.
+func setupOn(t *testing.T, c *redistest.Cluster) *testBundle {
+	t.Helper()
+	url, pool := pgtest.NewPool(t)
+	client, prefix := c.Client(t)
+	return &testBundle{url: url, pool: pool, redis: client, prefix: prefix, smtp: smtptest.Start(t), stream: prefix + "user",
+		redisURL: c.URL(), cluster: true}
 }
 
 func (b *testBundle) config(mutate ...func(*Config)) Config {
@@ -53,7 +70,8 @@ func (b *testBundle) config(mutate ...func(*Config)) Config {
 		Config:        logging.Config{LogFormat: "text", LogLevel: "info"},
 		DatabaseURL:   b.url,
 		DBMaxConns:    4,
-		RedisURL:      redistest.URL(),
+		RedisURL:      b.redisURL,
+		RedisCluster:  b.cluster,
 		StreamPrefix:  b.prefix,
 		Group:         "sendemail",
 		BatchSize:     16,
@@ -187,100 +205,124 @@ func readAll(t *testing.T, p *multipart.Part) string {
 	}
 }
 
+// backends are the Redis deployments the main tests run against: the
+// shared server, and a three-shard Redis Cluster with a replica per shard,
+// started for t.
+func backends(t *testing.T) []struct {
+	name  string
+	setup func(*testing.T) *testBundle
+} {
+	c := redistest.StartCluster(t, 3, 1)
+	return []struct {
+		name  string
+		setup func(*testing.T) *testBundle
+	}{
+		{"one server", setup},
+		{"a Redis Cluster", func(t *testing.T) *testBundle { return setupOn(t, c) }},
+	}
+}
+
 func TestSendEmail(t *testing.T) {
 	t.Parallel()
+	backends := backends(t)
 
-	t.Run("sends one welcome email per event with recipient, subject, both parts and Message-ID", func(t *testing.T) {
-		t.Parallel()
-		b := setup(t)
-		s := b.service(t)
-		id1 := b.add(t, 1, "ada@example.com", "Ada <script>")
-		id2 := b.add(t, 2, "bob@example.com", "Bob")
-		stats := pass(t, s)
-		require.Equal(t, Stats{Sent: 2}, stats)
+	for _, on := range backends {
+		t.Run("sends one welcome email per event with recipient, subject, both parts and Message-ID, on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			s := b.service(t)
+			id1 := b.add(t, 1, "ada@example.com", "Ada <script>")
+			id2 := b.add(t, 2, "bob@example.com", "Bob")
+			stats := pass(t, s)
+			require.Equal(t, Stats{Sent: 2}, stats)
 
-		msgs := b.smtp.Messages()
-		require.Len(t, msgs, 2)
-		byTo := map[string]smtptest.Message{}
-		for _, m := range msgs {
-			require.Len(t, m.To, 1)
-			byTo[m.To[0]] = m
-		}
-		ada := byTo["ada@example.com"]
-		require.Equal(t, "welcome@example.com", ada.From)
-		to, err := ada.Header.AddressList("To")
-		require.NoError(t, err)
-		require.Equal(t, "Ada <script>", to[0].Name)
-		subject, err := new(mime.WordDecoder).DecodeHeader(ada.Header.Get("Subject"))
-		require.NoError(t, err)
-		require.Equal(t, "Welcome, Ada <script>!", subject)
-		require.Equal(t, "<"+id1+"@example.com>", ada.Header.Get("Message-Id"))
-		require.Equal(t, "<"+id2+"@example.com>", byTo["bob@example.com"].Header.Get("Message-Id"))
-		p := parts(t, ada)
-		require.Contains(t, p["text/plain"], "Hello Ada <script>,")
-		require.Contains(t, p["text/html"], "Hello Ada &lt;script&gt;,", "the HTML part escapes user data")
-		require.NotContains(t, p["text/html"], "<script>")
+			msgs := b.smtp.Messages()
+			require.Len(t, msgs, 2)
+			byTo := map[string]smtptest.Message{}
+			for _, m := range msgs {
+				require.Len(t, m.To, 1)
+				byTo[m.To[0]] = m
+			}
+			ada := byTo["ada@example.com"]
+			require.Equal(t, "welcome@example.com", ada.From)
+			to, err := ada.Header.AddressList("To")
+			require.NoError(t, err)
+			require.Equal(t, "Ada <script>", to[0].Name)
+			subject, err := new(mime.WordDecoder).DecodeHeader(ada.Header.Get("Subject"))
+			require.NoError(t, err)
+			require.Equal(t, "Welcome, Ada <script>!", subject)
+			require.Equal(t, "<"+id1+"@example.com>", ada.Header.Get("Message-Id"))
+			require.Equal(t, "<"+id2+"@example.com>", byTo["bob@example.com"].Header.Get("Message-Id"))
+			p := parts(t, ada)
+			require.Contains(t, p["text/plain"], "Hello Ada <script>,")
+			require.Contains(t, p["text/html"], "Hello Ada &lt;script&gt;,", "the HTML part escapes user data")
+			require.NotContains(t, p["text/html"], "<script>")
 
-		require.Zero(t, b.pending(t))
-		var sent int
-		require.NoError(t, b.pool.QueryRow(context.Background(),
-			`SELECT count(*) FROM email_sends WHERE sent_at IS NOT NULL AND message_id LIKE '<%@example.com>'`).Scan(&sent))
-		require.Equal(t, 2, sent)
-	})
+			require.Zero(t, b.pending(t))
+			var sent int
+			require.NoError(t, b.pool.QueryRow(context.Background(),
+				`SELECT count(*) FROM email_sends WHERE sent_at IS NOT NULL AND message_id LIKE '<%@example.com>'`).Scan(&sent))
+			require.Equal(t, 2, sent)
+		})
+	}
 
-	t.Run("sends one email for an event added to the stream three times", func(t *testing.T) {
-		t.Parallel()
-		b := setup(t)
-		s := b.service(t)
-		e := stream.Event{EventID: uuid.NewString(), EventType: "user.created", AggregateType: "user", AggregateID: "7",
-			Payload: `{"user_id":7,"email":"ada@example.com","name":"Ada"}`, OccurredAt: time.Now()}
-		b.addEvent(t, e)
-		b.addEvent(t, e)
-		require.Equal(t, Stats{Sent: 1, Duplicates: 1}, pass(t, s))
-		b.addEvent(t, e)
-		require.Equal(t, Stats{Duplicates: 1}, pass(t, s))
-		require.Equal(t, 1, b.smtp.Count())
-		require.Zero(t, b.pending(t))
-	})
+	for _, on := range backends {
+		t.Run("sends one email for an event added to the stream three times, on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			s := b.service(t)
+			e := stream.Event{EventID: uuid.NewString(), EventType: "user.created", AggregateType: "user", AggregateID: "7",
+				Payload: `{"user_id":7,"email":"ada@example.com","name":"Ada"}`, OccurredAt: time.Now()}
+			b.addEvent(t, e)
+			b.addEvent(t, e)
+			require.Equal(t, Stats{Sent: 1, Duplicates: 1}, pass(t, s))
+			b.addEvent(t, e)
+			require.Equal(t, Stats{Duplicates: 1}, pass(t, s))
+			require.Equal(t, 1, b.smtp.Count())
+			require.Zero(t, b.pending(t))
+		})
+	}
 
-	t.Run("lets another consumer finish what a killed one left, sending each email once", func(t *testing.T) {
-		t.Parallel()
-		b := setup(t)
-		for i := range 10 {
-			b.add(t, int64(i+1), fmt.Sprintf("u%d@example.com", i+1), "U")
-		}
-		short := func(c *Config) { c.ClaimIdle, c.Lease, c.BatchSize = 300*time.Millisecond, 200*time.Millisecond, 5 }
-		// The first consumer sends the first five emails, then dies before
-		// acknowledging them.
-		killed := b.service(t, short, func(c *Config) { c.ConsumerName = "killed" })
-		killed.consumer.beforeAck = func() error { return errors.New("killed") }
-		require.NoError(t, killed.consumer.EnsureGroup(context.Background()))
-		entries, err := killed.consumer.read(context.Background(), ">", 0)
-		require.NoError(t, err)
-		_, err = killed.consumer.handle(context.Background(), entries)
-		require.ErrorContains(t, err, "killed")
-		require.Equal(t, 5, b.smtp.Count())
-		// It had also read the other five and never got to them.
-		more, err := killed.consumer.read(context.Background(), ">", 0)
-		require.NoError(t, err)
-		require.Len(t, more, 5)
-		require.EqualValues(t, 10, b.pending(t))
+	for _, on := range backends {
+		t.Run("lets another consumer finish what a killed one left, sending each email once, on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			for i := range 10 {
+				b.add(t, int64(i+1), fmt.Sprintf("u%d@example.com", i+1), "U")
+			}
+			short := func(c *Config) { c.ClaimIdle, c.Lease, c.BatchSize = 300*time.Millisecond, 200*time.Millisecond, 5 }
+			// The first consumer sends the first five emails, then dies before
+			// acknowledging them.
+			killed := b.service(t, short, func(c *Config) { c.ConsumerName = "killed" })
+			killed.consumer.beforeAck = func() error { return errors.New("killed") }
+			require.NoError(t, killed.consumer.EnsureGroup(context.Background()))
+			entries, err := killed.consumer.read(context.Background(), ">", 0)
+			require.NoError(t, err)
+			_, err = killed.consumer.handle(context.Background(), entries)
+			require.ErrorContains(t, err, "killed")
+			require.Equal(t, 5, b.smtp.Count())
+			// It had also read the other five and never got to them.
+			more, err := killed.consumer.read(context.Background(), ">", 0)
+			require.NoError(t, err)
+			require.Len(t, more, 5)
+			require.EqualValues(t, 10, b.pending(t))
 
-		survivor := b.service(t, short, func(c *Config) { c.ConsumerName = "survivor" })
-		time.Sleep(350 * time.Millisecond) // let the entries go idle past SENDEMAIL_CLAIM_IDLE
-		stats := pass(t, survivor)
-		require.EqualValues(t, 10, stats.Claimed)
-		require.EqualValues(t, 5, stats.Sent)
-		require.EqualValues(t, 5, stats.Duplicates)
-		require.Zero(t, b.pending(t))
-		msgs := b.smtp.Messages()
-		require.Len(t, msgs, 10)
-		seen := map[string]bool{}
-		for _, m := range msgs {
-			require.False(t, seen[m.To[0]], "%s got two emails", m.To[0])
-			seen[m.To[0]] = true
-		}
-	})
+			survivor := b.service(t, short, func(c *Config) { c.ConsumerName = "survivor" })
+			time.Sleep(350 * time.Millisecond) // let the entries go idle past SENDEMAIL_CLAIM_IDLE
+			stats := pass(t, survivor)
+			require.EqualValues(t, 10, stats.Claimed)
+			require.EqualValues(t, 5, stats.Sent)
+			require.EqualValues(t, 5, stats.Duplicates)
+			require.Zero(t, b.pending(t))
+			msgs := b.smtp.Messages()
+			require.Len(t, msgs, 10)
+			seen := map[string]bool{}
+			for _, m := range msgs {
+				require.False(t, seen[m.To[0]], "%s got two emails", m.To[0])
+				seen[m.To[0]] = true
+			}
+		})
+	}
 
 	t.Run("retries a 4xx and sends one email", func(t *testing.T) {
 		t.Parallel()
@@ -369,35 +411,37 @@ func TestSendEmail(t *testing.T) {
 		require.Zero(t, b.pending(t))
 	})
 
-	t.Run("dead-letters a refused recipient and undecodable entries with their reasons", func(t *testing.T) {
-		t.Parallel()
-		b := setup(t)
-		b.smtp.RefuseRecipients(func(to string) bool { return strings.HasPrefix(to, "gone@") }, smtptest.NoSuchUser)
-		s := b.service(t)
-		b.add(t, 1, "gone@example.com", "Gone")
-		b.addRaw(t, "event_type", "user.created", "payload", "{}") // no event_id
-		b.addEvent(t, stream.Event{EventID: uuid.NewString(), EventType: "user.created", Payload: "not json", OccurredAt: time.Now()})
-		b.addEvent(t, stream.Event{EventID: uuid.NewString(), EventType: "user.created", Payload: `{"user_id":3,"email":"a@b.c, d@e.f","name":"X"}`, OccurredAt: time.Now()})
-		b.add(t, 4, "ok@example.com", "Ok")
-		require.Equal(t, Stats{Sent: 1, DeadLettered: 4}, pass(t, s), "a malformed entry never stops the consumer")
-		require.Zero(t, b.pending(t), "nothing stays pending")
+	for _, on := range backends {
+		t.Run("dead-letters a refused recipient and undecodable entries with their reasons, on "+on.name, func(t *testing.T) {
+			t.Parallel()
+			b := on.setup(t)
+			b.smtp.RefuseRecipients(func(to string) bool { return strings.HasPrefix(to, "gone@") }, smtptest.NoSuchUser)
+			s := b.service(t)
+			b.add(t, 1, "gone@example.com", "Gone")
+			b.addRaw(t, "event_type", "user.created", "payload", "{}") // no event_id
+			b.addEvent(t, stream.Event{EventID: uuid.NewString(), EventType: "user.created", Payload: "not json", OccurredAt: time.Now()})
+			b.addEvent(t, stream.Event{EventID: uuid.NewString(), EventType: "user.created", Payload: `{"user_id":3,"email":"a@b.c, d@e.f","name":"X"}`, OccurredAt: time.Now()})
+			b.add(t, 4, "ok@example.com", "Ok")
+			require.Equal(t, Stats{Sent: 1, DeadLettered: 4}, pass(t, s), "a malformed entry never stops the consumer")
+			require.Zero(t, b.pending(t), "nothing stays pending")
 
-		reasons := map[string]string{}
-		for _, d := range b.deadLetters(t) {
-			require.NotEmpty(t, d.FieldValues[FieldDeadOriginalID])
-			require.Equal(t, b.stream, d.FieldValues[FieldDeadStream])
-			require.NotEmpty(t, d.FieldValues[FieldDeadConsumer])
-			require.NotEmpty(t, d.FieldValues[FieldDeadFailedAt])
-			reasons[d.FieldValues["payload"]] = d.FieldValues[FieldDeadError]
-		}
-		require.Contains(t, reasons[`{"email":"gone@example.com","name":"Gone","user_id":1}`], "550")
-		require.Contains(t, reasons["{}"], "event_id is missing")
-		require.Contains(t, reasons["not json"], "decode user.created payload")
-		require.Contains(t, reasons[`{"user_id":3,"email":"a@b.c, d@e.f","name":"X"}`], "not a single plain address")
-		var records int
-		require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM email_sends WHERE key = 'welcome:1'`).Scan(&records))
-		require.Zero(t, records, "a permanent failure leaves no claim behind, so a redrive can send it")
-	})
+			reasons := map[string]string{}
+			for _, d := range b.deadLetters(t) {
+				require.NotEmpty(t, d.FieldValues[FieldDeadOriginalID])
+				require.Equal(t, b.stream, d.FieldValues[FieldDeadStream])
+				require.NotEmpty(t, d.FieldValues[FieldDeadConsumer])
+				require.NotEmpty(t, d.FieldValues[FieldDeadFailedAt])
+				reasons[d.FieldValues["payload"]] = d.FieldValues[FieldDeadError]
+			}
+			require.Contains(t, reasons[`{"email":"gone@example.com","name":"Gone","user_id":1}`], "550")
+			require.Contains(t, reasons["{}"], "event_id is missing")
+			require.Contains(t, reasons["not json"], "decode user.created payload")
+			require.Contains(t, reasons[`{"user_id":3,"email":"a@b.c, d@e.f","name":"X"}`], "not a single plain address")
+			var records int
+			require.NoError(t, b.pool.QueryRow(context.Background(), `SELECT count(*) FROM email_sends WHERE key = 'welcome:1'`).Scan(&records))
+			require.Zero(t, records, "a permanent failure leaves no claim behind, so a redrive can send it")
+		})
+	}
 
 	t.Run("sends no extra header for a name carrying CR/LF", func(t *testing.T) {
 		t.Parallel()

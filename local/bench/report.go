@@ -97,7 +97,7 @@ func newEnv(ctx context.Context, out io.Writer) (*env, error) {
 	if err != nil {
 		return nil, err
 	}
-	client, err := stream.NewClient(redistest.URL())
+	client, err := stream.NewClient(redistest.URL(), false)
 	if err != nil {
 		pool.Close()
 		return nil, err

@@ -368,5 +368,5 @@ func (r *redisServer) Stop() {
 // client opens a client of the private server for the run's own checks and
 // faults.
 func (r *redisServer) client() (rueidis.Client, error) {
-	return stream.NewClient(r.URL())
+	return stream.NewClient(r.URL(), false)
 }

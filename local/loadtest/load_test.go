@@ -134,15 +134,16 @@ type pipeline struct {
 func start(t *testing.T, smtpURL string) *pipeline {
 	t.Helper()
 	client, prefix := redistest.New(t)
-	return startOn(t, smtpURL, redistest.URL(), client, prefix, 0)
+	return startOn(t, smtpURL, redistest.URL(), false, client, prefix, 0)
 }
 
 // startOn runs createuser, a relay that retains what it relayed for
 // retention (0: not at all) and two sendemail consumers on a database of
-// their own, against the Redis at redisURL (which client talks to) with
+// their own, against the Redis at redisURL (a Redis Cluster if cluster;
+// client talks to it) with
 // stream prefix, sending mail through smtpURL. Nothing is trimmed, so the
 // stream shows every event the relay published.
-func startOn(t *testing.T, smtpURL, redisURL string, client rueidis.Client, prefix string, retention time.Duration) *pipeline {
+func startOn(t *testing.T, smtpURL, redisURL string, cluster bool, client rueidis.Client, prefix string, retention time.Duration) *pipeline {
 	t.Helper()
 	ctx := context.Background()
 	dbURL, db := pgtest.NewPool(t)
@@ -153,7 +154,7 @@ func startOn(t *testing.T, smtpURL, redisURL string, client rueidis.Client, pref
 	require.NoError(t, err)
 	t.Cleanup(cu.Close)
 	rl, err := relay.New(ctx, relay.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 4, RedisURL: redisURL,
-		StreamPrefix: prefix, BatchSize: 1000, PollInterval: time.Second, DedupeWindow: time.Hour, Retention: retention,
+		RedisCluster: cluster, StreamPrefix: prefix, BatchSize: 1000, PollInterval: time.Second, DedupeWindow: time.Hour, Retention: retention,
 		DrainTimeout: 10 * time.Second, ReconnectDelay: 100 * time.Millisecond, Background: true}, logging.Discard())
 	require.NoError(t, err)
 	require.NoError(t, rl.Start(ctx))
@@ -164,7 +165,7 @@ func startOn(t *testing.T, smtpURL, redisURL string, client rueidis.Client, pref
 	const lease = 4 * time.Second
 	for i := range 2 {
 		se, err := sendemail.New(ctx, sendemail.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 8, RedisURL: redisURL,
-			StreamPrefix: prefix, Group: "sendemail", ConsumerName: fmt.Sprintf("load-%d", i), BatchSize: 64, Concurrency: 8,
+			RedisCluster: cluster, StreamPrefix: prefix, Group: "sendemail", ConsumerName: fmt.Sprintf("load-%d", i), BatchSize: 64, Concurrency: 8,
 			Block: 200 * time.Millisecond, ClaimIdle: 2 * lease, ClaimInterval: time.Second, MaxDeliveries: 20, SendAttempts: 3,
 			Lease: lease, SMTPURL: smtpURL, SMTPTimeout: time.Second, SMTPDataTimeout: time.Second,
 			From: "Example <welcome@example.com>", Subject: "Welcome, {{.Name}}!", DrainTimeout: 10 * time.Second,

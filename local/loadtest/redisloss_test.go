@@ -177,11 +177,11 @@ func startForgetful(t *testing.T) *forgetfulPipeline {
 	t.Helper()
 	// Started before the functions, so stopped after them.
 	server := redistest.StartServer(t)
-	client, err := stream.NewClient(server.URL())
+	client, err := stream.NewClient(server.URL(), false)
 	require.NoError(t, err)
 	t.Cleanup(client.Close)
 	mail := smtptest.Start(t)
-	p := startOn(t, mail.URL(), server.URL(), client, "outbox:", time.Hour)
+	p := startOn(t, mail.URL(), server.URL(), false, client, "outbox:", time.Hour)
 	return &forgetfulPipeline{pipeline: p, server: server, mail: mail}
 }
 

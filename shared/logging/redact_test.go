@@ -40,9 +40,9 @@ func TestRedact(t *testing.T) {
 // password in it.
 func TestLoggerNeverWritesAPassword(t *testing.T) {
 	t.Parallel()
-	_, redisErr := stream.NewClient("redis://:" + password + "@10.0.0.3:port/0")
+	_, redisErr := stream.NewClient("redis://:"+password+"@10.0.0.3:port/0", false)
 	require.Error(t, redisErr)
-	_, redisEscapeErr := stream.NewClient("redis://:" + password + "%zz@10.0.0.3:6379/0")
+	_, redisEscapeErr := stream.NewClient("redis://:"+password+"%zz@10.0.0.3:6379/0", false)
 	require.Error(t, redisEscapeErr)
 	_, pgErr := pg.NewPool(context.Background(), "postgres://app:"+password+"%zz@db/outbox", pg.PoolConfig{})
 	require.Error(t, pgErr)

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/redis/rueidis"
+
+	"github.com/outboxfn/outbox/shared/stream"
 )
 
 // DefaultURL is the server tests use when REDIS_URL is unset.
@@ -28,18 +30,35 @@ func URL() string {
 
 var unsafe = regexp.MustCompile(`[^A-Za-z0-9_]+`)
 
-// New returns a client and a prefix ("test:<name>:<random>:") for t. Every
-// key under the prefix is deleted, and the client closed, when t ends.
+// New returns a client and a prefix ("test:<name>:<random>:") for t, on
+// the shared server at URL. Every key under the prefix is deleted, and the
+// client closed, when t ends.
 func New(t testing.TB) (rueidis.Client, string) {
 	t.Helper()
-	opt, err := rueidis.ParseURL(URL())
+	return open(t, URL(), false)
+}
+
+// Client returns a cluster client and a prefix of t's own, as New does for
+// the shared server.
+func (c *Cluster) Client(t testing.TB) (rueidis.Client, string) {
+	t.Helper()
+	return open(t, c.URL(), true)
+}
+
+func open(t testing.TB, url string, cluster bool) (rueidis.Client, string) {
+	t.Helper()
+	opt, err := rueidis.ParseURL(url)
 	if err != nil {
 		t.Fatalf("redistest: parse REDIS_URL: %v", err)
 	}
 	opt.DisableCache = true
 	client, err := rueidis.NewClient(opt)
 	if err != nil {
-		t.Fatalf("redistest: connect to %s: %v (is Redis running? `make services` starts it)", URL(), err)
+		t.Fatalf("redistest: connect to %s: %v (is Redis running? `make services` starts it)", url, err)
+	}
+	if cluster != (client.Mode() == rueidis.ClientModeCluster) {
+		client.Close()
+		t.Fatalf("redistest: %s: client mode %s, want cluster %v", url, client.Mode(), cluster)
 	}
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
@@ -57,24 +76,25 @@ func New(t testing.TB) (rueidis.Client, string) {
 	return client, prefix
 }
 
-// Delete removes every key that starts with prefix.
+// Delete removes every key that starts with prefix, and the keys that
+// share a stream's hash slot ({<prefix>…}:…, see stream.Sibling).
 func Delete(ctx context.Context, t testing.TB, client rueidis.Client, prefix string) {
-	var cursor uint64
-	for {
-		entry, err := client.Do(ctx, client.B().Scan().Cursor(cursor).Match(prefix+"*").Count(1000).Build()).AsScanEntry()
+	for _, pattern := range []string{prefix + "*", "{" + prefix + "*"} {
+		keys, err := stream.Keys(ctx, client, pattern, "")
 		if err != nil {
-			t.Errorf("redistest: scan %s*: %v", prefix, err)
+			t.Errorf("redistest: list %s: %v", pattern, err)
 			return
 		}
-		if len(entry.Elements) > 0 {
-			if err := client.Do(ctx, client.B().Unlink().Key(entry.Elements...).Build()).Error(); err != nil {
-				t.Errorf("redistest: delete %s*: %v", prefix, err)
+		// One UNLINK per key: on a cluster the keys are in many slots.
+		cmds := make(rueidis.Commands, 0, len(keys))
+		for _, k := range keys {
+			cmds = append(cmds, client.B().Unlink().Key(k).Build())
+		}
+		for _, r := range client.DoMulti(ctx, cmds...) {
+			if err := r.Error(); err != nil {
+				t.Errorf("redistest: delete %s: %v", pattern, err)
 				return
 			}
 		}
-		if entry.Cursor == 0 {
-			return
-		}
-		cursor = entry.Cursor
 	}
 }

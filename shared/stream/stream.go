@@ -7,7 +7,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -134,13 +136,39 @@ func ParseURL(url string) (rueidis.ClientOption, error) {
 
 // NewClient opens a Redis client for url. Client-side caching is off because
 // nothing here reads cached keys and Memorystore refuses CLIENT TRACKING.
-func NewClient(url string) (rueidis.Client, error) {
+//
+// With cluster false the client talks to one server (a primary, or
+// Memorystore's primary endpoint) and starts even while it is down:
+// commands fail until it is back. With cluster true it is a Redis Cluster
+// client: the URL names one or more nodes to learn the cluster's layout
+// from (redis://host:port?addr=host2:port2&addr=host3:port3, or a
+// discovery endpoint), and at least one of them must answer now, because
+// the client needs the slot map before it can route anything. From then on
+// it follows the cluster through failovers and resharding by itself.
+func NewClient(url string, cluster bool) (rueidis.Client, error) {
 	opt, err := ParseURL(url)
 	if err != nil {
 		return nil, err
 	}
 	opt.DisableCache = true
 	opt.Dialer.Timeout = 5 * time.Second
+	if cluster {
+		if opt.SelectDB != 0 {
+			return nil, ErrClusterDB
+		}
+		// Ask the seed nodes in random order, so that instances do not all
+		// ask the first one.
+		opt.ShuffleInit = true
+		client, err := rueidis.NewClient(opt)
+		if err != nil {
+			return nil, fmt.Errorf("connect to redis cluster: %w", err)
+		}
+		if client.Mode() != rueidis.ClientModeCluster {
+			client.Close()
+			return nil, ErrNotCluster
+		}
+		return client, nil
+	}
 	// Start even while Redis is down; commands fail until it is back.
 	opt.ForceSingleClient = true
 	client, err := rueidis.NewClient(opt)
@@ -150,6 +178,115 @@ func NewClient(url string) (rueidis.Client, error) {
 	// With ForceSingleClient a failed first dial still yields a client that
 	// redials on use; the error only says Redis is down right now.
 	return client, nil
+}
+
+// ErrClusterDB says a cluster URL selects a database other than 0; a
+// Redis Cluster has only database 0.
+var ErrClusterDB = errors.New("redis cluster has only database 0: drop the /db part of REDIS_URL or make it /0")
+
+// ErrNotCluster says REDIS_CLUSTER is true but the server is not a Redis
+// Cluster node (cluster_enabled:0).
+var ErrNotCluster = errors.New("REDIS_CLUSTER is true but the server at REDIS_URL is not in cluster mode")
+
+// Sibling names a key that lives in the same Redis Cluster hash slot as the
+// key name, for the state that must change together with it in one MULTI
+// or script (a stream's dead letters, the relay's fence and marker).
+//
+// Redis hashes only the part of a key between the first '{' and the next
+// '}' when that part is not empty (the hash tag), and the whole key
+// otherwise. So a name without a hash tag, such as outbox:user, is in the
+// slot of the tag {outbox:user}: its siblings are {outbox:user}:<role>,
+// and the name itself does not change. A name that has a hash tag of its
+// own keeps it: {outbox}:user's siblings are {outbox}:user:<role>. A name
+// with a '}' outside a hash tag has no sibling (ValidPrefix refuses such
+// prefixes).
+func Sibling(name, role string) string {
+	if hasHashTag(name) {
+		return name + ":" + role
+	}
+	return "{" + name + "}:" + role
+}
+
+// ErrPrefixBraces says a stream prefix holds a '}' that no sibling name can
+// share a hash slot with (see ValidPrefix).
+var ErrPrefixBraces = errors.New("STREAM_PREFIX may hold '{' and '}' only as a hash tag before any other '}' ({outbox}: is one)")
+
+// ValidPrefix checks that every stream under prefix has siblings in its
+// hash slot: a name with a '}' but no hash tag (outbox:{}x:) has none,
+// because a sibling's tag would end at that '}'. Aggregate types hold no
+// braces, so the prefix decides.
+func ValidPrefix(prefix string) error {
+	if strings.IndexByte(prefix, '}') >= 0 && !hasHashTag(prefix) {
+		return ErrPrefixBraces
+	}
+	return nil
+}
+
+// hasHashTag reports whether Redis Cluster hashes only part of key.
+func hasHashTag(key string) bool {
+	open := strings.IndexByte(key, '{')
+	if open < 0 {
+		return false
+	}
+	end := strings.IndexByte(key[open+1:], '}')
+	return end > 0
+}
+
+// Keys lists, sorted and without repeats, the keys that match pattern
+// (SCAN … MATCH) and are of type typ (all types when empty). A SCAN
+// covers one server, so on a cluster it runs on every node; a replica lists
+// its primary's keys again, which the list drops. A cluster node that
+// cannot be reached is passed over (its keys are on its replica, which
+// takes over), unless no node can be.
+func Keys(ctx context.Context, client rueidis.Client, pattern, typ string) ([]string, error) {
+	seen := make(map[string]struct{})
+	cluster := client.Mode() == rueidis.ClientModeCluster
+	var unreachable error
+	answered := 0
+	for addr, node := range client.Nodes() {
+		err := scanNode(ctx, node, pattern, typ, seen)
+		if _, isRedis := rueidis.IsRedisErr(err); err != nil && (!cluster || isRedis) {
+			return nil, fmt.Errorf("list keys %s on %s: %w", pattern, addr, err)
+		}
+		if err != nil {
+			unreachable = fmt.Errorf("list keys %s on %s: %w", pattern, addr, err)
+			continue
+		}
+		answered++
+	}
+	if answered == 0 && unreachable != nil {
+		return nil, unreachable
+	}
+	keys := make([]string, 0, len(seen))
+	for k := range seen {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys, nil
+}
+
+func scanNode(ctx context.Context, node rueidis.Client, pattern, typ string, seen map[string]struct{}) error {
+	var cursor uint64
+	for {
+		b := node.B().Scan().Cursor(cursor).Match(pattern).Count(1000)
+		var cmd rueidis.Completed
+		if typ != "" {
+			cmd = b.Type(typ).Build()
+		} else {
+			cmd = b.Build()
+		}
+		scan, err := node.Do(ctx, cmd).AsScanEntry()
+		if err != nil {
+			return err
+		}
+		for _, k := range scan.Elements {
+			seen[k] = struct{}{}
+		}
+		if scan.Cursor == 0 {
+			return nil
+		}
+		cursor = scan.Cursor
+	}
 }
 
 // Ping checks that Redis answers.

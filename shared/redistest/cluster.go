@@ -1,0 +1,324 @@
+package redistest
+
+import (
+	"fmt"
+	"net"
+	"os/exec"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Cluster is a private Redis Cluster: shards primaries, each with its
+// replicas, on loopback ports, for tests that need cluster routing or a
+// failover. Its nodes are killed when the test that started it ends.
+type Cluster struct {
+	t     testing.TB
+	nodes []*Server
+}
+
+// clusterNodeTimeout is the nodes' cluster-node-timeout: a primary that
+// does not answer for this long is failed over by its replica, in about
+// twice that.
+const clusterNodeTimeout = 1000 * time.Millisecond
+
+// StartCluster starts shards × (1 + replicasPerShard) redis-server nodes
+// in cluster mode (no persistence, each with its own directory and
+// nodes.conf), joins them with redis-cli --cluster create, and waits until
+// every node reports cluster_state:ok and every replica has synchronised.
+// It skips t when redis-server or redis-cli is not installed.
+func StartCluster(t testing.TB, shards, replicasPerShard int) *Cluster {
+	t.Helper()
+	for _, bin := range []string{"redis-server", "redis-cli"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("%s is not installed: the Redis Cluster tests need it", bin)
+		}
+	}
+	c := &Cluster{t: t}
+	n := shards * (1 + replicasPerShard)
+	addrs := make([]string, 0, n)
+	for range n {
+		// The cluster bus listens on port+10000, so both must be free.
+		port := freeClusterPort(t)
+		s := &Server{t: t, port: port, args: []string{"--dir", t.TempDir(),
+			"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+			"--cluster-node-timeout", strconv.Itoa(int(clusterNodeTimeout.Milliseconds())),
+			// A replica's first synchronisation would wait 5 s for others
+			// to join it.
+			"--repl-diskless-sync-delay", "0"}}
+		s.Start()
+		t.Cleanup(s.Stop)
+		c.nodes = append(c.nodes, s)
+		addrs = append(addrs, s.Addr())
+	}
+	args := append([]string{"--cluster", "create"}, addrs...)
+	args = append(args, "--cluster-replicas", strconv.Itoa(replicasPerShard), "--cluster-yes")
+	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
+		t.Fatalf("redistest: redis-cli --cluster create: %v\n%s", err, out)
+	}
+	c.WaitHealthy()
+	return c
+}
+
+// freeClusterPort returns a free loopback port p whose cluster bus port
+// p+10000 is free too.
+func freeClusterPort(t testing.TB) int {
+	t.Helper()
+	for range 100 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("redistest: find a free port: %v", err)
+		}
+		port := ln.Addr().(*net.TCPAddr).Port
+		if port+10000 > 65535 {
+			_ = ln.Close()
+			continue
+		}
+		bus, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port+10000))
+		_ = ln.Close()
+		if err != nil {
+			continue
+		}
+		_ = bus.Close()
+		return port
+	}
+	t.Fatalf("redistest: no free port pair for a cluster node")
+	return 0
+}
+
+// Addr is the server's host:port.
+func (s *Server) Addr() string { return fmt.Sprintf("127.0.0.1:%d", s.port) }
+
+// URL is a redis:// URL naming every node of the cluster (the first as
+// host, the others as addr parameters), for a client with REDIS_CLUSTER
+// set.
+func (c *Cluster) URL() string {
+	u := "redis://" + c.nodes[0].Addr()
+	for i, s := range c.nodes[1:] {
+		sep := "&"
+		if i == 0 {
+			sep = "?"
+		}
+		u += sep + "addr=" + s.Addr()
+	}
+	return u
+}
+
+// Nodes returns the cluster's servers, primaries and replicas, in the order
+// they were started.
+func (c *Cluster) Nodes() []*Server { return c.nodes }
+
+// cli runs redis-cli against s and returns its output.
+func (s *Server) cli(args ...string) (string, error) {
+	out, err := exec.Command("redis-cli", append([]string{"-p", strconv.Itoa(s.port)}, args...)...).Output()
+	return string(out), err
+}
+
+// WaitHealthy waits until every running node reports cluster_state:ok,
+// agrees on which node serves each shard, and every replica's link to its
+// primary is up (a replica that has not synchronised cannot take over).
+func (c *Cluster) WaitHealthy() {
+	c.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	var why string
+	for time.Now().Before(deadline) {
+		if why = c.unhealthy(); why == "" {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.t.Fatalf("redistest: cluster not healthy after 30s: %s", why)
+}
+
+// unhealthy says what keeps the cluster from being healthy, or "".
+func (c *Cluster) unhealthy() string {
+	var primaries string
+	for _, s := range c.nodes {
+		if s.cmd == nil {
+			continue
+		}
+		info, err := s.cli("CLUSTER", "INFO")
+		if err != nil || !strings.Contains(info, "cluster_state:ok") {
+			return fmt.Sprintf("%s: cluster_state not ok (%v)", s.Addr(), err)
+		}
+		nodes, err := s.cli("CLUSTER", "NODES")
+		if err != nil {
+			return fmt.Sprintf("%s: CLUSTER NODES: %v", s.Addr(), err)
+		}
+		view := primaryView(nodes)
+		if primaries == "" {
+			primaries = view
+		} else if view != primaries {
+			return fmt.Sprintf("%s sees primaries %s, others %s", s.Addr(), view, primaries)
+		}
+		repl, err := s.cli("INFO", "replication")
+		if err != nil {
+			return fmt.Sprintf("%s: INFO replication: %v", s.Addr(), err)
+		}
+		if strings.Contains(repl, "role:slave") && !strings.Contains(repl, "master_link_status:up") {
+			return fmt.Sprintf("%s: replica not synchronised", s.Addr())
+		}
+	}
+	return ""
+}
+
+// primaryView lists, from a CLUSTER NODES reply, the connected primaries
+// serving slots, sorted by their first slot range.
+func primaryView(nodes string) string {
+	var out []string
+	for _, line := range strings.Split(strings.TrimSpace(nodes), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 9 || !strings.Contains(f[2], "master") || strings.Contains(f[2], "fail") || f[7] != "connected" {
+			continue
+		}
+		out = append(out, f[8]+"="+strings.Split(f[1], "@")[0])
+	}
+	slices.Sort(out)
+	return strings.Join(out, ",")
+}
+
+// PrimaryOf returns the running node that serves key's slot as primary.
+func (c *Cluster) PrimaryOf(key string) *Server {
+	c.t.Helper()
+	p := c.primaryOf(key)
+	if p == nil {
+		c.t.Fatalf("redistest: no node serves the slot of %s", key)
+	}
+	return p
+}
+
+// primaryOf is PrimaryOf, or nil while no node serves the slot.
+func (c *Cluster) primaryOf(key string) *Server {
+	for _, s := range c.nodes {
+		if s.cmd == nil {
+			continue
+		}
+		slot, err := s.cli("CLUSTER", "KEYSLOT", key)
+		if err != nil {
+			continue
+		}
+		n, err := strconv.Atoi(strings.TrimSpace(slot))
+		if err != nil {
+			continue
+		}
+		nodes, err := s.cli("CLUSTER", "NODES")
+		if err != nil {
+			continue
+		}
+		addr := servingPrimary(nodes, n)
+		for _, p := range c.nodes {
+			if p.Addr() == addr && p.cmd != nil {
+				return p
+			}
+		}
+		return nil
+	}
+	return nil
+}
+
+// servingPrimary finds in a CLUSTER NODES reply the address of the
+// connected primary that serves slot.
+func servingPrimary(nodes string, slot int) string {
+	for _, line := range strings.Split(strings.TrimSpace(nodes), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 9 || !strings.Contains(f[2], "master") || strings.Contains(f[2], "fail") {
+			continue
+		}
+		for _, r := range f[8:] {
+			lo, hi, ok := strings.Cut(r, "-")
+			if !ok {
+				hi = lo
+			}
+			a, err1 := strconv.Atoi(lo)
+			b, err2 := strconv.Atoi(hi)
+			if err1 == nil && err2 == nil && a <= slot && slot <= b {
+				return strings.Split(f[1], "@")[0]
+			}
+		}
+	}
+	return ""
+}
+
+// Failover kills the primary that serves key's slot, as a crash would,
+// waits until its replica has taken over and the other nodes agree, and
+// returns the killed node (Start brings it back, as a replica of the new
+// primary). Writes the replica had not received are lost, as in a real
+// failover.
+func (c *Cluster) Failover(key string) *Server {
+	c.t.Helper()
+	old := c.PrimaryOf(key)
+	old.Stop()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if p := c.primaryOf(key); p != nil && p != old && c.unhealthy() == "" {
+			return old
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.t.Fatalf("redistest: no replica took over from %s within 30s: %s", old.Addr(), c.unhealthy())
+	return nil
+}
+
+// replicasOf returns the running replicas of primary.
+func (c *Cluster) replicasOf(primary *Server) []*Server {
+	c.t.Helper()
+	id, err := primary.cli("CLUSTER", "MYID")
+	if err != nil {
+		c.t.Fatalf("redistest: CLUSTER MYID on %s: %v", primary.Addr(), err)
+	}
+	id = strings.TrimSpace(id)
+	nodes, err := primary.cli("CLUSTER", "NODES")
+	if err != nil {
+		c.t.Fatalf("redistest: CLUSTER NODES on %s: %v", primary.Addr(), err)
+	}
+	var out []*Server
+	for _, line := range strings.Split(strings.TrimSpace(nodes), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 || f[3] != id {
+			continue
+		}
+		addr := strings.Split(f[1], "@")[0]
+		for _, s := range c.nodes {
+			if s.Addr() == addr && s.cmd != nil {
+				out = append(out, s)
+			}
+		}
+	}
+	return out
+}
+
+// FailoverLosingWrites is Failover after writes the replica never got, as
+// when a primary dies before replicating its last writes: it freezes the
+// replicas of key's primary (SIGSTOP), cuts their replication links, runs
+// write (whose writes reach the primary alone), then kills the primary and
+// lets the replicas go on, one of which takes over without those writes.
+func (c *Cluster) FailoverLosingWrites(key string, write func()) *Server {
+	c.t.Helper()
+	old := c.PrimaryOf(key)
+	replicas := c.replicasOf(old)
+	if len(replicas) == 0 {
+		c.t.Fatalf("redistest: the primary of %s has no replica", key)
+	}
+	for _, r := range replicas {
+		r.Pause()
+	}
+	if out, err := old.cli("CLIENT", "KILL", "TYPE", "replica"); err != nil {
+		c.t.Fatalf("redistest: cut the replication links of %s: %v %s", old.Addr(), err, out)
+	}
+	write()
+	old.Stop()
+	for _, r := range replicas {
+		r.Resume()
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if p := c.primaryOf(key); p != nil && p != old && c.unhealthy() == "" {
+			return old
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.t.Fatalf("redistest: no replica took over from %s within 30s: %s", old.Addr(), c.unhealthy())
+	return nil
+}
