@@ -1,5 +1,5 @@
 // Command outboxctl operates the pipeline against the configured PostgreSQL
-// and Redis (DATABASE_URL, REDIS_URL, STREAM_PREFIX, SENDEMAIL_GROUP, with
+// and Redis (DATABASE_URL, REDIS_URL, REDIS_CLUSTER, STREAM_PREFIX, SENDEMAIL_GROUP, with
 // the functions' defaults).
 //
 //	outboxctl migrate                       apply pending migrations

@@ -117,6 +117,19 @@ func TestRelayOnARedisCluster(t *testing.T) {
 		}
 	})
 
+	t.Run("waits for the replica of each stream's shard", func(t *testing.T) {
+		t.Parallel()
+		b := setupOn(t, c)
+		for i := range 60 {
+			b.insert(t, spreadTypes[i%len(spreadTypes)], "a", i, 1)
+		}
+		s := b.relay(t, func(cfg *Config) { cfg.WaitReplicas, cfg.WaitTimeout = 1, time.Second })
+		res, err := s.drainer.Drain(context.Background(), time.Time{})
+		require.NoError(t, err)
+		require.Equal(t, 60, res.Relayed)
+		require.Zero(t, res.Unreplicated, "WAIT went to each stream's primary, whose replica answered")
+	})
+
 	t.Run("trims streams on every shard", func(t *testing.T) {
 		t.Parallel()
 		b := setupOn(t, c)
