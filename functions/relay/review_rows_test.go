@@ -2,6 +2,8 @@ package relay
 
 import (
 	"context"
+	"fmt"
+	"github.com/redis/rueidis"
 	"strings"
 	"testing"
 	"time"
@@ -56,6 +58,85 @@ func TestEveryExecModeRetainsRowsExactlyAndStampsTheRightTime(t *testing.T) {
 			for _, e := range b.entries(t, "user") {
 				require.True(t, stamps[e.AggregateID].Equal(e.OccurredAt), "%q: stream says %s, row says %s", e.AggregateID, e.OccurredAt, stamps[e.AggregateID])
 			}
+		})
+	}
+}
+
+// Review (hostile): the trace context survives every path an event takes
+// after the claim: the stream, the retained copy published again after
+// Redis lost the stream, and outbox_dead when the relay refuses it.
+func TestTraceContextSurvivesRepublishAndBurial(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	l := newLossBundle(t)
+	_, err := l.pool.Exec(ctx, `
+		INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, traceparent, tracestate)
+		SELECT 'item', 'a', 'x', json_build_object('seq', g), '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01',
+		       CASE WHEN g % 3 = 0 THEN NULL WHEN g % 3 = 1 THEN '' ELSE 'rojo=' || g END
+		FROM generate_series(1, 25) g`)
+	require.NoError(t, err)
+	res, err := l.drain()
+	require.NoError(t, err)
+	require.Equal(t, 25, res.Relayed)
+	first := map[int64]string{}
+	for _, e := range l.entries(t, "item") {
+		first[e.OutboxID] = e.Traceparent + "|" + e.Tracestate
+	}
+	require.Len(t, first, 25)
+	l.do(t, func(b rueidis.Builder) rueidis.Completed { return b.Del().Key(l.prefix + "item").Build() })
+	res, err = l.drain()
+	require.NoError(t, err)
+	require.Equal(t, 25, res.Replayed)
+	again := map[int64]string{}
+	for _, e := range l.entries(t, "item") {
+		again[e.OutboxID] = e.Traceparent + "|" + e.Tracestate
+	}
+	require.Equal(t, first, again, "published again with the trace context it had")
+	for id, s := range first {
+		if id%3 == 2 {
+			require.Equal(t, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01|rojo="+fmt.Sprint(id), s)
+		}
+	}
+
+	// A refused event keeps its tracestate (NULL stays NULL, '' stays '').
+	l.do(t, func(b rueidis.Builder) rueidis.Completed { return b.Set().Key(l.prefix + "clash").Value("x").Build() })
+	_, err = l.pool.Exec(ctx, `
+		INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, traceparent, tracestate) VALUES
+		  ('clash', 'n', 'x', '{}', NULL, NULL), ('clash', 'e', 'x', '{}', '', ''), ('clash', 's', 'x', '{}', 'tp', 'k=v')`)
+	require.NoError(t, err)
+	want := relayedRows(t, l.testBundle, `SELECT event_id, aggregate_id, payload::text, traceparent, tracestate, created_at FROM outbox`)
+	res, err = l.drain()
+	require.NoError(t, err)
+	require.Equal(t, 3, res.Dead)
+	got := relayedRows(t, l.testBundle, `SELECT event_id, aggregate_id, payload::text, traceparent, tracestate, created_at FROM outbox_dead`)
+	require.Equal(t, want, got)
+}
+
+// Review (hostile): a created_at near the end of PostgreSQL's range
+// (294276 AD) must reach the stream as the row's time, whichever path read
+// it. The hand reader adds 2000-01-01 in Unix microseconds to PostgreSQL's
+// microseconds without checking for overflow.
+func TestACreatedAtNearTheEndOfPostgreSQLsRangeIsNotWrappedAround(t *testing.T) {
+	t.Parallel()
+	for _, mode := range []string{"", "simple_protocol"} {
+		t.Run("mode "+mode, func(t *testing.T) {
+			t.Parallel()
+			b := setup(t)
+			ctx := context.Background()
+			_, err := b.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at)
+				VALUES ('user', 'far', 'x', '{}', '294270-06-01 00:00:00+00')`)
+			require.NoError(t, err)
+			url := b.url
+			if mode != "" {
+				url += map[bool]string{true: "&", false: "?"}[strings.Contains(url, "?")] + "default_query_exec_mode=" + mode
+			}
+			s := b.relay(t, func(c *Config) { c.DatabaseURL = url; c.Background = false })
+			_, err = s.drainer.Drain(ctx, time.Time{})
+			require.NoError(t, err)
+			res, err := b.redis.Do(ctx, b.redis.B().Xrange().Key(b.prefix+"user").Start("-").End("+").Build()).AsXRange()
+			require.NoError(t, err)
+			require.Len(t, res, 1)
+			require.Equal(t, "294270-06-01T00:00:00Z", res[0].FieldValues["occurred_at"])
 		})
 	}
 }
