@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"github.com/redis/rueidis"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -137,6 +138,65 @@ func TestACreatedAtNearTheEndOfPostgreSQLsRangeIsNotWrappedAround(t *testing.T) 
 			require.NoError(t, err)
 			require.Len(t, res, 1)
 			require.Equal(t, "294270-06-01T00:00:00Z", res[0].FieldValues["occurred_at"])
+		})
+	}
+}
+
+// Review (hostile): rows written before migration 00013 (no tracestate
+// column) are relayed, retained, buried and published again after it.
+func TestRowsWrittenBeforeTheTracestateMigrationFlowAfterIt(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	l := newLossBundle(t)
+	sql, err := os.ReadFile("../../sql/migrations/00013_tracestate.sql")
+	require.NoError(t, err)
+	up, down, ok := strings.Cut(string(sql), "-- +goose Down")
+	require.True(t, ok)
+	_, err = l.pool.Exec(ctx, down)
+	require.NoError(t, err)
+	_, err = l.pool.Exec(ctx, `
+		INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, traceparent)
+		SELECT 'item', 'a', 'x', json_build_object('seq', g), CASE WHEN g % 2 = 0 THEN 'tp' END FROM generate_series(0, 11) g;
+		INSERT INTO outbox_dead (id, event_id, aggregate_type, aggregate_id, event_type, payload, created_at, error)
+		VALUES (1000000, gen_random_uuid(), 'item', 'a', 'x', '{}', now(), 'old')`)
+	require.NoError(t, err)
+	_, err = l.pool.Exec(ctx, up)
+	require.NoError(t, err)
+	want := relayedRows(t, l.testBundle, `SELECT event_id, payload::text, traceparent, tracestate, created_at FROM outbox`)
+	res, err := l.drain()
+	require.NoError(t, err)
+	require.Equal(t, 12, res.Relayed)
+	require.Equal(t, want, relayedRows(t, l.testBundle, `SELECT event_id, payload::text, traceparent, tracestate, created_at FROM outbox_relayed`))
+	l.do(t, func(b rueidis.Builder) rueidis.Completed { return b.Del().Key(l.prefix + "item").Build() })
+	res, err = l.drain()
+	require.NoError(t, err)
+	require.Equal(t, 12, res.Replayed)
+	requireExactlyOnceInOrder(t, events(l.entries(t, "item")), 12)
+}
+
+// Review (hostile): one row whose created_at Go cannot hold (infinity) must
+// not stop every event behind it: the relay should bury it, as it buries
+// an event it cannot publish, and relay the rest.
+func TestAnInfiniteCreatedAtDoesNotStopTheOutbox(t *testing.T) {
+	t.Parallel()
+	for _, mode := range []string{"", "simple_protocol"} {
+		t.Run("mode "+mode, func(t *testing.T) {
+			t.Parallel()
+			b := setup(t)
+			ctx := context.Background()
+			_, err := b.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at)
+				VALUES ('user', 'inf', 'x', '{}', 'infinity'), ('user', 'ok', 'x', '{}', now())`)
+			require.NoError(t, err)
+			url := b.url
+			if mode != "" {
+				url += map[bool]string{true: "&", false: "?"}[strings.Contains(url, "?")] + "default_query_exec_mode=" + mode
+			}
+			s := b.relay(t, func(c *Config) { c.DatabaseURL = url; c.Background = false })
+			var lastErr error
+			for range 3 {
+				_, lastErr = s.drainer.Drain(ctx, time.Time{})
+			}
+			require.Len(t, b.entries(t, "user"), 1, "the good event behind the bad one is relayed (last drain: %v)", lastErr)
 		})
 	}
 }
