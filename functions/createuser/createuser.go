@@ -165,8 +165,8 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 		return 0, nil, false, fmt.Errorf("acquire connection: %w", err)
 	}
 	defer conn.Release()
-	ctx, stop := watchOnce(ctx, conn)
-	defer stop()
+	ctx, w := watchOnce(ctx, conn)
+	defer w.end()
 	tx, err := conn.Begin(ctx)
 	if err != nil {
 		return 0, nil, false, fmt.Errorf("begin: %w", err)
@@ -228,11 +228,23 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 			return 0, nil, false, fmt.Errorf("store idempotent response: %w", err)
 		}
 	}
-	if err := tx.Commit(ctx); err != nil {
+	// The request's deadline may stop every statement but COMMIT: once it
+	// is sent, only its answer tells whether the user exists, and a cut
+	// would answer 503 ("nothing was written") for a committed user.
+	if !w.detach() {
+		return 0, nil, false, fmt.Errorf("commit: %w", context.DeadlineExceeded)
+	}
+	commitCtx, cancel := context.WithTimeout(ctx, commitTimeout)
+	defer cancel()
+	if err := tx.Commit(commitCtx); err != nil {
 		return 0, nil, false, fmt.Errorf("commit: %w", err)
 	}
 	return http.StatusCreated, body, false, nil
 }
+
+// commitTimeout bounds a COMMIT that the request's deadline no longer cuts
+// (see create); HandlerTimeout leaves the answer 5s past REQUEST_TIMEOUT.
+const commitTimeout = 3 * time.Second
 
 // watchOnce returns a context for conn's statements that cannot be
 // cancelled, and ends conn's statement in progress itself once ctx is done,
@@ -240,16 +252,36 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 // fails with a timeout, which handle answers with 503. pgx watches each
 // statement's context on its own (a context.AfterFunc registered and removed
 // per statement, four per request here), which measured as much CPU as the
-// request's JSON parsing; one watch per transaction does the same job. stop
-// ends the watch; a connection whose deadline it moved is closed, so that
-// the pool drops it.
-func watchOnce(ctx context.Context, conn *pgxpool.Conn) (context.Context, func()) {
+// request's JSON parsing; one watch per transaction does the same job.
+func watchOnce(ctx context.Context, conn *pgxpool.Conn) (context.Context, *watch) {
 	netConn := conn.Conn().PgConn().Conn()
-	stopWatch := context.AfterFunc(ctx, func() { _ = netConn.SetDeadline(time.Now()) })
-	return context.WithoutCancel(ctx), func() {
-		if !stopWatch() {
-			conn.Conn().Close(context.Background()) //nolint:errcheck // closing a connection already cut off
-		}
+	w := &watch{conn: conn}
+	w.stop = context.AfterFunc(ctx, func() { _ = netConn.SetDeadline(time.Now()) })
+	return context.WithoutCancel(ctx), w
+}
+
+// watch is one transaction's watch on its request's context.
+type watch struct {
+	conn    *pgxpool.Conn
+	stop    func() bool
+	stopped bool
+	fired   bool
+}
+
+// detach ends the watch; it reports whether the connection is still whole
+// (the watch never moved its deadline).
+func (w *watch) detach() bool {
+	if !w.stopped {
+		w.stopped, w.fired = true, !w.stop()
+	}
+	return !w.fired
+}
+
+// end ends the watch and closes the connection if the watch cut it off, so
+// that the pool drops it.
+func (w *watch) end() {
+	if !w.detach() {
+		w.conn.Conn().Close(context.Background()) //nolint:errcheck // closing a connection already cut off
 	}
 }
 
