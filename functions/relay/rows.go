@@ -131,9 +131,10 @@ func relayedCopySize(rows []row) int {
 	return n
 }
 
-// maxKeptCopyBuf is the largest COPY buffer kept for the next batch; a
-// bigger one (a batch of big events) is left to the garbage collector.
-const maxKeptCopyBuf = 1 << 20
+// maxKeptCopyBuf is the largest COPY buffer kept for the next batch (4 MiB
+// holds 1000 events of 4 KiB); a bigger one, a batch of big events, is left
+// to the garbage collector.
+const maxKeptCopyBuf = 4 << 20
 
 // appendRelayedCopy appends rows, as batch, to buf in the binary COPY format
 // of copyRelayedSQL. Every value is already in the form PostgreSQL stores
