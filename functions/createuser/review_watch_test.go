@@ -117,3 +117,65 @@ func TestAnswersMatchTheDatabaseWhenDeadlinesRaceTheTransaction(t *testing.T) {
 		})
 	}
 }
+
+// Review (hostile): requests racing for one Idempotency-Key (the later ones
+// wait on the first one's row lock) while client disconnects cut them at
+// random: each key yields at most one user, every 201 for a key carries the
+// same body, and a 503 never hides a commit (its retry replays the answer).
+func TestRequestsRacingForOneKeyUnderDisconnectsAgreeOnOneAnswer(t *testing.T) {
+	b := setup(t, func(c *Config) { c.DBMaxConns = 8 })
+	const keys, racers = 60, 6
+	type answer struct {
+		status int
+		body   string
+	}
+	got := make([][]answer, keys)
+	var mu sync.Mutex
+	for k := range keys {
+		var wg sync.WaitGroup
+		for range racers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithCancel(context.Background())
+				defer cancel()
+				time.AfterFunc(time.Duration(rand.IntN(20000))*time.Microsecond, cancel)
+				req := httptest.NewRequestWithContext(ctx, http.MethodPost, "/",
+					strings.NewReader(fmt.Sprintf(`{"email":"k%d@example.com","name":"N"}`, k)))
+				req.Header.Set("Content-Type", "application/json")
+				req.Header.Set("Idempotency-Key", fmt.Sprintf("key-%d", k))
+				rec := httptest.NewRecorder()
+				b.svc.ServeHTTP(rec, req)
+				mu.Lock()
+				got[k] = append(got[k], answer{rec.Code, rec.Body.String()})
+				mu.Unlock()
+			}()
+		}
+		wg.Wait()
+	}
+	ctx := context.Background()
+	for k := range keys {
+		var users int
+		require.NoError(t, b.pool.QueryRow(ctx, `SELECT count(*) FROM users WHERE email = $1`, fmt.Sprintf("k%d@example.com", k)).Scan(&users))
+		require.LessOrEqual(t, users, 1)
+		var first string
+		for _, a := range got[k] {
+			require.Contains(t, []int{http.StatusCreated, http.StatusServiceUnavailable}, a.status, a.body)
+			if a.status == http.StatusCreated {
+				if first == "" {
+					first = a.body
+				}
+				require.Equal(t, first, a.body, "key %d answered two different 201s", k)
+			}
+		}
+		// The retry, undisturbed, gets the committed answer or creates it.
+		res := b.post(t, fmt.Sprintf(`{"email":"k%d@example.com","name":"N"}`, k), "Idempotency-Key", fmt.Sprintf("key-%d", k))
+		require.Equal(t, http.StatusCreated, res.Status, res.Raw)
+		if users == 1 {
+			require.Equal(t, "true", res.Header.Get("Idempotent-Replayed"), "key %d: a committed user's retry is a replay", k)
+		}
+		if first != "" {
+			require.JSONEq(t, first, res.Raw)
+		}
+	}
+}

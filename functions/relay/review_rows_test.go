@@ -56,8 +56,24 @@ func TestEveryExecModeRetainsRowsExactlyAndStampsTheRightTime(t *testing.T) {
 			require.Equal(t, len(want), res.Relayed)
 			got := relayedRows(t, b, `SELECT 0::bigint, id, event_id::text, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at::text, tracestate FROM outbox_relayed`)
 			require.Equal(t, want, got)
-			for _, e := range b.entries(t, "user") {
+			byAggregate := map[string][]any{}
+			for _, w := range want {
+				byAggregate[w[4].(string)] = w
+			}
+			str := func(v any) string {
+				if v == nil {
+					return ""
+				}
+				return v.(string)
+			}
+			entries := b.entries(t, "user")
+			require.Len(t, entries, len(want))
+			for _, e := range entries {
 				require.True(t, stamps[e.AggregateID].Equal(e.OccurredAt), "%q: stream says %s, row says %s", e.AggregateID, e.OccurredAt, stamps[e.AggregateID])
+				w := byAggregate[e.AggregateID]
+				require.NotNil(t, w, "entry for %q", e.AggregateID)
+				require.Equal(t, []string{w[2].(string), w[5].(string), w[6].(string), str(w[7]), str(w[9])},
+					[]string{e.EventID, e.EventType, e.Payload, e.Traceparent, e.Tracestate}, "entry for %q", e.AggregateID)
 			}
 		})
 	}
