@@ -216,3 +216,16 @@ func TestAnInfiniteCreatedAtDoesNotStopTheOutbox(t *testing.T) {
 		})
 	}
 }
+
+func TestRelayedCopySizeIsTheCopyStreamsLength(t *testing.T) {
+	t.Parallel()
+	tp, ts, empty := "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "k=v", ""
+	for _, rows := range [][]row{
+		nil,
+		{{ID: 1, AggregateType: "user", AggregateID: "ä", EventType: "x", Payload: []byte(`{}`), CreatedAt: time.Now()}},
+		{{ID: 2, AggregateType: "u", Payload: []byte(`[]`), Traceparent: &tp, Tracestate: &ts},
+			{ID: 3, AggregateType: "u", Payload: []byte(`1`), Traceparent: &empty, Tracestate: &empty}},
+	} {
+		require.Len(t, appendRelayedCopy(nil, 7, rows), relayedCopySize(rows))
+	}
+}
