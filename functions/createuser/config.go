@@ -21,7 +21,7 @@ type Config struct {
 	DBMaxConns int32 `envconfig:"DB_MAX_CONNS" default:"16" desc:"Largest number of PostgreSQL connections one instance opens. Default 16."`
 	// RequestTimeout bounds the database work of one request; past it the
 	// request fails with 503 and nothing is written.
-	RequestTimeout time.Duration `envconfig:"REQUEST_TIMEOUT" default:"5s" desc:"Deadline for the database work of one request; past it the answer is 503 and nothing is written. Default 5s."`
+	RequestTimeout time.Duration `envconfig:"REQUEST_TIMEOUT" default:"5s" desc:"Deadline for the database work of one request; past it the answer is 503 and nothing is written. A COMMIT already sent is not cut: it may run up to 3s past it, and its answer says what it did. Default 5s."`
 	// RateLimitWindow is the period both abuse limits count over; a bucket
 	// refills steadily, one request every window/limit.
 	RateLimitWindow time.Duration `envconfig:"RATE_LIMIT_WINDOW" default:"1h" desc:"Period the abuse limits count over; each refills steadily (one request every window/limit), shared by all instances through PostgreSQL. Default 1h."`
