@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outboxfn/outbox/shared/outbox"
@@ -800,13 +801,13 @@ func (d *Drainer) bury(ctx context.Context, c *claimed, refused map[int]string) 
 	n := len(refused)
 	ids, eventIDs, reasons := make([]int64, 0, n), make([]string, 0, n), make([]string, 0, n)
 	types, aggregates, eventTypes := make([]string, 0, n), make([]string, 0, n), make([]string, 0, n)
-	payloads, traceparents, created := make([]string, 0, n), make([]*string, 0, n), make([]time.Time, 0, n)
+	payloads, traceparents, created := make([]string, 0, n), make([]*string, 0, n), make([]pgtype.Timestamptz, 0, n)
 	tracestates := make([]*string, 0, n)
 	for i, reason := range refused {
 		r := &c.rows[i]
 		ids, eventIDs, reasons = append(ids, r.ID), append(eventIDs, r.eventIDString()), append(reasons, reason)
 		types, aggregates, eventTypes = append(types, r.AggregateType), append(aggregates, r.AggregateID), append(eventTypes, r.EventType)
-		payloads, traceparents, created = append(payloads, string(r.Payload)), append(traceparents, r.Traceparent), append(created, r.CreatedAt)
+		payloads, traceparents, created = append(payloads, string(r.Payload)), append(traceparents, r.Traceparent), append(created, pgtype.Timestamptz{Time: r.CreatedAt, InfinityModifier: r.Infinite, Valid: true})
 		tracestates = append(tracestates, r.Tracestate)
 	}
 	_, err := c.conn.Exec(ctx, `

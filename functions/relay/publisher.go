@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/redis/rueidis"
 
 	"github.com/outboxfn/outbox/shared/outbox"
@@ -641,6 +642,12 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	invalid := map[string]bool{} // aggregate types checked once per batch
 	for i := range events {
 		e := &events[i]
+		if e.Infinite != pgtype.Finite {
+			// Written by a producer other than createuser: no time to
+			// carry, and no place in the stream's order of time.
+			res.refuse(i, "created_at is infinite")
+			continue
+		}
 		if _, ok := parts[e.AggregateType]; !ok && !invalid[e.AggregateType] {
 			if !outbox.ValidAggregateType(e.AggregateType) {
 				invalid[e.AggregateType] = true
@@ -670,8 +677,8 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	for i := range events {
 		e := &events[i]
 		part, ok := parts[e.AggregateType]
-		if !ok {
-			continue // refused
+		if _, refused := res.refused[i]; refused || !ok {
+			continue
 		}
 		if p.window > 0 {
 			if _, seen := s.inFlight[e.EventID]; seen {

@@ -26,6 +26,10 @@ type row struct {
 	Traceparent   *string
 	Tracestate    *string
 	CreatedAt     time.Time
+	// Infinite says created_at is 'infinity' or '-infinity' (CreatedAt is
+	// then zero): a row only another producer can write, which the relay
+	// moves to outbox_dead rather than let it stop the outbox.
+	Infinite pgtype.InfinityModifier
 }
 
 func (r *row) eventIDString() string { return uuid.UUID(r.EventID).String() }
@@ -39,7 +43,9 @@ func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 	fd := rows.FieldDescriptions()
 	if len(fd) != 9 || fd[0].Format != pgtype.BinaryFormatCode || fd[1].Format != pgtype.BinaryFormatCode || fd[7].Format != pgtype.BinaryFormatCode {
 		var r row
-		_, err := pgx.ForEachRow(rows, []any{&r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt, &r.Tracestate}, func() error {
+		var created pgtype.Timestamptz
+		_, err := pgx.ForEachRow(rows, []any{&r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &created, &r.Tracestate}, func() error {
+			r.CreatedAt, r.Infinite = created.Time, created.InfinityModifier
 			batch = append(batch, r)
 			r.Payload, r.Traceparent, r.Tracestate = nil, nil, nil // scanned into fresh memory next time
 			return nil
@@ -54,9 +60,6 @@ func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 			return batch, errors.New("read claimed row: unexpected value")
 		}
 		micros := int64(be.Uint64(v[7]))
-		if micros == math.MaxInt64 || micros == math.MinInt64 {
-			return batch, errors.New("read claimed row: created_at is infinite")
-		}
 		r := row{
 			ID:            int64(be.Uint64(v[0])),
 			EventID:       eventID(v[1]),
@@ -67,6 +70,12 @@ func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 			// Split, as pgx does: micros + pgEpochMicros overflows int64
 			// for the last 29 years of PostgreSQL's range.
 			CreatedAt: time.Unix(pgEpochSeconds+micros/1_000_000, micros%1_000_000*1_000),
+		}
+		switch micros {
+		case math.MaxInt64:
+			r.CreatedAt, r.Infinite = time.Time{}, pgtype.Infinity
+		case math.MinInt64:
+			r.CreatedAt, r.Infinite = time.Time{}, pgtype.NegativeInfinity
 		}
 		if v[6] != nil {
 			tp := string(v[6])
@@ -170,7 +179,14 @@ func appendRelayedCopy(buf []byte, batch int64, rows []row) []byte {
 		buf = append(buf, r.Payload...)
 		buf = nullable(buf, r.Traceparent)
 		buf = be.AppendUint32(buf, 8)
-		buf = be.AppendUint64(buf, uint64(pgMicros(r.CreatedAt)))
+		switch r.Infinite {
+		case pgtype.Infinity:
+			buf = be.AppendUint64(buf, math.MaxInt64)
+		case pgtype.NegativeInfinity:
+			buf = be.AppendUint64(buf, 1<<63) // math.MinInt64
+		default:
+			buf = be.AppendUint64(buf, uint64(pgMicros(r.CreatedAt)))
+		}
 		buf = nullable(buf, r.Tracestate)
 	}
 	return be.AppendUint16(buf, math.MaxUint16) // -1: end of data

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgtype"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
@@ -100,7 +101,9 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 	}
 	if in.commitToStream.Enabled(ctx) {
 		for i := range cur.rows {
-			in.commitToStream.Record(ctx, now.Sub(cur.rows[i].CreatedAt).Seconds(), attrs)
+			if cur.rows[i].Infinite == pgtype.Finite {
+				in.commitToStream.Record(ctx, now.Sub(cur.rows[i].CreatedAt).Seconds(), attrs)
+			}
 		}
 	}
 	return next, err
