@@ -2,10 +2,16 @@ package relay
 
 import (
 	"context"
+	"fmt"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/redistest"
+	"github.com/outboxfn/outbox/shared/stream"
 )
 
 // Review finding: the drain's epoch comes from PostgreSQL's sequence
@@ -40,4 +46,139 @@ func TestReviewARelayWhoseDatabaseWentBackInTimeStillDrains(t *testing.T) {
 			require.Equal(t, 10, res.Relayed)
 		})
 	}
+}
+
+// reviewPair returns two aggregate types whose streams are on different
+// shards of c.
+func reviewPair(t *testing.T, c *redistest.Cluster, prefix string) (string, string) {
+	t.Helper()
+	for _, x := range spreadTypes {
+		for _, y := range spreadTypes {
+			if c.PrimaryOf(stream.Name(prefix, x)) != c.PrimaryOf(stream.Name(prefix, y)) {
+				return x, y
+			}
+		}
+	}
+	t.Fatal("no two streams on different shards")
+	return "", ""
+}
+
+// A batch with events of two streams on two shards: one shard's primary
+// freezes (SIGSTOP) while the batch is in flight, so that stream's EXEC
+// times out while the other's succeeds; the frozen primary is failed over
+// meanwhile, then comes back (and may still run the EXEC it had buffered).
+// Every event must end up in its stream exactly once.
+func TestReviewAHalfPublishedBatchAcrossShards(t *testing.T) {
+	t.Parallel()
+	c := redistest.StartCluster(t, 3, 1)
+	b := setupOn(t, c)
+	x, y := reviewPair(t, c, b.prefix)
+	ctx := context.Background()
+	frozen := c.PrimaryOf(stream.Name(b.prefix, y))
+	s := b.relay(t, func(cfg *Config) { cfg.BatchSize = 60 })
+	// A first drain makes both streams known, so that the next session
+	// takes them over at its start, before the batch goes out.
+	b.insert(t, x, "w", 0, 1)
+	b.insert(t, y, "w", 0, 1)
+	_, err := s.drainer.Drain(ctx, time.Time{})
+	require.NoError(t, err)
+	for i := range 60 {
+		typ := x
+		if i%2 == 1 {
+			typ = y
+		}
+		b.insert(t, typ, "a", i, 1)
+	}
+	epochKey := stream.Sibling(stream.Name(b.prefix, y), epochRole)
+	before, err := b.redis.Do(ctx, b.redis.B().Get().Key(epochKey).Build()).ToString()
+	require.NoError(t, err)
+	s.drainer.beforePublish = func() {
+		waitFor(t, 10*time.Second, "the session takes y over", func() bool {
+			now, _ := b.redis.Do(ctx, b.redis.B().Get().Key(epochKey).Build()).ToString()
+			return now != before
+		})
+		frozen.Pause()
+	}
+	paused := false
+	inner := s.drainer.beforePublish
+	s.drainer.beforePublish = func() { inner(); paused = true }
+	res, err := s.drainer.Drain(ctx, time.Time{})
+	t.Logf("paused %v result %+v entries x %d", paused, res, len(b.entries(t, x)))
+	require.Error(t, err, "the frozen shard's EXEC cannot succeed")
+	t.Logf("first drain: %v", err)
+	s.drainer.beforePublish = nil
+	waitFor(t, 30*time.Second, "the frozen primary's replica takes over", func() bool {
+		p := c.PrimaryOf(stream.Name(b.prefix, y))
+		return p != nil && p != frozen
+	})
+	frozen.Resume()
+	c.WaitHealthy()
+	waitFor(t, 30*time.Second, "every row is relayed", func() bool {
+		_, err := b.relay(t).drainer.Drain(ctx, time.Time{})
+		return err == nil && b.outboxCount(t) == 0
+	})
+	ex, ey := b.entries(t, x), b.entries(t, y)
+	t.Logf("x holds %d entries, y %d", len(ex), len(ey))
+	requireExactlyOnceInOrder(t, ex, 31)
+	requireExactlyOnceInOrder(t, ey, 31)
+}
+
+// Under a steady load of events for two streams on two shards, one
+// stream's primary dies before replicating its last writes. Batches then
+// half publish (the other shard's EXEC runs) until the replica takes over,
+// and the replica lacks what the dead primary took. Every event of both
+// streams must be in its stream once and in order.
+func TestReviewAFailoverLosingWritesUnderATwoShardLoad(t *testing.T) {
+	t.Parallel()
+	c := redistest.StartCluster(t, 3, 1)
+	b := setupOn(t, c)
+	x, y := reviewPair(t, c, b.prefix)
+	s, err := New(context.Background(), b.config(func(cfg *Config) { cfg.BatchSize, cfg.PollInterval = 20, 200*time.Millisecond }),
+		logging.Discard())
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Stop(); s.Close() })
+	start(t, s)
+	const aggregates, each = 4, 60
+	var wg sync.WaitGroup
+	for a := range aggregates {
+		wg.Go(func() {
+			for i := range each {
+				typ := x
+				if (a+i)%2 == 1 {
+					typ = y
+				}
+				b.insert(t, typ, fmt.Sprint(a), i, 1)
+				time.Sleep(time.Millisecond)
+			}
+		})
+	}
+	ctx := context.Background()
+	ykey := stream.Name(b.prefix, y)
+	xlen := func(key string) int64 {
+		n, _ := b.redis.Do(ctx, b.redis.B().Xlen().Key(key).Build()).AsInt64()
+		return n
+	}
+	waitFor(t, 20*time.Second, "a sixth of the events are in y", func() bool { return xlen(ykey) >= aggregates*each/6 })
+	old := c.FailoverLosingWrites(ykey, func() {
+		cut := xlen(ykey)
+		waitFor(t, 20*time.Second, "the relay publishes 20 more events to y", func() bool { return xlen(ykey) >= cut+20 })
+	})
+	old.Start() // back, as a replica of the new primary
+	wg.Wait()
+	count := func(typ string) int {
+		entries, err := b.redis.Do(ctx, b.redis.B().Xrange().Key(stream.Name(b.prefix, typ)).Start("-").End("+").Build()).AsXRange()
+		if err != nil {
+			return 0
+		}
+		ids := map[string]bool{}
+		for _, e := range entries {
+			ids[e.FieldValues[stream.FieldEventID]] = true
+		}
+		return len(ids)
+	}
+	waitFor(t, 60*time.Second, "every event is in its stream", func() bool {
+		return count(x)+count(y) >= aggregates*each && b.outboxCount(t) == 0
+	})
+	requireExactlyOnceInOrder(t, b.entries(t, x), aggregates*each/2)
+	requireExactlyOnceInOrder(t, b.entries(t, y), aggregates*each/2)
 }
