@@ -182,3 +182,61 @@ func TestReviewAFailoverLosingWritesUnderATwoShardLoad(t *testing.T) {
 	requireExactlyOnceInOrder(t, b.entries(t, x), aggregates*each/2)
 	requireExactlyOnceInOrder(t, b.entries(t, y), aggregates*each/2)
 }
+
+// A relay that lost its drain lock without noticing publishes to a stream
+// the new holder has not taken over yet (a stream without a record in
+// PostgreSQL, taken over at first use), while the new holder is between its
+// start and its first batch. The stream the new holder did take over
+// refuses the zombie; the other takes its part, and the new holder's first
+// use must find it in the marker: each event once.
+func TestReviewAZombiePublishesToAStreamTheNewHolderHasNotTakenOver(t *testing.T) {
+	t.Parallel()
+	for _, backend := range backends(t) {
+		t.Run(backend.name, func(t *testing.T) {
+			t.Parallel()
+			b := backend.setup(t)
+			ctx := context.Background()
+			// x has a record (taken over at the start of a drain); z does not.
+			x, z := "item", "order"
+			b.insert(t, x, "w", 0, 1)
+			_, err := b.relay(t).drainer.Drain(ctx, time.Time{})
+			require.NoError(t, err)
+			for i := range 40 {
+				typ := x
+				if i%2 == 1 {
+					typ = z
+				}
+				b.insert(t, typ, "a", i+1, 1)
+			}
+			zombie, holder := b.relay(t), b.relay(t)
+			startHolder, zombieGo, zombieDone := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+			zombie.drainer.beforePublish = func() {
+				_, err := b.pool.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_locks
+					WHERE locktype = 'advisory' AND pid <> pg_backend_pid()
+					  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`)
+				if err != nil {
+					t.Errorf("terminate the zombie's session: %v", err)
+				}
+				close(startHolder)
+				<-zombieGo
+			}
+			go func() {
+				_, err := zombie.drainer.Drain(ctx, time.Time{})
+				zombieDone <- err
+			}()
+			<-startHolder
+			var zombieErr error
+			holder.drainer.beforePublish = func() {
+				close(zombieGo)
+				zombieErr = <-zombieDone
+			}
+			res, err := holder.drainer.Drain(ctx, time.Time{})
+			require.NoError(t, err)
+			t.Logf("zombie: %v; holder: %+v; x %d entries, z %d", zombieErr, res, len(b.entries(t, x)), len(b.entries(t, z)))
+			require.Error(t, zombieErr)
+			requireExactlyOnceInOrder(t, b.entries(t, x), 21)
+			requireExactlyOnceInOrder(t, b.entries(t, z), 20)
+			require.Zero(t, b.outboxCount(t))
+		})
+	}
+}
