@@ -50,3 +50,45 @@ func TestReviewMeasureStreams(t *testing.T) {
 			k, el.Round(time.Millisecond), 50000/el.Seconds(), lat[100].Round(10*time.Microsecond), lat[180].Round(10*time.Microsecond))
 	}
 }
+
+// Review measurement: for RELAY_DEDUPE_WINDOW (24 h) after an upgrade, the
+// marker an older relay left is read by every drain and appended to each
+// stream's marker, whose rows are looked up once per stream taken over.
+func TestReviewMeasureLegacyMarker(t *testing.T) {
+	if os.Getenv("REVIEW_MEASURE") == "" {
+		t.Skip("REVIEW_MEASURE not set")
+	}
+	for _, legacy := range []bool{false, true, false, true} {
+		b := setup(t)
+		ctx := context.Background()
+		s := b.relay(t, func(cfg *Config) { cfg.BatchSize = 1000 })
+		_, err := b.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+			SELECT 't' || (i % 10), i::text, 'bulk', '{}' FROM generate_series(1, 100) AS i`)
+		require.NoError(t, err)
+		_, err = s.drainer.Drain(ctx, time.Time{})
+		require.NoError(t, err)
+		if legacy {
+			marker := make([]byte, 0, 24*1000)
+			for i := range 1000 {
+				var rec [24]byte
+				rec[7] = byte(i)
+				rec[6] = byte(i >> 8)
+				rec[5] = 0x7f // row ids that are long gone
+				marker = append(marker, rec[:]...)
+			}
+			require.NoError(t, b.redis.Do(ctx, b.redis.B().Set().Key(b.prefix+legacyMarkerKey).Value(string(marker)).Build()).Error())
+		}
+		var lat []time.Duration
+		for i := range 200 {
+			_, err := b.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('t0', $1, 'one', '{}')`, fmt.Sprint(i))
+			require.NoError(t, err)
+			began := time.Now()
+			res, err := s.drainer.Drain(ctx, time.Time{})
+			require.NoError(t, err)
+			require.Equal(t, 1, res.Relayed)
+			lat = append(lat, time.Since(began))
+		}
+		slices.Sort(lat)
+		t.Logf("legacy marker of 1000 %v, 10 known streams: one-event drain p50 %s p90 %s", legacy, lat[100].Round(10*time.Microsecond), lat[180].Round(10*time.Microsecond))
+	}
+}
