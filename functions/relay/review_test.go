@@ -240,3 +240,29 @@ func TestReviewAZombiePublishesToAStreamTheNewHolderHasNotTakenOver(t *testing.T
 		})
 	}
 }
+
+// REDIS_CLUSTER=true against a single server is refused at start-up
+// (stream.ErrNotCluster); the opposite mistake is not: REDIS_CLUSTER left
+// false with REDIS_URL naming a cluster node (Memorystore for Redis
+// Cluster's discovery endpoint, say) starts, and then every drain fails
+// with "fence relays of the older version: MOVED …" when the legacy epoch
+// key's slot is on another node (or, when it is not, every stream whose
+// slot is elsewhere fails with MOVED while the others are relayed): an
+// outage whose message points at the upgrade path, instead of a refusal at
+// start-up.
+func TestReviewASingleServerClientOnAClusterNodeIsRefused(t *testing.T) {
+	t.Parallel()
+	c := redistest.StartCluster(t, 3, 0)
+	b := setup(t)
+	b.redisURL = c.Nodes()[0].URL()
+	b.insert(t, "item", "a", 0, 1)
+	b.insert(t, "order", "a", 0, 1)
+	b.insert(t, "invoice", "a", 0, 1)
+	s, err := New(context.Background(), b.config(), logging.Discard())
+	if err == nil {
+		t.Cleanup(func() { s.Stop(); s.Close() })
+		_, drainErr := s.drainer.Drain(context.Background(), time.Time{})
+		t.Logf("the relay started; its drain: %v", drainErr)
+	}
+	require.Error(t, err, "REDIS_CLUSTER=false on a cluster node must be refused like the opposite mistake")
+}
