@@ -3,6 +3,9 @@ package relay
 import (
 	"context"
 	"fmt"
+	"log/slog"
+	"os/exec"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -265,4 +268,80 @@ func TestReviewASingleServerClientOnAClusterNodeIsRefused(t *testing.T) {
 		t.Logf("the relay started; its drain: %v", drainErr)
 	}
 	require.Error(t, err, "REDIS_CLUSTER=false on a cluster node must be refused like the opposite mistake")
+}
+
+// reviewCli runs redis-cli against node.
+func reviewCli(t *testing.T, node *redistest.Server, args ...string) string {
+	t.Helper()
+	host, port, _ := strings.Cut(node.Addr(), ":")
+	out, err := exec.Command("redis-cli", append([]string{"-h", host, "-p", port}, args...)...).CombinedOutput()
+	require.NoError(t, err, "%v: %s", args, out)
+	return strings.TrimSpace(string(out))
+}
+
+// The slot of a stream moves to another shard (resharding, by hand as
+// redis-cli --cluster reshard does it: IMPORTING/MIGRATING, MIGRATE of each
+// key, slowly, then SETSLOT NODE) while the relay publishes to it under a
+// steady load: the relay meets ASK, TRYAGAIN and MOVED on its dedicated
+// connections. Every event must be in the stream once and in order.
+func TestReviewAStreamsSlotMovesWhileTheRelayPublishes(t *testing.T) {
+	t.Parallel()
+	c := redistest.StartCluster(t, 3, 0)
+	b := setupOn(t, c)
+	ctx := context.Background()
+	key := stream.Name(b.prefix, "item")
+	logs := &lockedBuffer{}
+	s, err := New(ctx, b.config(func(cfg *Config) { cfg.BatchSize, cfg.PollInterval = 10, 100*time.Millisecond }),
+		slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Stop(); s.Close() })
+	start(t, s)
+	const aggregates, each = 4, 150
+	var wg sync.WaitGroup
+	for a := range aggregates {
+		wg.Go(func() {
+			for i := range each {
+				b.insert(t, "item", fmt.Sprint(a), i, 1)
+				time.Sleep(5 * time.Millisecond)
+			}
+		})
+	}
+	xlen := func() int64 {
+		n, _ := b.redis.Do(ctx, b.redis.B().Xlen().Key(key).Build()).AsInt64()
+		return n
+	}
+	waitFor(t, 20*time.Second, "a quarter of the events are in the stream", func() bool { return xlen() >= aggregates*each/4 })
+	src := c.PrimaryOf(key)
+	var dst *redistest.Server
+	for _, n := range c.Nodes() {
+		if n != src {
+			dst = n
+			break
+		}
+	}
+	began := xlen()
+	slot := reviewCli(t, src, "CLUSTER", "KEYSLOT", key)
+	srcID, dstID := reviewCli(t, src, "CLUSTER", "MYID"), reviewCli(t, dst, "CLUSTER", "MYID")
+	reviewCli(t, dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", srcID)
+	reviewCli(t, src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dstID)
+	dstHost, dstPort, _ := strings.Cut(dst.Addr(), ":")
+	for {
+		keys := strings.Fields(reviewCli(t, src, "CLUSTER", "GETKEYSINSLOT", slot, "1"))
+		if len(keys) == 0 {
+			break
+		}
+		time.Sleep(300 * time.Millisecond) // the relay works on a slot half moved
+		reviewCli(t, src, "MIGRATE", dstHost, dstPort, keys[0], "0", "5000")
+	}
+	time.Sleep(300 * time.Millisecond)
+	for _, n := range c.Nodes() {
+		reviewCli(t, n, "CLUSTER", "SETSLOT", slot, "NODE", dstID)
+	}
+	c.WaitHealthy()
+	moved := xlen()
+	wg.Wait()
+	t.Logf("stream at %d entries when the move began, %d when it ended; relay warnings:\n%s", began, moved, logs.String())
+	waitFor(t, 60*time.Second, "every row is relayed", func() bool { return b.outboxCount(t) == 0 })
+	require.Equal(t, dst, c.PrimaryOf(key), "the slot moved")
+	requireExactlyOnceInOrder(t, b.entries(t, "item"), aggregates*each)
 }
