@@ -345,3 +345,41 @@ func TestReviewAStreamsSlotMovesWhileTheRelayPublishes(t *testing.T) {
 	require.Equal(t, dst, c.PrimaryOf(key), "the slot moved")
 	requireExactlyOnceInOrder(t, b.entries(t, "item"), aggregates*each)
 }
+
+// README: "A stream the relay cannot reach when a drain starts is taken
+// over when a batch first has events for it, so a shard that is down does
+// not hold back the others by itself." A shard that is frozen or cut off
+// (SIGSTOP here; a network partition alike) rather than refusing
+// connections: every drain first waits for each of its known streams'
+// takeover to time out (5 s each, one after the other) before it publishes
+// anything to the healthy shards. The cluster here serves the slots it
+// still has (cluster-require-full-coverage no) and the shard has no
+// replica, so the outage lasts.
+func TestReviewAFrozenShardDoesNotHoldBackTheOthers(t *testing.T) {
+	t.Parallel()
+	c := redistest.StartCluster(t, 3, 0)
+	for _, n := range c.Nodes() {
+		reviewCli(t, n, "CONFIG", "SET", "cluster-require-full-coverage", "no")
+	}
+	b := setupOn(t, c)
+	x, y := reviewPair(t, c, b.prefix)
+	ctx := context.Background()
+	s := b.relay(t)
+	b.insert(t, x, "w", 0, 1)
+	b.insert(t, y, "w", 0, 1)
+	_, err := s.drainer.Drain(ctx, time.Time{})
+	require.NoError(t, err)
+	frozen := c.PrimaryOf(stream.Name(b.prefix, y))
+	frozen.Pause()
+	t.Cleanup(frozen.Resume)
+	for round := range 2 {
+		b.insert(t, x, "a", round*10, 10)
+		began := time.Now()
+		res, err := s.drainer.Drain(ctx, time.Time{})
+		took := time.Since(began)
+		t.Logf("drain %d with %s's shard frozen: %s, %+v, %v", round, y, took.Round(time.Millisecond), res, err)
+		require.NoError(t, err)
+		require.Equal(t, 10, res.Relayed)
+		require.Less(t, took, 2*time.Second, "the healthy shard's events wait for the frozen shard's takeover to time out")
+	}
+}
