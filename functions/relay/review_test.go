@@ -413,3 +413,38 @@ func TestReviewARelayOfTheOlderVersionAfterANewerOnesBatchInDoubt(t *testing.T) 
 	require.Zero(t, b.outboxCount(t))
 	requireExactlyOnceInOrder(t, b.entries(t, "item"), 30)
 }
+
+// The other half of the rolling deploy: a relay of this version loses its
+// lock without noticing, a relay of the older version takes over and
+// drains, then the newer one's batch goes out: nothing fences it, since
+// the older relay raises only the global epoch.
+func TestReviewARelayOfTheOlderVersionDoesNotFenceANewerZombie(t *testing.T) {
+	t.Parallel()
+	old := os.Getenv("REVIEW_OLD_RELAY")
+	if old == "" {
+		t.Skip("REVIEW_OLD_RELAY not set")
+	}
+	b := setup(t)
+	ctx := context.Background()
+	b.insert(t, "item", "a", 0, 30)
+	zombie := b.relay(t)
+	var out []byte
+	var oldErr error
+	zombie.drainer.beforePublish = func() {
+		_, err := b.pool.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_locks
+			WHERE locktype = 'advisory' AND pid <> pg_backend_pid()
+			  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`)
+		if err != nil {
+			oldErr = err
+			return
+		}
+		cmd := exec.Command(old)
+		cmd.Env = append(os.Environ(), "DATABASE_URL="+b.url, "REDIS_URL="+b.redisURL, "STREAM_PREFIX="+b.prefix)
+		out, oldErr = cmd.CombinedOutput()
+	}
+	_, err := zombie.drainer.Drain(ctx, time.Time{})
+	require.NoError(t, oldErr, "%s", out)
+	t.Logf("older relay: %s; the zombie's drain: %v", out, err)
+	require.Zero(t, b.outboxCount(t))
+	requireExactlyOnceInOrder(t, b.entries(t, "item"), 30)
+}
