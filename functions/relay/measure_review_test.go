@@ -92,3 +92,34 @@ func TestReviewMeasureLegacyMarker(t *testing.T) {
 		t.Logf("legacy marker of 1000 %v, 10 known streams: one-event drain p50 %s p90 %s", legacy, lat[100].Round(10*time.Microsecond), lat[180].Round(10*time.Microsecond))
 	}
 }
+
+// Review measurement: the latency of a drain of one event when the relay
+// has published to many streams before (each recorded stream is taken over
+// by every drain, one round trip after the other).
+func TestReviewMeasureManyRecordedStreams(t *testing.T) {
+	if os.Getenv("REVIEW_MEASURE") == "" {
+		t.Skip("REVIEW_MEASURE not set")
+	}
+	for _, k := range []int{1, 50, 1, 50} {
+		b := setup(t)
+		ctx := context.Background()
+		s := b.relay(t, func(cfg *Config) { cfg.BatchSize = 1000 })
+		_, err := b.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+			SELECT 't' || (i % $1), i::text, 'bulk', '{}' FROM generate_series(1, 200) AS i`, k)
+		require.NoError(t, err)
+		_, err = s.drainer.Drain(ctx, time.Time{})
+		require.NoError(t, err)
+		var lat []time.Duration
+		for i := range 200 {
+			_, err := b.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('t0', $1, 'one', '{}')`, fmt.Sprint(i))
+			require.NoError(t, err)
+			began := time.Now()
+			res, err := s.drainer.Drain(ctx, time.Time{})
+			require.NoError(t, err)
+			require.Equal(t, 1, res.Relayed)
+			lat = append(lat, time.Since(began))
+		}
+		slices.Sort(lat)
+		t.Logf("streams used before %d: one-event drain p50 %s p90 %s", k, lat[100].Round(10*time.Microsecond), lat[180].Round(10*time.Microsecond))
+	}
+}
