@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -447,4 +448,40 @@ func TestReviewARelayOfTheOlderVersionDoesNotFenceANewerZombie(t *testing.T) {
 	t.Logf("older relay: %s; the zombie's drain: %v", out, err)
 	require.Zero(t, b.outboxCount(t))
 	requireExactlyOnceInOrder(t, b.entries(t, "item"), 30)
+}
+
+// Every drain takes over every stream PostgreSQL has a record of (and every
+// stream the process wrote to), one round trip after the other, before its
+// first batch can go out, even when the batch writes to one stream only.
+// Measured here on loopback: a one-event drain took 3.9 ms after one
+// stream was used and 11.1-11.6 ms after fifty (the relay of 8b21ad3:
+// 3.8-3.9 ms and 4.6 ms). On a network round trip of 0.5 ms, fifty
+// aggregate types cost every drain 25 ms more. This checks the ratio.
+func TestReviewADrainDoesNotPayARoundTripPerStreamItDoesNotWriteTo(t *testing.T) {
+	t.Parallel()
+	p50 := func(k int) time.Duration {
+		b := setup(t)
+		ctx := context.Background()
+		s := b.relay(t, func(cfg *Config) { cfg.BatchSize = 1000 })
+		_, err := b.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+			SELECT 't' || (i % $1), i::text, 'bulk', '{}' FROM generate_series(1, 200) AS i`, k)
+		require.NoError(t, err)
+		_, err = s.drainer.Drain(ctx, time.Time{})
+		require.NoError(t, err)
+		var lat []time.Duration
+		for i := range 60 {
+			_, err := b.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('t0', $1, 'one', '{}')`, fmt.Sprint(i))
+			require.NoError(t, err)
+			began := time.Now()
+			res, err := s.drainer.Drain(ctx, time.Time{})
+			require.NoError(t, err)
+			require.Equal(t, 1, res.Relayed)
+			lat = append(lat, time.Since(began))
+		}
+		slices.Sort(lat)
+		return lat[len(lat)/2]
+	}
+	one, fifty := p50(1), p50(50)
+	t.Logf("one-event drain p50: %s after one stream, %s after fifty", one, fifty)
+	require.Less(t, fifty, 2*one, "a drain that writes to one stream should not cost a round trip per other stream")
 }
