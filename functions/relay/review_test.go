@@ -113,9 +113,26 @@ func TestReviewAHalfPublishedBatchAcrossShards(t *testing.T) {
 	require.Error(t, err, "the frozen shard's EXEC cannot succeed")
 	t.Logf("first drain: %v", err)
 	s.drainer.beforePublish = nil
+	// PrimaryOf would ask the frozen node too, and redis-cli waits for it
+	// forever: ask another node whether the frozen one is marked failed
+	// and a replica has taken its slots.
+	var other *redistest.Server
+	for _, n := range c.Nodes() {
+		if n != frozen {
+			other = n
+			break
+		}
+	}
 	waitFor(t, 30*time.Second, "the frozen primary's replica takes over", func() bool {
-		p := c.PrimaryOf(stream.Name(b.prefix, y))
-		return p != nil && p != frozen
+		nodes := reviewCli(t, other, "CLUSTER", "NODES")
+		for _, line := range strings.Split(nodes, "\n") {
+			f := strings.Fields(line)
+			if len(f) > 2 && strings.HasPrefix(f[1], frozen.Addr()+"@") {
+				// Failed, and its slots gone to the replica it had.
+				return strings.Contains(f[2], "fail") && !strings.Contains(f[2], "fail?") && len(f) <= 8
+			}
+		}
+		return false
 	})
 	frozen.Resume()
 	c.WaitHealthy()
