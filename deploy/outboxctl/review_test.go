@@ -38,3 +38,45 @@ func TestReviewHashTaggedPrefixDeadLetters(t *testing.T) {
 		require.Len(t, letters, 3)
 	})
 }
+
+// An older sendemail keeps dead-lettering to <stream>:dead while outboxctl
+// (of this version) moves those letters to {<stream>}:dead: every letter
+// must arrive once, none lost between a move and the DEL of the emptied
+// stream.
+func TestReviewMovingLegacyDeadLettersRacesAnOlderSendemail(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	legacy := sendemail.LegacyDeadLetterStream(b.ops.userStream())
+	const letters = 600
+	done := make(chan error, 1)
+	go func() {
+		for i := range letters {
+			if err := b.ops.redis.Do(ctx, b.ops.redis.B().Xadd().Key(legacy).Id("*").FieldValue().
+				FieldValue("event_type", "user.created").FieldValue("n", fmt.Sprint(i)).
+				FieldValue(sendemail.FieldDeadError, "old").Build()).Error(); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	for writing := true; writing; {
+		select {
+		case err := <-done:
+			require.NoError(t, err)
+			writing = false
+		default:
+		}
+		_, err := b.ops.dlqList(ctx, 1)
+		require.NoError(t, err)
+	}
+	all, err := b.ops.dlqList(ctx, 0)
+	require.NoError(t, err)
+	seen := map[string]bool{}
+	for _, l := range all {
+		require.False(t, seen[l.Fields["n"]], "letter %s twice", l.Fields["n"])
+		seen[l.Fields["n"]] = true
+	}
+	require.Len(t, seen, letters)
+}
