@@ -316,9 +316,25 @@ func (o *ops) moveLegacyDead(ctx context.Context) error {
 		return nil
 	}
 	legacy := sendemail.LegacyDeadLetterStream(o.userStream())
-	for {
+	if legacy == o.deadStream() {
+		return nil // a hash-tagged STREAM_PREFIX: the old name is the new one
+	}
+	wrongType := func(err error) bool {
+		re, ok := rueidis.IsRedisErr(err)
+		return ok && strings.Contains(re.Error(), "WRONGTYPE")
+	}
+	// At most the letters there now: an older sendemail still writing to
+	// the old stream cannot keep this going.
+	left, err := o.redis.Do(ctx, o.redis.B().Xlen().Key(legacy).Build()).AsInt64()
+	if wrongType(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("count dead letters in %s: %w", legacy, err)
+	}
+	for left > 0 {
 		n, err := moveLegacyScript.Exec(ctx, o.redis, []string{legacy, o.deadStream()}, []string{"100"}).AsInt64()
-		if re, ok := rueidis.IsRedisErr(err); ok && strings.Contains(re.Error(), "WRONGTYPE") {
+		if wrongType(err) {
 			return nil
 		}
 		if err != nil {
@@ -327,7 +343,9 @@ func (o *ops) moveLegacyDead(ctx context.Context) error {
 		if n == 0 {
 			return nil
 		}
+		left -= n
 	}
+	return nil
 }
 
 // dropScript deletes one dead letter; it answers 0 if it was gone.
