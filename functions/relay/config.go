@@ -25,7 +25,7 @@ type Config struct {
 	// RedisURL is the Redis the streams live in.
 	RedisURL string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). With REDIS_CLUSTER, the nodes to learn the cluster from: redis://host:port?addr=host2:port2&addr=host3:port3, or Memorystore for Redis Cluster's discovery endpoint alone. Default the local server."`
 	// RedisCluster chooses a Redis Cluster client.
-	RedisCluster bool `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster (Memorystore for Redis Cluster, Valkey or Redis in cluster mode): commands are routed by hash slot and follow failovers. At least one node must answer at start-up. false: a single primary (Memorystore for Redis, a standalone server), which may be down at start-up. Default false."`
+	RedisCluster bool `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster (Memorystore for Redis Cluster, Valkey or Redis in cluster mode): commands are routed by hash slot and follow failovers. At least one node must answer at start-up. false: a single primary (Memorystore for Redis, a standalone server), which may be down at start-up; a cluster node that answers is refused. Default false."`
 	// StreamPrefix is prepended to the aggregate type to name a stream.
 	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names: events of aggregate type T go to the stream <prefix>T (user events to outbox:user). Default outbox:."`
 	// BatchSize is how many outbox rows one transaction claims and publishes.

@@ -254,18 +254,41 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (res Result, err 
 		return res, ctx.Err()
 	}
 	defer func() { <-d.sem }()
+	err = d.drainLocked(ctx, stopBy, wait, &res)
+	for range 3 { // a stream each, at most, behind the sequence
+		if !errors.Is(err, errEpochRaised) {
+			break
+		}
+		err = d.drainLocked(ctx, stopBy, wait, &res)
+	}
+	return res, err
+}
+
+// errEpochRaised ends a drain whose epoch was behind a stream's in Redis
+// although it held the drain lock; the sequence has been moved past it, and
+// the next drain's epoch is later.
+var errEpochRaised = errors.New("the drain's epoch was behind Redis's and has been raised; drain again")
+
+// drainLocked takes the drain lock and drains (see Drain).
+func (d *Drainer) drainLocked(ctx context.Context, stopBy time.Time, wait time.Duration, res *Result) (err error) {
 	conn, err := d.pool.Acquire(ctx)
 	if err != nil {
-		return res, fmt.Errorf("acquire connection: %w", err)
+		return fmt.Errorf("acquire connection: %w", err)
 	}
 	defer conn.Release()
 	epoch, streams, err := d.lockDrain(ctx, conn, wait)
 	if err != nil {
-		return res, err
+		return err
 	}
 	// From here on, a failure closes the connection: the server then ends
 	// the session and releases its locks, whatever state it was left in.
 	defer func() { d.unlock(ctx, conn, err) }()
+	defer func() {
+		var behind *epochBehindError
+		if errors.As(err, &behind) && d.raiseEpoch(ctx, conn, behind) {
+			err = errEpochRaised
+		}
+	}()
 	// Only now, holding the drain lock, may the relay take over the
 	// streams; the round trip to Redis runs while the first batch is
 	// claimed.
@@ -275,35 +298,55 @@ func (d *Drainer) Drain(ctx context.Context, stopBy time.Time) (res Result, err 
 	for {
 		var busy, complete bool
 		if busy, err = d.takeBusy(ctx, conn); err != nil {
-			return res, err
+			return err
 		}
 		pause := time.Duration(0)
 		if busy {
 			pause = d.busyPause
 		}
-		complete, err = d.drainBatches(ctx, conn, sess, stopBy, pause, &res)
+		complete, err = d.drainBatches(ctx, conn, sess, stopBy, pause, res)
 		if busy {
 			if rerr := d.releaseBusy(ctx, conn); err == nil {
 				err = rerr
 			}
 		}
 		if err != nil || !complete {
-			return res, err
+			return err
 		}
 		if res.Writers, err = outboxWriters(ctx, conn); err != nil {
-			return res, err
+			return err
 		}
 		before := res.Relayed + res.Duplicates + res.Dead
-		if complete, err = d.drainBatches(ctx, conn, sess, stopBy, 0, &res); err != nil || !complete {
-			return res, err
+		if complete, err = d.drainBatches(ctx, conn, sess, stopBy, 0, res); err != nil || !complete {
+			return err
 		}
 		if res.Relayed+res.Duplicates+res.Dead-before < d.batchSize {
 			res.Complete = true
 			d.trim(ctx)
 			d.purge(ctx, conn)
-			return res, nil
+			return nil
 		}
 	}
+}
+
+// raiseEpoch handles a takeover refused for a later epoch in Redis. If this
+// session still holds the drain lock, no other relay drains (a session-level
+// lock ends only with its session), so the later epoch comes from a
+// PostgreSQL that went back in time: restored to an earlier point, or a new
+// database. Then it moves the sequence past the stream's epoch and reports
+// true. A relay that lost the lock finds so here and stays superseded.
+func (d *Drainer) raiseEpoch(ctx context.Context, conn *pgxpool.Conn, behind *epochBehindError) bool {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), statementTimeout)
+	defer cancel()
+	if _, err := conn.Exec(ctx, drainLockHeldSQL, conn.Conn().PgConn().PID()); err != nil {
+		return false
+	}
+	if _, err := conn.Exec(ctx, `SELECT setval('outbox_relay_batch', greatest($1::bigint, last_value)) FROM outbox_relay_batch`, behind.epoch); err != nil {
+		return false
+	}
+	d.logger.WarnContext(ctx, "the drain's epoch was behind a stream's in Redis while it held the drain lock: PostgreSQL went back in time (restored, or a new database); moved the sequence outbox_relay_batch past it",
+		slog.String("stream", behind.stream), slog.Int64("stream_epoch", behind.epoch))
+	return true
 }
 
 // trim trims the streams if it is time to. A failure is logged, not

@@ -144,6 +144,10 @@ type session struct {
 	// lost lists the streams Redis no longer holds all of: they are
 	// published again (see Drainer.replay) before anything else.
 	lost []lostStream
+	// mu guards conns, lost, added and inFlight while the takeovers at the
+	// session's start run side by side; after ready, one goroutine uses
+	// them.
+	mu sync.Mutex
 	// err, once set, fails every later publish: a connection's WATCH
 	// state is unknown, or another relay took over.
 	err error
@@ -248,38 +252,59 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, known []
 		s.records[streams[i].aggregateType] = &streams[i]
 	}
 	try := func(t string) error {
-		err := s.takeOverStream(ctx, t, s.records[t])
+		err := s.takeOverStream(ctx, t, s.records[t], startTakeOverTimeout)
 		var redisErr *rueidis.RedisError
 		if err == nil || errors.Is(err, ErrSuperseded) || errors.As(err, &redisErr) || ctx.Err() != nil {
 			return err
 		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
 		s.conns[t].release()
 		delete(s.conns, t)
 		return nil
 	}
+	types := make([]string, 0, len(streams)+len(known))
 	for i := range streams {
-		if err := try(streams[i].aggregateType); err != nil {
-			return err
-		}
+		types = append(types, streams[i].aggregateType)
 	}
 	for _, t := range known {
 		if _, ok := s.records[t]; !ok {
-			if err := try(t); err != nil {
-				return err
-			}
+			types = append(types, t)
+		}
+	}
+	for _, t := range types {
+		s.p.keys(t) // cached before the takeovers read the cache side by side
+	}
+	// Side by side: a drain pays one round trip for all its streams, and a
+	// shard that does not answer costs it startTakeOverTimeout once.
+	errs := make([]error, len(types))
+	var wg sync.WaitGroup
+	for i, t := range types {
+		wg.Go(func() { errs[i] = try(t) })
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
+// startTakeOverTimeout bounds the takeovers at a drain's start. A stream
+// not taken over by then is taken over when a batch first has events for
+// it, within the publisher's timeout; meanwhile the drain goes on with the
+// others.
+const startTakeOverTimeout = time.Second
+
 // takeOverStream takes a new epoch of the stream of aggregate type t, which
 // from then on fails the EXEC of any relay that held the lock before, reads
 // the marker those relays left, keeping the records whose rows exist, and,
 // given PostgreSQL's record of the stream, compares the stream with it.
-func (s *session) takeOverStream(ctx context.Context, t string, rec *streamRecord) error {
+func (s *session) takeOverStream(ctx context.Context, t string, rec *streamRecord, timeout time.Duration) error {
 	p := s.p
 	keys := p.keys(t)
-	ctx, cancel := context.WithTimeout(ctx, p.timeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	for attempt := 1; ; attempt++ {
 		err := s.takeOverStreamOnce(ctx, t, keys, rec)
@@ -290,7 +315,9 @@ func (s *session) takeOverStream(ctx context.Context, t string, rec *streamRecor
 		// A connection from the pool found broken (Redis restarted since
 		// it was last used): each stream's takeover takes one, so without
 		// another try a restart would fail a drain per stream.
+		s.mu.Lock()
 		s.conns[t].conn.Close()
+		s.mu.Unlock()
 	}
 }
 
@@ -300,12 +327,14 @@ const takeOverAttempts = 3
 
 func (s *session) takeOverStreamOnce(ctx context.Context, t string, keys streamKeys, rec *streamRecord) error {
 	p := s.p
+	c, release := p.client.Dedicate()
+	sc := &streamConn{conn: c, release: release}
+	s.mu.Lock()
 	if old, ok := s.conns[t]; ok {
 		old.release()
 	}
-	c, release := p.client.Dedicate()
-	sc := &streamConn{conn: c, release: release}
 	s.conns[t] = sc // released by close, even if the takeover fails
+	s.mu.Unlock()
 	// UNWATCH: the connection comes from a pool and may still watch the
 	// epoch for an earlier session, whose EXEC never came; a change since
 	// would fail this session's first EXEC. The script raises the stream's
@@ -334,7 +363,11 @@ func (s *session) takeOverStreamOnce(ctx context.Context, t string, keys streamK
 	if err := results[1].Error(); err != nil && !rueidis.IsRedisNil(err) {
 		if re, ok := rueidis.IsRedisErr(err); ok && strings.HasPrefix(re.Error(), "SUPERSEDED") {
 			c.Close()
-			return fmt.Errorf("take over %s: %w", keys.name, ErrSuperseded)
+			behind := &epochBehindError{stream: keys.name}
+			if f := strings.Fields(re.Error()); len(f) > 1 {
+				behind.epoch, _ = strconv.ParseInt(f[1], 10, 64)
+			}
+			return behind
 		}
 	}
 	for i, r := range results {
@@ -346,6 +379,10 @@ func (s *session) takeOverStreamOnce(ctx context.Context, t string, keys streamK
 			return fmt.Errorf("take over %s: %w", keys.name, err)
 		}
 	}
+	// What follows changes the session's state, which takeovers of other
+	// streams share.
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if rec != nil {
 		if err := s.compare(*rec, results[2], results[3], results[4], results[5]); err != nil {
 			c.Close()
@@ -412,13 +449,28 @@ func (s *session) takeOverStreamOnce(ctx context.Context, t string, keys streamK
 	return nil
 }
 
+// epochBehindError is a takeover refused because the stream's epoch in
+// Redis is later than the session's: another relay has taken over
+// (ErrSuperseded), unless this one still holds the drain lock, in which case
+// PostgreSQL's sequence went back in time (see Drainer.raiseEpoch).
+type epochBehindError struct {
+	stream string
+	epoch  int64 // the stream's; zero when Redis did not say
+}
+
+func (e *epochBehindError) Error() string {
+	return fmt.Sprintf("take over %s: %v (its epoch is %d)", e.stream, ErrSuperseded, e.epoch)
+}
+
+func (e *epochBehindError) Unwrap() error { return ErrSuperseded }
+
 // takeOverScript sets a stream's epoch (KEYS[1]) to the session's
 // (ARGV[1]) unless a later session has taken the stream over, and returns
 // the stream's marker (KEYS[2]).
 const takeOverScript = `
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current and current > tonumber(ARGV[1]) then
-  return redis.error_reply('SUPERSEDED a relay with a later epoch has taken the stream over')
+  return redis.error_reply('SUPERSEDED ' .. current .. ' a relay with a later epoch has taken the stream over')
 end
 redis.call('SET', KEYS[1], ARGV[1])
 return redis.call('GET', KEYS[2])`
@@ -666,7 +718,7 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	// written to it; its marker may put events in flight.
 	for _, t := range order {
 		if _, ok := s.conns[t]; !ok {
-			if err := s.takeOverStream(ctx, t, s.records[t]); err != nil {
+			if err := s.takeOverStream(ctx, t, s.records[t], p.timeout); err != nil {
 				return res, s.fail(err)
 			}
 		}
@@ -941,7 +993,7 @@ func (s *session) republish(ctx context.Context, t string, events []row) ([]stre
 	}
 	p := s.p
 	if _, ok := s.conns[t]; !ok {
-		if err := s.takeOverStream(ctx, t, s.records[t]); err != nil {
+		if err := s.takeOverStream(ctx, t, s.records[t], p.timeout); err != nil {
 			return nil, 0, s.fail(err)
 		}
 	}

@@ -24,7 +24,7 @@ type Config struct {
 	// RedisURL is the Redis the streams live in.
 	RedisURL string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL (redis://[:password@]host:port/db, rediss:// for TLS). With REDIS_CLUSTER, the nodes to learn the cluster from: redis://host:port?addr=host2:port2&addr=host3:port3, or Memorystore for Redis Cluster's discovery endpoint alone. Default the local server."`
 	// RedisCluster chooses a Redis Cluster client.
-	RedisCluster bool `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster (Memorystore for Redis Cluster, Valkey or Redis in cluster mode): commands are routed by hash slot and follow failovers. At least one node must answer at start-up. false: a single primary (Memorystore for Redis, a standalone server), which may be down at start-up. Default false."`
+	RedisCluster bool `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster (Memorystore for Redis Cluster, Valkey or Redis in cluster mode): commands are routed by hash slot and follow failovers. At least one node must answer at start-up. false: a single primary (Memorystore for Redis, a standalone server), which may be down at start-up; a cluster node that answers is refused. Default false."`
 	// StreamPrefix must match the relay's.
 	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the relay; sendemail reads <prefix>user and dead-letters to {<prefix>user}:dead. Default outbox:."`
 	// Group is the consumer group; every sendemail instance joins it.

@@ -176,9 +176,22 @@ func NewClient(url string, cluster bool) (rueidis.Client, error) {
 		return nil, fmt.Errorf("create redis client: %w", err)
 	}
 	// With ForceSingleClient a failed first dial still yields a client that
-	// redials on use; the error only says Redis is down right now.
+	// redials on use; the error only says Redis is down right now. A server
+	// that answers is asked whether it is a cluster node, whose keys a
+	// single-server client would find scattered (MOVED) across its shards.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if info, err := client.Do(ctx, client.B().Info().Section("cluster").Build()).ToString(); err == nil &&
+		strings.Contains(info, "cluster_enabled:1") {
+		client.Close()
+		return nil, ErrIsCluster
+	}
 	return client, nil
 }
+
+// ErrIsCluster says REDIS_CLUSTER is false but the server at REDIS_URL is a
+// Redis Cluster node.
+var ErrIsCluster = errors.New("the server at REDIS_URL is a Redis Cluster node: set REDIS_CLUSTER=true")
 
 // ErrClusterDB says a cluster URL selects a database other than 0; a
 // Redis Cluster has only database 0.
