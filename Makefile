@@ -40,7 +40,7 @@ test: services vet lint ## Vet, lint and run every test (race detector on) again
 	$(GO) test -race -count=1 -timeout 5m -run '^$(LATENCY_TESTS)$$' -v ./functions/relay
 
 .PHONY: bench
-bench: services ## Measure the pipeline against same-run baselines (about 3 minutes); writes bench-results.json.
+bench: services ## Measure the pipeline against same-run baselines (about 4 minutes); writes bench-results.json.
 	$(GO) build -o $(BIN)/bench ./local/bench
 	$(BIN)/bench -out bench-results.json
 

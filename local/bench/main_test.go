@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"os/exec"
 	"strings"
 	"testing"
 
@@ -27,9 +28,29 @@ func TestSmoke(t *testing.T) {
 	for _, want := range []string{"createuser", "tx/s", "relay", "commit-to-stream", "sendemail,", "end"} {
 		require.True(t, names[want], "a figure starting with %q", want)
 	}
+	if clusterInstalled() {
+		var cluster []string
+		for _, f := range report.Figures {
+			if strings.Contains(f.Name, "Redis Cluster") {
+				cluster = append(cluster, f.Name)
+			}
+		}
+		require.Len(t, cluster, 3, "the relay's two drains and sendemail on a cluster")
+	}
 	require.Contains(t, out.String(), "figure")
 	_, err = json.Marshal(report)
 	require.NoError(t, err)
+}
+
+// clusterInstalled says whether the cluster step can run here; it skips
+// itself otherwise.
+func clusterInstalled() bool {
+	for _, bin := range []string{"redis-server", "redis-cli"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			return false
+		}
+	}
+	return true
 }
 
 func TestPeakRSSReadsThisProcess(t *testing.T) {

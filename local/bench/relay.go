@@ -27,10 +27,16 @@ import (
 
 // fill inserts n user.created-like rows into table in one statement.
 func fill(ctx context.Context, e *env, table string, n int) error {
+	return fillTypes(ctx, e, table, n, []string{"user"})
+}
+
+// fillTypes is fill with the rows' aggregate types taken in turn from
+// types, so that the relay publishes them to that many streams.
+func fillTypes(ctx context.Context, e *env, table string, n int, types []string) error {
 	_, err := e.pool.Exec(ctx, `INSERT INTO `+table+` (aggregate_type, aggregate_id, event_type, payload)
-		SELECT 'user', i::text, 'user.created',
+		SELECT ($2::text[])[1 + i % cardinality($2::text[])], i::text, 'user.created',
 		       json_build_object('user_id', i, 'email', 'user' || i || '@example.com', 'name', 'User ' || i)
-		FROM generate_series(1, $1) AS i`, n)
+		FROM generate_series(1, $1) AS i`, n, types)
 	if err == nil {
 		_, err = e.pool.Exec(ctx, `VACUUM ANALYZE `+table)
 	}
@@ -125,14 +131,23 @@ func naiveRelayOnce(ctx context.Context, e *env, key string) (int, error) {
 	return len(batch), nil
 }
 
+// drainConfig is the relay of the drain measurements (retention on, its
+// default), publishing to redisURL under prefix; the cluster step uses it
+// too, so that both drain with the same settings.
+func drainConfig(e *env, prefix, redisURL string, cluster bool) relay.Config {
+	return relay.Config{Config: quiet, DatabaseURL: e.dbURL, DBMaxConns: 4, RedisURL: redisURL, RedisCluster: cluster,
+		StreamPrefix: prefix, BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour,
+		Retention: 24 * time.Hour, DrainTimeout: time.Hour, ReconnectDelay: time.Second}
+}
+
 func benchDrain(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 	prefix := e.freshPrefix("drain")
 	// The relay as deployed (retention on, its default) and without it,
 	// to show what keeping relayed events in PostgreSQL costs.
 	newRelay := func(retention time.Duration) (*relay.Service, error) {
-		return relay.New(ctx, relay.Config{Config: quiet, DatabaseURL: e.dbURL, DBMaxConns: 4, RedisURL: redistest.URL(),
-			StreamPrefix: prefix, BatchSize: 1000, PollInterval: 5 * time.Second, DedupeWindow: 24 * time.Hour,
-			Retention: retention, DrainTimeout: time.Hour, ReconnectDelay: time.Second}, logging.New(nopWriter{}, quiet))
+		cfg := drainConfig(e, prefix, redistest.URL(), false)
+		cfg.Retention = retention
+		return relay.New(ctx, cfg, logging.New(nopWriter{}, quiet))
 	}
 	rl, err := newRelay(24 * time.Hour)
 	if err != nil {

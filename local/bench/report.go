@@ -176,6 +176,9 @@ func Run(ctx context.Context, s Settings, only string, out io.Writer) (*Report, 
 		{"wake-up latency", benchWakeup},
 		{"idle relay", benchIdle},
 		{"sendemail", benchSendEmail},
+		// Not named after the relay or sendemail, so that -only drain or
+		// -only sendemail does not start a cluster too.
+		{"cluster (3 shards vs the single Redis)", benchCluster},
 		{"relay memory", benchMemory},
 	}
 	for _, step := range steps {

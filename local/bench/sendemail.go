@@ -40,8 +40,9 @@ func sendemailConfig(e *env, prefix, smtpURL string) sendemail.Config {
 	}
 }
 
-// fillStream adds n user.created entries to prefix+"user", pipelined.
-func fillStream(ctx context.Context, e *env, prefix string, n int) error {
+// fillStream adds n user.created entries to prefix+"user" through client,
+// pipelined.
+func fillStream(ctx context.Context, client rueidis.Client, prefix string, n int) error {
 	key := prefix + "user"
 	for start := 0; start < n; start += 1000 {
 		var cmds rueidis.Commands
@@ -49,14 +50,14 @@ func fillStream(ctx context.Context, e *env, prefix string, n int) error {
 			ev := stream.Event{EventID: uuid.NewString(), EventType: "user.created", AggregateType: "user",
 				AggregateID: fmt.Sprint(i + 1), OccurredAt: time.Now(),
 				Payload: fmt.Sprintf(`{"user_id":%d,"email":"user%d@example.com","name":"User %d"}`, i+1, i+1, i+1)}
-			cmd := e.redis.B().Xadd().Key(key).Id("*").FieldValue()
+			cmd := client.B().Xadd().Key(key).Id("*").FieldValue()
 			f := ev.Fields()
 			for j := 0; j < len(f); j += 2 {
 				cmd = cmd.FieldValue(f[j], f[j+1])
 			}
 			cmds = append(cmds, cmd.Build())
 		}
-		for _, r := range e.redis.DoMulti(ctx, cmds...) {
+		for _, r := range client.DoMulti(ctx, cmds...) {
 			if err := r.Error(); err != nil {
 				return err
 			}
@@ -97,7 +98,7 @@ func benchSendEmail(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 
 	// Throughput with a sender that does nothing, against a bare consumer.
 	prefix := e.freshPrefix("se")
-	if err := fillStream(ctx, e, prefix, s.Entries); err != nil {
+	if err := fillStream(ctx, e.redis, prefix, s.Entries); err != nil {
 		return nil, err
 	}
 	t := time.Now()
@@ -125,7 +126,7 @@ func benchSendEmail(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 		return nil, err
 	}
 	smtpPrefix := e.freshPrefix("smtp")
-	if err := fillStream(ctx, e, smtpPrefix, s.SMTPEntries); err != nil {
+	if err := fillStream(ctx, e.redis, smtpPrefix, s.SMTPEntries); err != nil {
 		return nil, err
 	}
 	svc, err = sendemail.New(ctx, sendemailConfig(e, smtpPrefix, mailServer.URL()), log)

@@ -1,9 +1,12 @@
 package redistest
 
 import (
+	"errors"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -13,10 +16,16 @@ import (
 
 // Cluster is a private Redis Cluster: shards primaries, each with its
 // replicas, on loopback ports, for tests that need cluster routing or a
-// failover. Its nodes are killed when the test that started it ends.
+// failover, and for commands that measure one (local/bench). A test's
+// cluster (StartCluster) is removed when the test ends; a command's
+// (NewCluster) when it calls Close.
 type Cluster struct {
+	// t fails the test in the methods that can fail one (WaitHealthy,
+	// PrimaryOf, Failover, FailoverLosingWrites); nil for a cluster from
+	// NewCluster, which must not call them.
 	t     testing.TB
 	nodes []*Server
+	dir   string // holds each node's directory; Close removes it
 }
 
 // clusterNodeTimeout is the nodes' cluster-node-timeout: a primary that
@@ -24,52 +33,108 @@ type Cluster struct {
 // twice that.
 const clusterNodeTimeout = 1000 * time.Millisecond
 
+// ErrNotInstalled says a program a private server needs (redis-server,
+// redis-cli) is not on the PATH.
+var ErrNotInstalled = errors.New("not installed")
+
 // StartCluster starts shards × (1 + replicasPerShard) redis-server nodes
-// in cluster mode (no persistence, each with its own directory and
-// nodes.conf), joins them with redis-cli --cluster create, and waits until
-// every node reports cluster_state:ok and every replica has synchronised.
-// It skips t when redis-server or redis-cli is not installed.
+// in cluster mode as NewCluster does, fails t if it cannot, and removes the
+// cluster when t ends. It skips t when redis-server or redis-cli is not
+// installed.
 func StartCluster(t testing.TB, shards, replicasPerShard int) *Cluster {
 	t.Helper()
+	c, err := NewCluster(shards, replicasPerShard)
+	if errors.Is(err, ErrNotInstalled) {
+		t.Skipf("redistest: %v: the Redis Cluster tests need it", err)
+	}
+	if err != nil {
+		t.Fatalf("redistest: %v", err)
+	}
+	t.Cleanup(c.Close)
+	c.t = t
+	for _, s := range c.nodes {
+		s.t = t
+	}
+	return c
+}
+
+// NewCluster starts shards × (1 + replicasPerShard) redis-server nodes in
+// cluster mode (no persistence, each with its own directory and
+// nodes.conf) on free loopback ports, joins them with redis-cli --cluster
+// create, and waits until every node reports cluster_state:ok and every
+// replica has synchronised. It is for commands, not tests (StartCluster
+// wraps it for those): the caller must Close the cluster, and must not
+// call the methods that fail a test. The error wraps ErrNotInstalled when
+// redis-server or redis-cli is missing.
+func NewCluster(shards, replicasPerShard int) (_ *Cluster, err error) {
 	for _, bin := range []string{"redis-server", "redis-cli"} {
 		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("%s is not installed: the Redis Cluster tests need it", bin)
+			return nil, fmt.Errorf("%s: %w", bin, ErrNotInstalled)
 		}
 	}
-	c := &Cluster{t: t}
+	dir, err := os.MkdirTemp("", "redistest-cluster-")
+	if err != nil {
+		return nil, fmt.Errorf("create the cluster's directory: %w", err)
+	}
+	c := &Cluster{dir: dir}
+	defer func() {
+		if err != nil {
+			c.Close()
+		}
+	}()
 	n := shards * (1 + replicasPerShard)
 	addrs := make([]string, 0, n)
-	for range n {
+	for i := range n {
 		// The cluster bus listens on port+10000, so both must be free.
-		port := freeClusterPort(t)
-		s := &Server{t: t, port: port, args: []string{"--dir", t.TempDir(),
+		port, err := freeClusterPort()
+		if err != nil {
+			return nil, err
+		}
+		nodeDir := filepath.Join(dir, strconv.Itoa(i))
+		if err := os.Mkdir(nodeDir, 0o700); err != nil {
+			return nil, fmt.Errorf("create a node's directory: %w", err)
+		}
+		s := &Server{port: port, args: []string{"--dir", nodeDir,
 			"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
 			"--cluster-node-timeout", strconv.Itoa(int(clusterNodeTimeout.Milliseconds())),
 			// A replica's first synchronisation would wait 5 s for others
 			// to join it.
 			"--repl-diskless-sync-delay", "0"}}
-		s.Start()
-		t.Cleanup(s.Stop)
+		if err := s.start(); err != nil {
+			return nil, err
+		}
 		c.nodes = append(c.nodes, s)
 		addrs = append(addrs, s.Addr())
 	}
 	args := append([]string{"--cluster", "create"}, addrs...)
 	args = append(args, "--cluster-replicas", strconv.Itoa(replicasPerShard), "--cluster-yes")
 	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
-		t.Fatalf("redistest: redis-cli --cluster create: %v\n%s", err, out)
+		return nil, fmt.Errorf("redis-cli --cluster create: %w\n%s", err, out)
 	}
-	c.WaitHealthy()
-	return c
+	if err := c.waitHealthy(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Close kills every node and removes their directories. It is safe to call
+// twice.
+func (c *Cluster) Close() {
+	for _, s := range c.nodes {
+		s.Stop()
+	}
+	if c.dir != "" {
+		_ = os.RemoveAll(c.dir)
+	}
 }
 
 // freeClusterPort returns a free loopback port p whose cluster bus port
 // p+10000 is free too.
-func freeClusterPort(t testing.TB) int {
-	t.Helper()
+func freeClusterPort() (int, error) {
 	for range 100 {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			t.Fatalf("redistest: find a free port: %v", err)
+			return 0, fmt.Errorf("find a free port: %w", err)
 		}
 		port := ln.Addr().(*net.TCPAddr).Port
 		if port+10000 > 65535 {
@@ -82,10 +147,9 @@ func freeClusterPort(t testing.TB) int {
 			continue
 		}
 		_ = bus.Close()
-		return port
+		return port, nil
 	}
-	t.Fatalf("redistest: no free port pair for a cluster node")
-	return 0
+	return 0, errors.New("no free port pair for a cluster node")
 }
 
 // Addr is the server's host:port.
@@ -121,15 +185,22 @@ func (s *Server) cli(args ...string) (string, error) {
 // primary is up (a replica that has not synchronised cannot take over).
 func (c *Cluster) WaitHealthy() {
 	c.t.Helper()
+	if err := c.waitHealthy(); err != nil {
+		c.t.Fatalf("redistest: %v", err)
+	}
+}
+
+// waitHealthy is WaitHealthy for callers without a test.
+func (c *Cluster) waitHealthy() error {
 	deadline := time.Now().Add(30 * time.Second)
 	var why string
 	for time.Now().Before(deadline) {
 		if why = c.unhealthy(); why == "" {
-			return
+			return nil
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	c.t.Fatalf("redistest: cluster not healthy after 30s: %s", why)
+	return fmt.Errorf("cluster not healthy after 30s: %s", why)
 }
 
 // unhealthy says what keeps the cluster from being healthy, or "".

@@ -1,6 +1,9 @@
 // Package redistest gives each test a Redis client and a key prefix of its
 // own, and deletes the test's keys when it ends, so tests share one server
-// without seeing each other's streams.
+// without seeing each other's streams. For tests that restart, flush or
+// cluster Redis it starts private servers (StartServer, StartReplica) and
+// private Redis Clusters (StartCluster); NewCluster starts the same cluster
+// for a command (local/bench), which removes it with Close.
 package redistest
 
 import (

@@ -14,6 +14,8 @@ import (
 // Server is a private redis-server process, for tests that stop and start
 // Redis without disturbing the shared one.
 type Server struct {
+	// t fails the test when Start cannot bring the server up; nil for the
+	// nodes of a cluster from NewCluster until StartCluster adopts them.
 	t    testing.TB
 	port int
 	cmd  *exec.Cmd
@@ -79,21 +81,30 @@ func (s *Server) URL() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.p
 // Start (re)starts the server and waits until it accepts connections.
 func (s *Server) Start() {
 	s.t.Helper()
+	if err := s.start(); err != nil {
+		s.t.Fatalf("redistest: %v", err)
+	}
+}
+
+// start is Start for callers without a test: it returns what went wrong.
+func (s *Server) start() error {
 	args := append([]string{"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", ""}, s.args...)
 	s.cmd = exec.Command("redis-server", args...)
 	if err := s.cmd.Start(); err != nil {
-		s.t.Fatalf("redistest: start redis-server: %v", err)
+		s.cmd = nil
+		return fmt.Errorf("start redis-server: %w", err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", s.port)); err == nil {
 			_ = c.Close()
-			return
+			return nil
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	s.t.Fatalf("redistest: redis-server on port %d did not start", s.port)
+	s.Stop()
+	return fmt.Errorf("redis-server on port %d did not start", s.port)
 }
 
 // Stop kills the server, as a crash or an outage would.
