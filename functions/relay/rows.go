@@ -12,6 +12,8 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/outboxfn/outbox/shared/stream"
 )
 
 // row is one claimed outbox row.
@@ -25,6 +27,9 @@ type row struct {
 	Traceparent   *string
 	Tracestate    *string
 	CreatedAt     time.Time
+	// stream is the key of the row's stream (stream.PartitionKey): its
+	// aggregate type, and its partition when there are several.
+	stream string
 }
 
 func (r *row) eventIDString() string { return uuid.UUID(r.EventID).String() }
@@ -39,6 +44,7 @@ func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 	if len(fd) != 9 || fd[0].Format != pgtype.BinaryFormatCode || fd[1].Format != pgtype.BinaryFormatCode || fd[7].Format != pgtype.BinaryFormatCode {
 		var r row
 		_, err := pgx.ForEachRow(rows, []any{&r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt, &r.Tracestate}, func() error {
+			r.stream = d.streamOf(r.AggregateType, r.AggregateID)
 			batch = append(batch, r)
 			r.Payload, r.Traceparent, r.Tracestate = nil, nil, nil // scanned into fresh memory next time
 			return nil
@@ -65,6 +71,7 @@ func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 			Payload:       bytes.Clone(v[5]),
 			CreatedAt:     time.UnixMicro(micros + pgEpochMicros),
 		}
+		r.stream = d.streamOf(r.AggregateType, r.AggregateID)
 		if v[6] != nil {
 			tp := string(v[6])
 			r.Traceparent = &tp
@@ -89,6 +96,27 @@ func (d *Drainer) intern(b []byte) string {
 		d.names[s] = s
 	}
 	return s
+}
+
+// streamOf returns the key of the stream of an event of aggregateType and
+// aggregateID, from a cache of each type's keys: with one partition the
+// aggregate type itself.
+func (d *Drainer) streamOf(aggregateType, aggregateID string) string {
+	n := d.publisher.partitions
+	if n <= 1 {
+		return aggregateType
+	}
+	keys, ok := d.partitionKeys[aggregateType]
+	if !ok {
+		keys = make([]string, n)
+		for p := range keys {
+			keys[p] = stream.PartitionKey(aggregateType, p, n)
+		}
+		if len(d.partitionKeys) < 256 {
+			d.partitionKeys[aggregateType] = keys
+		}
+	}
+	return keys[stream.Partition(aggregateID, n)]
 }
 
 // copyRelayedSQL copies retained rows in PostgreSQL's binary COPY format,
