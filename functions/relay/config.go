@@ -97,7 +97,7 @@ func (c Config) Validate() error {
 		return fmt.Errorf("RELAY_DRAIN_TIMEOUT must be positive, not %s", c.DrainTimeout)
 	case c.ReconnectDelay <= 0:
 		return fmt.Errorf("RELAY_RECONNECT_DELAY must be positive, not %s", c.ReconnectDelay)
-	case stream.ValidPartitions(c.StreamPartitions) != nil:
+	case c.StreamPartitions != 0 && stream.ValidPartitions(c.StreamPartitions) != nil: // 0: a Config built in code means 1
 		return stream.ValidPartitions(c.StreamPartitions)
 	case c.StreamPrefix == "":
 		return fmt.Errorf("STREAM_PREFIX must not be empty")

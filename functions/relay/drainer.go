@@ -373,7 +373,7 @@ func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn, wait time.D
 	if d.retention == 0 {
 		return epoch, nil, nil
 	}
-	streams, err := parseStreamRecords(results[len(results)-1].Rows, d.publisher.partitions)
+	streams, err := parseStreamRecords(results[len(results)-1].Rows, d.partitions())
 	if err != nil {
 		d.unlock(ctx, conn, err)
 		return 0, nil, fmt.Errorf("read recorded streams: %w", err)
@@ -433,14 +433,14 @@ func (d *Drainer) checkPartitions(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
 	defer cancel()
 	var recorded int
-	err := d.pool.QueryRow(ctx, `SELECT partitions FROM outbox_streams WHERE partitions <> $1 LIMIT 1`, d.publisher.partitions).Scan(&recorded)
+	err := d.pool.QueryRow(ctx, `SELECT partitions FROM outbox_streams WHERE partitions <> $1 LIMIT 1`, d.partitions()).Scan(&recorded)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return nil
 	case err != nil:
 		return fmt.Errorf("check the streams' number of partitions: %w", err)
 	}
-	return partitionsChanged(d.publisher.partitions, recorded)
+	return partitionsChanged(d.partitions(), recorded)
 }
 
 // partitionsChanged explains an ErrPartitionsChanged and how to switch.
@@ -807,14 +807,14 @@ func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord,
 		types, events, parts := make([]string, n), make([]int32, n), make([]int32, n)
 		ms, seqs, added := make([]int64, n), make([]int64, n), make([]int64, n)
 		for i, r := range streams {
-			t, p, err := stream.SplitKey(r.aggregateType, d.publisher.partitions)
+			t, p, err := stream.SplitKey(r.aggregateType, d.partitions())
 			if err != nil {
 				return fmt.Errorf("record streams: %w", err)
 			}
 			types[i], events[i], parts[i] = t, retained[r.aggregateType], int32(p)
 			ms[i], seqs[i], added[i] = int64(r.last.ms), int64(r.last.seq), r.added
 		}
-		b.Queue(recordSQL, types, c.batch, events, ms, seqs, added, parts, d.publisher.partitions)
+		b.Queue(recordSQL, types, c.batch, events, ms, seqs, added, parts, d.partitions())
 	}
 	b.Queue("COMMIT")
 	results := c.conn.SendBatch(ctx, b)
@@ -881,7 +881,7 @@ func (d *Drainer) rowsExist(ctx context.Context, ids []int64) (map[int64]string,
 	exist := make(map[int64]string)
 	var id int64
 	var t, aggregate string
-	n := d.publisher.partitions
+	n := d.partitions()
 	_, err = pgx.ForEachRow(rows, []any{&id, &t, &aggregate}, func() error {
 		// Not streamOf: its cache belongs to the claim running beside.
 		exist[id] = stream.PartitionKey(t, stream.Partition(aggregate, n), n)
@@ -917,11 +917,11 @@ func (d *Drainer) replay(ctx context.Context, conn *pgxpool.Conn, sess *session,
 func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *session, l lostStream, past func() bool) (int, error) {
 	start := time.Now()
 	t := l.aggregateType
-	typ, part, err := stream.SplitKey(t, d.publisher.partitions)
+	typ, part, err := stream.SplitKey(t, d.partitions())
 	if err != nil {
 		return 0, err
 	}
-	parts := d.publisher.partitions
+	parts := d.partitions()
 	exec := func(sql string, args ...any) error {
 		ctx, cancel := context.WithTimeout(ctx, statementTimeout)
 		defer cancel()
@@ -1025,7 +1025,7 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 // the run's batches hold events of the type's other streams too, which it
 // leaves out.
 func (d *Drainer) retained(ctx context.Context, conn *pgxpool.Conn, t string, from int64) ([]row, []int64, int64, error) {
-	n := d.publisher.partitions
+	n := d.partitions()
 	typ, part, err := stream.SplitKey(t, n)
 	if err != nil {
 		return nil, nil, -1, err

@@ -94,7 +94,7 @@ type Publisher struct {
 	// the aggregate type, with its partition when there are several.
 	streams map[string]streamKeys
 	// partitions is how many streams each aggregate type is spread over
-	// (STREAM_PARTITIONS); each stream is handled on its own.
+	// (STREAM_PARTITIONS; 0 means 1); each stream is handled on its own.
 	partitions int
 }
 
@@ -118,9 +118,8 @@ func NewPublisher(client rueidis.Client, prefix string, window time.Duration) *P
 		client:  client,
 		prefix:  prefix,
 		window:  window,
-		timeout:    5 * time.Second,
-		streams:    make(map[string]streamKeys),
-		partitions: 1,
+		timeout: 5 * time.Second,
+		streams: make(map[string]streamKeys),
 	}
 }
 

@@ -102,7 +102,7 @@ func (d *Drainer) intern(b []byte) string {
 // aggregateID, from a cache of each type's keys: with one partition the
 // aggregate type itself.
 func (d *Drainer) streamOf(aggregateType, aggregateID string) string {
-	n := d.publisher.partitions
+	n := d.partitions()
 	if n <= 1 {
 		return aggregateType
 	}
@@ -182,3 +182,6 @@ func (d *Drainer) retain(ctx context.Context, c *claimed) error {
 	}
 	return nil
 }
+
+// partitions is the number of streams each aggregate type is spread over.
+func (d *Drainer) partitions() int { return max(d.publisher.partitions, 1) }
