@@ -129,6 +129,35 @@ func TestPartitionedStreams(t *testing.T) {
 				requirePartitioned(t, b, "item", 220)
 			})
 
+			t.Run("refuses the batch of a relay that lost its lock without noticing", func(t *testing.T) {
+				t.Parallel()
+				b := where.setup(t)
+				for i := range 60 {
+					b.insert(t, "item", fmt.Sprint(i%12), i, 1)
+				}
+				ctx := context.Background()
+				zombie := b.relay(t, withPartitions)
+				var takeover struct {
+					res Result
+					err error
+				}
+				zombie.drainer.beforePublish = func() {
+					_, err := b.pool.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_locks
+						WHERE locktype = 'advisory' AND pid <> pg_backend_pid()
+						  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`)
+					if err == nil {
+						takeover.res, takeover.err = b.relay(t, withPartitions).drainer.Drain(ctx, time.Time{})
+					} else {
+						takeover.err = err
+					}
+				}
+				_, err := zombie.drainer.Drain(ctx, time.Time{})
+				require.ErrorIs(t, err, ErrSuperseded)
+				require.NoError(t, takeover.err)
+				require.Equal(t, 60, takeover.res.Relayed)
+				requirePartitioned(t, b, "item", 60)
+			})
+
 			t.Run("publishes again, from retention, the one partition Redis lost", func(t *testing.T) {
 				t.Parallel()
 				b := where.setup(t)
