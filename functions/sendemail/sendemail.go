@@ -1,5 +1,6 @@
 // Package sendemail is the function that sends one welcome email per
-// user.created event, reading the user stream through a consumer group.
+// user.created event, reading the user stream through a consumer group
+// (with STREAM_PARTITIONS, each partition's stream, with a loop of its own).
 //
 // # Delivery
 //
