@@ -71,7 +71,7 @@ build: ## Build static binaries of every function and tool into bin/.
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o $(BIN)/ ./functions/... ./deploy/outboxctl ./local/...
 
 .PHONY: deploy
-deploy: ## Build in Cloud Build and deploy to Cloud Run: GCP_PROJECT=... [GCP_REGION= SQL_INSTANCE= NETWORK= SUBNET= MAIL_FROM= REDIS_CLUSTER=].
+deploy: ## Build in Cloud Build and deploy to Cloud Run: GCP_PROJECT=... [GCP_REGION= SQL_INSTANCE= NETWORK= SUBNET= MAIL_FROM= REDIS_CLUSTER= STREAM_PARTITIONS=].
 	deploy/deploy.sh
 
 .PHONY: docs

@@ -21,6 +21,10 @@ SUBNET=${SUBNET:-default}
 MAIL_FROM=${MAIL_FROM:-Outbox <welcome@example.com>}
 # true when outbox-redis-url names Memorystore for Redis Cluster.
 REDIS_CLUSTER=${REDIS_CLUSTER:-false}
+# Streams per aggregate type (README, Partitioned streams); the same for
+# relay and sendemail. Changing it on a live system: README, Changing
+# STREAM_PARTITIONS.
+STREAM_PARTITIONS=${STREAM_PARTITIONS:-1}
 
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
@@ -54,7 +58,7 @@ gc() {
 render() { # render FILE IMAGE
   "${outboxctl[@]}" render -set "PROJECT=$GCP_PROJECT" -set "REGION=$GCP_REGION" \
     -set "SQL_INSTANCE=$SQL_INSTANCE" -set "NETWORK=$NETWORK" -set "SUBNET=$SUBNET" \
-    -set "REDIS_CLUSTER=$REDIS_CLUSTER" -set "IMAGE=$2" -text "MAIL_FROM=$MAIL_FROM" "$1"
+    -set "REDIS_CLUSTER=$REDIS_CLUSTER" -set "STREAM_PARTITIONS=$STREAM_PARTITIONS" -set "IMAGE=$2" -text "MAIL_FROM=$MAIL_FROM" "$1"
 }
 
 echo "== connection budget"

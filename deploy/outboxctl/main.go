@@ -1,6 +1,6 @@
 // Command outboxctl operates the pipeline against the configured PostgreSQL
-// and Redis (DATABASE_URL, REDIS_URL, REDIS_CLUSTER, STREAM_PREFIX, SENDEMAIL_GROUP, with
-// the functions' defaults).
+// and Redis (DATABASE_URL, REDIS_URL, REDIS_CLUSTER, STREAM_PREFIX, STREAM_PARTITIONS,
+// SENDEMAIL_GROUP, with the functions' defaults).
 //
 //	outboxctl migrate                       apply pending migrations
 //	outboxctl status [-json]                backlog, dead outbox rows, retained events, streams, groups, consumers, dead letters
@@ -11,6 +11,7 @@
 //	outboxctl dlq drop (ID... | -all)       delete dead letters
 //	outboxctl replay (-since T | -event-id ID,...) [-dry-run]  publish retained events again
 //	outboxctl purge [-older-than 720h]      delete old send records and idempotency keys
+//	outboxctl partitions                    let the relay start with a new STREAM_PARTITIONS
 //	outboxctl envdoc README.md              regenerate the README's configuration tables
 //	outboxctl render [-set|-text N=V]... F  fill a Cloud Run manifest's ${N} placeholders, quoted
 //	outboxctl budget [-max-connections N] F...  PostgreSQL connections of the services at full scale
@@ -56,6 +57,9 @@ commands:
   dlq list [-count N] [-json]  dead letters with their reasons and delivery counts
   dlq redrive (ID... | -all)   move dead letters back to their stream, one MULTI/EXEC each
   dlq drop (ID... | -all)      delete dead letters
+                               (with STREAM_PARTITIONS above 1: of every partition; an ID that
+                               several partitions' dead letters share is given as PARTITION/ID,
+                               as dlq list prints them)
   replay (-since TIME [-until TIME] [-type AGGREGATE] | -event-id UUID[,UUID...]) [-dry-run]
                                publish again, to their streams and with the relay's fields, the
                                relayed events the relay still retains (RELAY_RETENTION), in the
@@ -66,6 +70,10 @@ commands:
                                published). -dry-run prints how many events each stream would get.
                                Consumers may have these events already: they drop the copies by
                                event_id (sendemail: by its send records, which purge keeps)
+  partitions                   let the relay start with a new STREAM_PARTITIONS once the streams
+                               of the old number are read: checks that every group acknowledged
+                               every entry of them, then deletes the relay's records of them
+                               (stop the relay first; see README, Changing STREAM_PARTITIONS)
   purge [-older-than 720h]     delete send records and idempotency keys older than that,
                                1000 rows per statement; refuses an age below the largest of
                                24h, RELAY_DEDUPE_WINDOW and RELAY_RETENTION, and keeps the send
@@ -139,7 +147,7 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 		}
 		fmt.Fprintf(out, "schema at version %d\n", version)
 		return nil
-	case "status", "dlq", "purge", "outbox-dead", "replay":
+	case "status", "dlq", "purge", "outbox-dead", "replay", "partitions":
 		// outbox-dead needs only PostgreSQL, so it works while Redis is down.
 		o, closeOps, err := openOps(ctx, cfg, out, args[0] != "outbox-dead")
 		if err != nil {
@@ -157,7 +165,11 @@ func openOps(ctx context.Context, cfg Config, out io.Writer, withRedis bool) (*o
 	if err != nil {
 		return nil, nil, fmt.Errorf("open database: %w", err)
 	}
-	o := &ops{pool: pool, prefix: cfg.StreamPrefix, group: cfg.Group, out: out,
+	if err := stream.ValidPartitions(max(cfg.StreamPartitions, 1)); err != nil {
+		pool.Close()
+		return nil, nil, err
+	}
+	o := &ops{pool: pool, prefix: cfg.StreamPrefix, partitions: cfg.StreamPartitions, group: cfg.Group, out: out,
 		dedupeWindow: cfg.DedupeWindow, retention: cfg.Retention}
 	if !withRedis {
 		return o, pool.Close, nil
@@ -220,6 +232,18 @@ func (o *ops) command(ctx context.Context, args []string) error {
 		}
 		printStatus(o.out, s)
 		return nil
+	case "partitions":
+		r, err := o.repartition(ctx)
+		if err != nil {
+			return err
+		}
+		if len(r.From) == 0 {
+			fmt.Fprintf(o.out, "the relay's records are all of %d partitions: nothing to do\n", r.To)
+			return nil
+		}
+		fmt.Fprintf(o.out, "forgot the relay's records of %d streams of %v partitions: start relay, sendemail and outboxctl with STREAM_PARTITIONS=%d\n",
+			r.Forgotten, r.From, r.To)
+		return nil
 	case "dlq list":
 		letters, err := o.dlqList(ctx, *count)
 		if err != nil {
@@ -232,8 +256,12 @@ func (o *ops) command(ctx context.Context, args []string) error {
 			fmt.Fprintln(o.out, "no dead letters")
 		}
 		for _, d := range letters {
+			id := d.ID
+			if o.numPartitions() > 1 {
+				id = fmt.Sprintf("%d/%s", d.Partition, d.ID) // ids repeat across partitions
+			}
 			fmt.Fprintf(o.out, "%s  event %s (%s)  %s deliveries  failed %s on %s\n    %s\n",
-				d.ID, d.EventID, d.EventType, d.Deliveries, d.FailedAt, d.Consumer, d.Error)
+				id, d.EventID, d.EventType, d.Deliveries, d.FailedAt, d.Consumer, d.Error)
 		}
 		return nil
 	case "dlq redrive", "dlq drop":

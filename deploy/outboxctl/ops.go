@@ -1,10 +1,12 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -26,7 +28,9 @@ type Config struct {
 	RedisURL     string `envconfig:"REDIS_URL" default:"redis://127.0.0.1:6379/0" desc:"Redis URL. Default the local server."`
 	RedisCluster bool   `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster, as for the functions. Default false."`
 	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the functions. Default outbox:."`
-	Group        string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"sendemail's consumer group, whose dead letters dlq works on. Default sendemail."`
+	// StreamPartitions must be the functions'.
+	StreamPartitions int    `envconfig:"STREAM_PARTITIONS" default:"1" desc:"How many streams each aggregate type is spread over, as for the functions (must be the same): dlq works on every partition's dead letters, replay publishes each event to its partition, partitions switches the relay's records to this number. Default 1."`
+	Group            string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"sendemail's consumer group, whose dead letters dlq works on. Default sendemail."`
 	// DedupeWindow is the relay's; purge never goes below it.
 	DedupeWindow time.Duration `envconfig:"RELAY_DEDUPE_WINDOW" default:"24h" desc:"The relay's dedupe window: purge refuses -older-than below it (and below 24h). Default 24h."`
 	// Retention is the relay's; purge never goes below it either, since
@@ -39,19 +43,40 @@ type ops struct {
 	pool   *pgxpool.Pool
 	redis  rueidis.Client
 	prefix string
-	group  string
-	out    io.Writer
+	// partitions is STREAM_PARTITIONS (0 means 1).
+	partitions int
+	group      string
+	out        io.Writer
 	// dedupeWindow and retention raise the smallest age purge accepts.
 	dedupeWindow time.Duration
 	retention    time.Duration
 }
 
-func (o *ops) userStream() string { return stream.Name(o.prefix, events.AggregateUser) }
+// userStreams are the streams of the user events, one per partition.
+func (o *ops) userStreams() []string {
+	return stream.Names(o.prefix, events.AggregateUser, o.numPartitions())
+}
+
+// userStream is the first (without partitions, the only) user stream, and
+// deadStream its dead-letter stream.
+func (o *ops) userStream() string { return o.userStreams()[0] }
 func (o *ops) deadStream() string { return sendemail.DeadLetterStream(o.userStream()) }
+
+func (o *ops) numPartitions() int { return max(o.partitions, 1) }
+
+// streamOf is the stream of an event of aggregateType and aggregateID.
+func (o *ops) streamOf(aggregateType, aggregateID string) string {
+	n := o.numPartitions()
+	return stream.PartitionName(o.prefix, aggregateType, stream.Partition(aggregateID, n), n)
+}
 
 // Status is what `outboxctl status` reports.
 type Status struct {
-	Outbox outbox.Backlog `json:"outbox"`
+	// Partitions is STREAM_PARTITIONS as outboxctl has it; the relay's
+	// records say what the relay wrote with (RecordedPartitions).
+	Partitions         int            `json:"partitions"`
+	RecordedPartitions []int          `json:"recorded_partitions,omitempty"`
+	Outbox             outbox.Backlog `json:"outbox"`
 	// OutboxDead is what the relay could not publish (see outbox-dead).
 	OutboxDead outbox.Dead `json:"outbox_dead"`
 	// Retained is what the relay keeps to publish again (see replay).
@@ -73,7 +98,10 @@ type Retained struct {
 // again, because Redis lost some of them.
 type StreamReplay struct {
 	AggregateType string `json:"aggregate_type"`
-	Stream        string `json:"stream"`
+	// Partition is the stream's partition of its type (0 without
+	// partitions).
+	Partition int    `json:"partition"`
+	Stream    string `json:"stream"`
 	// FromBatch is the first batch still to publish again.
 	FromBatch int64 `json:"from_batch"`
 }
@@ -105,8 +133,15 @@ type ConsumerStatus struct {
 }
 
 func (o *ops) status(ctx context.Context) (Status, error) {
-	var s Status
+	s := Status{Partitions: o.numPartitions()}
 	var err error
+	rows, err := o.pool.Query(ctx, `SELECT DISTINCT partitions FROM outbox_streams ORDER BY 1`)
+	if err != nil {
+		return s, fmt.Errorf("read the relay's number of partitions: %w", err)
+	}
+	if s.RecordedPartitions, err = pgx.CollectRows(rows, pgx.RowTo[int]); err != nil {
+		return s, fmt.Errorf("read the relay's number of partitions: %w", err)
+	}
 	if s.Outbox, err = outbox.MeasureBacklog(ctx, o.pool); err != nil {
 		return s, err
 	}
@@ -206,6 +241,9 @@ func num(m rueidis.RedisMessage) int64 {
 }
 
 func printStatus(w io.Writer, s Status) {
+	if s.Partitions > 1 || len(s.RecordedPartitions) > 1 || (len(s.RecordedPartitions) == 1 && s.RecordedPartitions[0] != s.Partitions) {
+		fmt.Fprintf(w, "partitions: STREAM_PARTITIONS=%d, the relay's records %v\n", s.Partitions, s.RecordedPartitions)
+	}
 	fmt.Fprintf(w, "outbox: %d events waiting, oldest %.1fs old\n", s.Outbox.Events, s.Outbox.OldestAgeSeconds)
 	if s.OutboxDead.Count == 0 {
 		fmt.Fprintln(w, "outbox dead: none")
@@ -243,9 +281,15 @@ func printStatus(w io.Writer, s Status) {
 	}
 }
 
-// DeadLetter is one entry of the dead-letter stream.
+// DeadLetter is one entry of a dead-letter stream.
 type DeadLetter struct {
-	ID         string            `json:"id"`
+	ID string `json:"id"`
+	// Stream is the stream the letter came from, and Partition its
+	// partition (STREAM_PARTITIONS); the letter sits in that stream's
+	// dead-letter stream. Partitions' letters can share an id (added in
+	// the same millisecond): dlq redrive and drop take P/ID for them.
+	Stream     string            `json:"stream"`
+	Partition  int               `json:"partition"`
 	OriginalID string            `json:"original_id"`
 	EventID    string            `json:"event_id"`
 	EventType  string            `json:"event_type"`
@@ -256,31 +300,58 @@ type DeadLetter struct {
 	Fields     map[string]string `json:"fields"`
 }
 
-// dlqList lists up to count dead letters, oldest first; count 0 or less
-// lists them all.
+// dlqList lists up to count dead letters, oldest first, of every
+// partition's dead-letter stream; count 0 or less lists them all.
 func (o *ops) dlqList(ctx context.Context, count int64) ([]DeadLetter, error) {
 	if err := o.moveLegacyDead(ctx); err != nil {
 		return nil, err
 	}
-	cmd := o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Build()
-	if count > 0 {
-		cmd = o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Count(count).Build()
+	var out []DeadLetter
+	for p, name := range o.userStreams() {
+		dead := sendemail.DeadLetterStream(name)
+		cmd := o.redis.B().Xrange().Key(dead).Start("-").End("+").Build()
+		if count > 0 {
+			cmd = o.redis.B().Xrange().Key(dead).Start("-").End("+").Count(count).Build()
+		}
+		entries, err := o.redis.Do(ctx, cmd).AsXRange()
+		if err != nil {
+			return nil, fmt.Errorf("read %s: %w", dead, err)
+		}
+		for _, e := range entries {
+			f := e.FieldValues
+			out = append(out, DeadLetter{ID: e.ID, Stream: name, Partition: p, OriginalID: f[sendemail.FieldDeadOriginalID], EventID: f[stream.FieldEventID],
+				EventType: f[stream.FieldEventType], Error: f[sendemail.FieldDeadError], Deliveries: f[sendemail.FieldDeadDeliveries],
+				Consumer: f[sendemail.FieldDeadConsumer], FailedAt: f[sendemail.FieldDeadFailedAt], Fields: f})
+		}
 	}
-	entries, err := o.redis.Do(ctx, cmd).AsXRange()
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", o.deadStream(), err)
-	}
-	out := make([]DeadLetter, len(entries))
-	for i, e := range entries {
-		f := e.FieldValues
-		out[i] = DeadLetter{ID: e.ID, OriginalID: f[sendemail.FieldDeadOriginalID], EventID: f[stream.FieldEventID],
-			EventType: f[stream.FieldEventType], Error: f[sendemail.FieldDeadError], Deliveries: f[sendemail.FieldDeadDeliveries],
-			Consumer: f[sendemail.FieldDeadConsumer], FailedAt: f[sendemail.FieldDeadFailedAt], Fields: f}
+	// Oldest first across the partitions: ids are Redis's milliseconds.
+	slices.SortStableFunc(out, func(a, b DeadLetter) int { return compareIDs(a.ID, b.ID) })
+	if count > 0 && int64(len(out)) > count {
+		out = out[:count]
 	}
 	return out, nil
 }
 
+// compareIDs orders two stream entry ids (<ms>-<seq>) as Redis does.
+func compareIDs(a, b string) int {
+	split := func(id string) (uint64, uint64) {
+		ms, seq, _ := strings.Cut(id, "-")
+		m, _ := strconv.ParseUint(ms, 10, 64)
+		n, _ := strconv.ParseUint(seq, 10, 64)
+		return m, n
+	}
+	am, as := split(a)
+	bm, bs := split(b)
+	if c := cmp.Compare(am, bm); c != 0 {
+		return c
+	}
+	return cmp.Compare(as, bs)
+}
+
 var errNoSuchEntry = errors.New("no such dead letter")
+
+// errAmbiguousEntry says an id names dead letters of several partitions.
+var errAmbiguousEntry = errors.New("dead letters of several partitions have this id")
 
 // redriveScript moves one dead letter back to its stream, if it is still
 // there: two redrives of the same letter at once move it once. A failing
@@ -310,13 +381,15 @@ return #entries`)
 // moveLegacyDead moves the dead letters an older sendemail left under
 // <stream>:dead to {<stream>}:dead, in scripts of 100 letters, so that
 // every dlq command sees them. A key of that name that is not a stream is
-// left alone.
+// left alone. Older sendemails had no partitions: only the stream of one
+// partition can have such letters.
 func (o *ops) moveLegacyDead(ctx context.Context) error {
-	if o.redis.Mode() == rueidis.ClientModeCluster {
+	if o.redis.Mode() == rueidis.ClientModeCluster || o.numPartitions() > 1 {
 		return nil
 	}
-	legacy := sendemail.LegacyDeadLetterStream(o.userStream())
-	if legacy == o.deadStream() {
+	name := o.userStreams()[0]
+	legacy, dead := sendemail.LegacyDeadLetterStream(name), sendemail.DeadLetterStream(name)
+	if legacy == dead {
 		return nil // a hash-tagged STREAM_PREFIX: the old name is the new one
 	}
 	wrongType := func(err error) bool {
@@ -333,12 +406,12 @@ func (o *ops) moveLegacyDead(ctx context.Context) error {
 		return fmt.Errorf("count dead letters in %s: %w", legacy, err)
 	}
 	for left > 0 {
-		n, err := moveLegacyScript.Exec(ctx, o.redis, []string{legacy, o.deadStream()}, []string{"100"}).AsInt64()
+		n, err := moveLegacyScript.Exec(ctx, o.redis, []string{legacy, dead}, []string{"100"}).AsInt64()
 		if wrongType(err) {
 			return nil
 		}
 		if err != nil {
-			return fmt.Errorf("move dead letters from %s to %s: %w", legacy, o.deadStream(), err)
+			return fmt.Errorf("move dead letters from %s to %s: %w", legacy, dead, err)
 		}
 		if n == 0 {
 			return nil
@@ -351,55 +424,88 @@ func (o *ops) moveLegacyDead(ctx context.Context) error {
 // dropScript deletes one dead letter; it answers 0 if it was gone.
 var dropScript = rueidis.NewLuaScript(`return redis.call('XDEL', KEYS[1], ARGV[1])`)
 
+// deadEntry is a dead letter and the stream it came from.
+type deadEntry struct {
+	rueidis.XRangeEntry
+	stream string
+}
+
 // dlqRedrive moves dead letters (ids, or all when ids is empty) back to the
 // stream they came from, each as a new entry with its original fields, in
 // one script per letter: atomic, and safe to run twice at once (each
 // letter is moved by whichever redrive gets to it first).
 func (o *ops) dlqRedrive(ctx context.Context, ids []string) (int, error) {
-	return o.dlqEach(ctx, ids, func(e rueidis.XRangeEntry) (bool, error) {
+	return o.dlqEach(ctx, ids, func(e deadEntry) (bool, error) {
 		target := e.FieldValues[sendemail.FieldDeadStream]
 		if target == "" {
-			target = o.userStream()
+			target = e.stream
 		}
 		args := []string{e.ID}
 		for _, k := range sendemail.OriginalFields(e.FieldValues) {
 			args = append(args, k, e.FieldValues[k])
 		}
-		n, err := redriveScript.Exec(ctx, o.redis, []string{o.deadStream(), target}, args).AsInt64()
+		n, err := redriveScript.Exec(ctx, o.redis, []string{sendemail.DeadLetterStream(e.stream), target}, args).AsInt64()
 		return n == 1, err
 	})
 }
 
 // dlqDrop deletes dead letters (ids, or all when ids is empty).
 func (o *ops) dlqDrop(ctx context.Context, ids []string) (int, error) {
-	return o.dlqEach(ctx, ids, func(e rueidis.XRangeEntry) (bool, error) {
-		n, err := dropScript.Exec(ctx, o.redis, []string{o.deadStream()}, []string{e.ID}).AsInt64()
+	return o.dlqEach(ctx, ids, func(e deadEntry) (bool, error) {
+		n, err := dropScript.Exec(ctx, o.redis, []string{sendemail.DeadLetterStream(e.stream)}, []string{e.ID}).AsInt64()
 		return n == 1, err
 	})
 }
 
-// dlqEach runs act on each selected dead letter and counts those it moved.
-func (o *ops) dlqEach(ctx context.Context, ids []string, act func(rueidis.XRangeEntry) (bool, error)) (int, error) {
+// dlqEach runs act on each selected dead letter, of whichever partition,
+// and counts those it moved. An id is looked up in every partition's dead
+// letters, P/ID in partition P's only; an id found in two partitions'
+// (letters added in the same millisecond) is refused.
+func (o *ops) dlqEach(ctx context.Context, ids []string, act func(deadEntry) (bool, error)) (int, error) {
 	if err := o.moveLegacyDead(ctx); err != nil {
 		return 0, err
 	}
-	var entries []rueidis.XRangeEntry
-	if len(ids) == 0 {
-		all, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(o.deadStream()).Start("-").End("+").Build()).AsXRange()
-		if err != nil {
-			return 0, fmt.Errorf("read %s: %w", o.deadStream(), err)
+	var entries []deadEntry
+	for _, name := range o.userStreams() {
+		dead := sendemail.DeadLetterStream(name)
+		if len(ids) == 0 {
+			all, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(dead).Start("-").End("+").Build()).AsXRange()
+			if err != nil {
+				return 0, fmt.Errorf("read %s: %w", dead, err)
+			}
+			for _, e := range all {
+				entries = append(entries, deadEntry{e, name})
+			}
 		}
-		entries = all
 	}
 	for _, id := range ids {
-		got, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(o.deadStream()).Start(id).End(id).Build()).AsXRange()
-		if err != nil {
-			return 0, fmt.Errorf("read %s %s: %w", o.deadStream(), id, err)
+		var found []deadEntry
+		names := o.userStreams()
+		if p, plain, ok := strings.Cut(id, "/"); ok {
+			n, err := strconv.Atoi(p)
+			if err != nil || n < 0 || n >= len(names) {
+				return 0, fmt.Errorf("%w: %s: no partition %q of %d", errNoSuchEntry, id, p, len(names))
+			}
+			names, id = names[n:n+1], plain
 		}
-		if len(got) == 0 {
+		for _, name := range names {
+			dead := sendemail.DeadLetterStream(name)
+			got, err := o.redis.Do(ctx, o.redis.B().Xrange().Key(dead).Start(id).End(id).Build()).AsXRange()
+			if err != nil {
+				return 0, fmt.Errorf("read %s %s: %w", dead, id, err)
+			}
+			for _, e := range got {
+				found = append(found, deadEntry{e, name})
+			}
+		}
+		switch len(found) {
+		case 0:
 			return 0, fmt.Errorf("%w: %s", errNoSuchEntry, id)
+		case 1:
+			entries = append(entries, found[0])
+		default:
+			return 0, fmt.Errorf("%w: %s; name one as PARTITION/%s (dlq list shows them so)", errAmbiguousEntry, id, id)
 		}
-		entries = append(entries, got[0])
 	}
 	done := 0
 	for _, e := range entries {

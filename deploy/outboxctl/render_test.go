@@ -26,6 +26,7 @@ var hostile = []string{
 func renderArgs(mailFrom, file string) []string {
 	return []string{"-set", "PROJECT=my-project", "-set", "REGION=europe-west1", "-set", "SQL_INSTANCE=outbox",
 		"-set", "NETWORK=default", "-set", "SUBNET=default", "-set", "REDIS_CLUSTER=false",
+		"-set", "STREAM_PARTITIONS=6",
 		"-set", "IMAGE=europe-west1-docker.pkg.dev/my-project/outbox/relay@sha256:0123abcd",
 		"-text", "MAIL_FROM=" + mailFrom, file}
 }
@@ -73,6 +74,7 @@ func TestRender(t *testing.T) {
 				env := envOf(t, out.Bytes())
 				if strings.HasSuffix(file, "sendemail.yaml") || strings.HasSuffix(file, "relay.yaml") {
 					require.Equal(t, "false", env["REDIS_CLUSTER"], "a string, as Cloud Run wants")
+					require.Equal(t, "6", env["STREAM_PARTITIONS"], "a string, the same for relay and sendemail")
 				}
 				if strings.HasSuffix(file, "sendemail.yaml") {
 					require.Equal(t, from, env["MAIL_FROM"])

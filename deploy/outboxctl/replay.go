@@ -156,7 +156,7 @@ func (o *ops) replay(ctx context.Context, sel replaySelection, dryRun bool) (Rep
 			return o.publishRetained(ctx, page, r.Events)
 		}
 		for i := range page {
-			r.Events[stream.Name(o.prefix, page[i].AggregateType)]++
+			r.Events[o.streamOf(page[i].AggregateType, page[i].AggregateID)]++
 		}
 		return nil
 	}
@@ -171,7 +171,13 @@ func (o *ops) replay(ctx context.Context, sel replaySelection, dryRun bool) (Rep
 	}
 	types := make([]string, 0, len(r.Events))
 	for name := range r.Events {
-		types = append(types, strings.TrimPrefix(name, o.prefix))
+		t := strings.TrimPrefix(name, o.prefix)
+		if o.numPartitions() > 1 {
+			t = t[:strings.LastIndexByte(t, ':')]
+		}
+		if !slices.Contains(types, t) {
+			types = append(types, t)
+		}
 	}
 	r.Replays, err = o.replays(ctx, types)
 	return r, err
@@ -299,7 +305,7 @@ func (e *retainedEvent) event() stream.Event {
 func (o *ops) publishRetained(ctx context.Context, page []retainedEvent, published map[string]int64) error {
 	cmds := make(rueidis.Commands, len(page))
 	for i := range page {
-		cmd := o.redis.B().Xadd().Key(stream.Name(o.prefix, page[i].AggregateType)).Id("*").FieldValue()
+		cmd := o.redis.B().Xadd().Key(o.streamOf(page[i].AggregateType, page[i].AggregateID)).Id("*").FieldValue()
 		f := page[i].event().Fields()
 		for j := 0; j < len(f); j += 2 {
 			cmd = cmd.FieldValue(f[j], f[j+1])
@@ -309,7 +315,7 @@ func (o *ops) publishRetained(ctx context.Context, page []retainedEvent, publish
 	var first error
 	failed := 0
 	for i, resp := range o.redis.DoMulti(ctx, cmds...) {
-		name := stream.Name(o.prefix, page[i].AggregateType)
+		name := o.streamOf(page[i].AggregateType, page[i].AggregateID)
 		if err := resp.Error(); err != nil {
 			if first == nil {
 				first = fmt.Errorf("publish event %s (batch %d, id %d) to %s: %w", page[i].EventID, page[i].Batch, page[i].ID, name, err)
@@ -332,16 +338,17 @@ func (o *ops) publishRetained(ctx context.Context, page []retainedEvent, publish
 // again: all of them when aggregateTypes is nil, else those of these types.
 func (o *ops) replays(ctx context.Context, aggregateTypes []string) ([]StreamReplay, error) {
 	rows, err := o.pool.Query(ctx, `
-		SELECT aggregate_type, replay_from FROM outbox_streams
+		SELECT aggregate_type, partition, partitions, replay_from FROM outbox_streams
 		WHERE replay_from IS NOT NULL AND ($1::text[] IS NULL OR aggregate_type = ANY($1))
-		ORDER BY aggregate_type`, aggregateTypes)
+		ORDER BY aggregate_type, partition`, aggregateTypes)
 	if err != nil {
 		return nil, fmt.Errorf("list the relay's replays: %w", err)
 	}
 	var replays []StreamReplay
 	var r StreamReplay
-	_, err = pgx.ForEachRow(rows, []any{&r.AggregateType, &r.FromBatch}, func() error {
-		r.Stream = stream.Name(o.prefix, r.AggregateType)
+	var partitions int
+	_, err = pgx.ForEachRow(rows, []any{&r.AggregateType, &r.Partition, &partitions, &r.FromBatch}, func() error {
+		r.Stream = stream.PartitionName(o.prefix, r.AggregateType, r.Partition, partitions)
 		replays = append(replays, r)
 		return nil
 	})

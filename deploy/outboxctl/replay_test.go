@@ -28,7 +28,7 @@ func (b *testBundle) retain(t *testing.T, batch int64, e stream.Event, relayedAt
 		WITH batch AS (
 			INSERT INTO outbox_relay_batches (aggregate_type, batch, events, last_ms, last_seq, relayed_at)
 			VALUES ($3, $1, 1, 0, 0, $9)
-			ON CONFLICT (batch, aggregate_type) DO UPDATE SET events = outbox_relay_batches.events + 1)
+			ON CONFLICT (batch, aggregate_type, partition) DO UPDATE SET events = outbox_relay_batches.events + 1)
 		INSERT INTO outbox_relayed (batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, tracestate)
 		VALUES ($1, $2, $4, $3, $5, $6, $7, $8, $10, $11)`,
 		batch, e.OutboxID, e.AggregateType, e.EventID, e.AggregateID, e.EventType, e.Payload, traceparent, relayedAt, e.OccurredAt, tracestate)

@@ -28,6 +28,8 @@ type Config struct {
 	RedisCluster bool `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster (Memorystore for Redis Cluster, Valkey or Redis in cluster mode): commands are routed by hash slot and follow failovers. At least one node must answer at start-up. false: a single primary (Memorystore for Redis, a standalone server), which may be down at start-up; a cluster node that answers is refused. Default false."`
 	// StreamPrefix is prepended to the aggregate type to name a stream.
 	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names: events of aggregate type T go to the stream <prefix>T (user events to outbox:user). Default outbox:."`
+	// StreamPartitions spreads each aggregate type over that many streams.
+	StreamPartitions int `envconfig:"STREAM_PARTITIONS" default:"1" desc:"How many streams each aggregate type is spread over, by a hash of aggregate_id (FNV-1a 32-bit, modulo the number), so that one aggregate's events stay in one stream, in order: 1 keeps the one stream <prefix>T; N above 1 writes <prefix>T:0 … <prefix>T:N-1, each in its own Redis Cluster slot. Must be the same for relay, sendemail and outboxctl; the relay refuses to drain while its records show another number (see README, Changing STREAM_PARTITIONS). At most 256. Default 1."`
 	// BatchSize is how many outbox rows one transaction claims and publishes.
 	BatchSize int `envconfig:"RELAY_BATCH_SIZE" default:"1000" desc:"Outbox rows claimed, published in one Redis round trip and deleted per transaction. Default 1000."`
 	// PollInterval is the fallback poll: the relay drains this often even
@@ -95,6 +97,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("RELAY_DRAIN_TIMEOUT must be positive, not %s", c.DrainTimeout)
 	case c.ReconnectDelay <= 0:
 		return fmt.Errorf("RELAY_RECONNECT_DELAY must be positive, not %s", c.ReconnectDelay)
+	case c.StreamPartitions != 0 && stream.ValidPartitions(c.StreamPartitions) != nil: // 0: a Config built in code means 1
+		return stream.ValidPartitions(c.StreamPartitions)
 	case c.StreamPrefix == "":
 		return fmt.Errorf("STREAM_PREFIX must not be empty")
 	case stream.ValidPrefix(c.StreamPrefix) != nil:

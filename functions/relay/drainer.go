@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outboxfn/outbox/shared/outbox"
+	"github.com/outboxfn/outbox/shared/stream"
 	"github.com/outboxfn/outbox/shared/telemetry"
 )
 
@@ -90,15 +91,15 @@ RETURNING id, event_id, aggregate_type, aggregate_id, event_type, payload, trace
 // and per stream, for noticing that it lost any.
 const recordSQL = `
 WITH u AS (
-  SELECT * FROM unnest($1::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[]) AS u (t, events, ms, seq, added)),
+  SELECT * FROM unnest($1::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[], $7::int[]) AS u (t, events, ms, seq, added, p)),
 r AS (
-  INSERT INTO outbox_relay_batches (batch, aggregate_type, events, last_ms, last_seq)
-  SELECT $2, t, events, ms, seq FROM u)
-INSERT INTO outbox_streams AS s (aggregate_type, batch, last_ms, last_seq, entries_added)
-SELECT t, $2, ms, seq, added FROM u
-ON CONFLICT (aggregate_type) DO UPDATE
+  INSERT INTO outbox_relay_batches (batch, aggregate_type, partition, partitions, events, last_ms, last_seq)
+  SELECT $2, t, p, $8, events, ms, seq FROM u)
+INSERT INTO outbox_streams AS s (aggregate_type, partition, partitions, batch, last_ms, last_seq, entries_added)
+SELECT t, p, $8, $2, ms, seq, added FROM u
+ON CONFLICT (aggregate_type, partition) DO UPDATE
 SET batch = excluded.batch, last_ms = excluded.last_ms, last_seq = excluded.last_seq,
-    entries_added = excluded.entries_added, updated_at = now()`
+    entries_added = excluded.entries_added, partitions = excluded.partitions, updated_at = now()`
 
 // Result tells what one drain did.
 type Result struct {
@@ -186,6 +187,9 @@ type Drainer struct {
 	rows [2][]row // reused between batches, one per connection
 	// names interns aggregate and event types, which repeat in every batch.
 	names map[string]string
+	// partitionKeys caches the stream keys of each aggregate type's
+	// partitions (see streamOf), for the claims.
+	partitionKeys map[string][]string
 	// copyBufs hold each connection's batch in COPY format (see retain).
 	copyBufs [2][]byte
 
@@ -195,17 +199,18 @@ type Drainer struct {
 // NewDrainer returns a drainer; lockWait bounds the wait for the drain lock.
 func NewDrainer(pool *pgxpool.Pool, publisher *Publisher, batchSize int, lockWait time.Duration, logger *slog.Logger) *Drainer {
 	return &Drainer{
-		pool:      pool,
-		publisher: publisher,
-		batchSize: batchSize,
-		logger:    logger,
-		sem:       make(chan struct{}, 1),
-		lockWait:  lockWait,
-		busyPause: 2 * time.Millisecond,
-		finish:    5 * time.Second,
-		rows:      [2][]row{make([]row, 0, batchSize), make([]row, 0, batchSize)},
-		names:     make(map[string]string),
-		tel:       newInstruments(telemetry.Providers{}),
+		pool:          pool,
+		publisher:     publisher,
+		batchSize:     batchSize,
+		logger:        logger,
+		sem:           make(chan struct{}, 1),
+		lockWait:      lockWait,
+		busyPause:     2 * time.Millisecond,
+		finish:        5 * time.Second,
+		rows:          [2][]row{make([]row, 0, batchSize), make([]row, 0, batchSize)},
+		names:         make(map[string]string),
+		partitionKeys: make(map[string][]string),
+		tel:           newInstruments(telemetry.Providers{}),
 	}
 }
 
@@ -412,7 +417,7 @@ func (d *Drainer) lockDrain(ctx context.Context, conn *pgxpool.Conn, wait time.D
 	if d.retention == 0 {
 		return epoch, nil, nil
 	}
-	streams, err := parseStreamRecords(results[len(results)-1].Rows)
+	streams, err := parseStreamRecords(results[len(results)-1].Rows, d.partitions())
 	if err != nil {
 		d.unlock(ctx, conn, err)
 		return 0, nil, fmt.Errorf("read recorded streams: %w", err)
@@ -433,17 +438,23 @@ func parseEpoch(rows [][][]byte) (int64, error) {
 }
 
 // recordedStreamsSQL reads where PostgreSQL recorded each stream stood.
-const recordedStreamsSQL = `SELECT aggregate_type, last_ms, last_seq, entries_added, coalesce(replay_from, -1) FROM outbox_streams`
+const recordedStreamsSQL = `SELECT aggregate_type, last_ms, last_seq, entries_added, coalesce(replay_from, -1), partition, partitions FROM outbox_streams`
+
+// ErrPartitionsChanged says PostgreSQL's records show streams written with
+// another STREAM_PARTITIONS than the relay's: events of one aggregate would
+// go to two streams, and their order between them would be lost.
+var ErrPartitionsChanged = errors.New("STREAM_PARTITIONS differs from the number of partitions the relay's records in outbox_streams were written with")
 
 // parseStreamRecords reads recordedStreamsSQL's rows, in the text format
-// of the simple protocol that lockDrain's statements go in.
-func parseStreamRecords(rows [][][]byte) ([]streamRecord, error) {
+// of the simple protocol that lockDrain's statements go in. A record of
+// another number of partitions than partitions is an ErrPartitionsChanged.
+func parseStreamRecords(rows [][][]byte, partitions int) ([]streamRecord, error) {
 	out := make([]streamRecord, 0, len(rows))
 	for _, r := range rows {
-		if len(r) != 5 {
-			return nil, fmt.Errorf("want 5 columns, got %d", len(r))
+		if len(r) != 7 {
+			return nil, fmt.Errorf("want 7 columns, got %d", len(r))
 		}
-		var n [4]int64
+		var n [6]int64
 		for i := range n {
 			v, err := strconv.ParseInt(string(r[i+1]), 10, 64)
 			if err != nil {
@@ -451,10 +462,37 @@ func parseStreamRecords(rows [][][]byte) ([]streamRecord, error) {
 			}
 			n[i] = v
 		}
-		out = append(out, streamRecord{aggregateType: string(r[0]), last: streamID{ms: uint64(n[0]), seq: uint64(n[1])},
-			added: n[2], replayFrom: n[3]})
+		if int(n[5]) != partitions {
+			return nil, partitionsChanged(partitions, int(n[5]))
+		}
+		out = append(out, streamRecord{aggregateType: stream.PartitionKey(string(r[0]), int(n[4]), partitions),
+			last: streamID{ms: uint64(n[0]), seq: uint64(n[1])}, added: n[2], replayFrom: n[3]})
 	}
 	return out, nil
+}
+
+// checkPartitions returns an ErrPartitionsChanged when PostgreSQL's
+// records show a stream written with another number of partitions.
+func (d *Drainer) checkPartitions(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
+	defer cancel()
+	var recorded int
+	err := d.pool.QueryRow(ctx, `SELECT partitions FROM outbox_streams WHERE partitions <> $1 LIMIT 1`, d.partitions()).Scan(&recorded)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return nil
+	case err != nil:
+		return fmt.Errorf("check the streams' number of partitions: %w", err)
+	}
+	return partitionsChanged(d.partitions(), recorded)
+}
+
+// partitionsChanged explains an ErrPartitionsChanged and how to switch.
+func partitionsChanged(want, recorded int) error {
+	return fmt.Errorf("%w: the relay runs with %d, the records say %d. To change the number of partitions: "+
+		"stop the relay, let sendemail acknowledge every entry of the old streams (outboxctl status), "+
+		"run outboxctl partitions %d with STREAM_PARTITIONS=%d, then start relay, sendemail and outboxctl with it; "+
+		"to keep %d, set STREAM_PARTITIONS=%d everywhere", ErrPartitionsChanged, want, recorded, want, want, recorded, recorded)
 }
 
 // takeBusy takes the busy lock if it is free within busyWait (or at once,
@@ -807,16 +845,20 @@ func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord,
 		retained := make(map[string]int32, n)
 		for i := range c.rows {
 			if _, dead := refused[i]; !dead {
-				retained[c.rows[i].AggregateType]++
+				retained[c.rows[i].stream]++
 			}
 		}
-		types, events := make([]string, n), make([]int32, n)
+		types, events, parts := make([]string, n), make([]int32, n), make([]int32, n)
 		ms, seqs, added := make([]int64, n), make([]int64, n), make([]int64, n)
 		for i, r := range streams {
-			types[i], events[i] = r.aggregateType, retained[r.aggregateType]
+			t, p, err := stream.SplitKey(r.aggregateType, d.partitions())
+			if err != nil {
+				return fmt.Errorf("record streams: %w", err)
+			}
+			types[i], events[i], parts[i] = t, retained[r.aggregateType], int32(p)
 			ms[i], seqs[i], added[i] = int64(r.last.ms), int64(r.last.seq), r.added
 		}
-		b.Queue(recordSQL, types, c.batch, events, ms, seqs, added)
+		b.Queue(recordSQL, types, c.batch, events, ms, seqs, added, parts, d.partitions())
 	}
 	b.Queue("COMMIT")
 	results := c.conn.SendBatch(ctx, b)
@@ -876,15 +918,17 @@ func (d *Drainer) bury(ctx context.Context, c *claimed, refused map[int]string) 
 // the outbox, on a pooled connection of its own: it runs beside the first
 // claim of a drain.
 func (d *Drainer) rowsExist(ctx context.Context, ids []int64) (map[int64]string, error) {
-	rows, err := d.pool.Query(ctx, `SELECT id, aggregate_type FROM outbox WHERE id = ANY ($1)`, ids)
+	rows, err := d.pool.Query(ctx, `SELECT id, aggregate_type, aggregate_id FROM outbox WHERE id = ANY ($1)`, ids)
 	if err != nil {
 		return nil, err
 	}
 	exist := make(map[int64]string)
 	var id int64
-	var t string
-	_, err = pgx.ForEachRow(rows, []any{&id, &t}, func() error {
-		exist[id] = t
+	var t, aggregate string
+	n := d.partitions()
+	_, err = pgx.ForEachRow(rows, []any{&id, &t, &aggregate}, func() error {
+		// Not streamOf: its cache belongs to the claim running beside.
+		exist[id] = stream.PartitionKey(t, stream.Partition(aggregate, n), n)
 		return nil
 	})
 	return exist, err
@@ -917,6 +961,11 @@ func (d *Drainer) replay(ctx context.Context, conn *pgxpool.Conn, sess *session,
 func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *session, l lostStream, past func() bool) (int, error) {
 	start := time.Now()
 	t := l.aggregateType
+	typ, part, err := stream.SplitKey(t, d.partitions())
+	if err != nil {
+		return 0, err
+	}
+	parts := d.partitions()
 	exec := func(sql string, args ...any) error {
 		ctx, cancel := context.WithTimeout(ctx, statementTimeout)
 		defer cancel()
@@ -928,9 +977,10 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 	// ones an unfinished re-publication had not yet reached.
 	var newest int64
 	qctx, cancel := context.WithTimeout(ctx, statementTimeout)
-	err := conn.QueryRow(qctx, `SELECT coalesce((SELECT batch FROM outbox_relay_batches
-		WHERE aggregate_type = $1 AND (last_ms, last_seq) <= ($2, $3) AND ($4 < 0 OR batch < $4) ORDER BY batch DESC LIMIT 1), -1)`,
-		t, int64(l.kept.ms), int64(l.kept.seq), l.replayFrom).Scan(&newest)
+	err = conn.QueryRow(qctx, `SELECT coalesce((SELECT batch FROM outbox_relay_batches
+		WHERE aggregate_type = $1 AND partition = $5 AND partitions = $6
+		  AND (last_ms, last_seq) <= ($2, $3) AND ($4 < 0 OR batch < $4) ORDER BY batch DESC LIMIT 1), -1)`,
+		typ, int64(l.kept.ms), int64(l.kept.seq), l.replayFrom, part, parts).Scan(&newest)
 	cancel()
 	if err != nil {
 		return 0, fmt.Errorf("find the first lost batch: %w", err)
@@ -939,7 +989,7 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 	if l.replayFrom >= 0 && l.replayFrom < from {
 		from = l.replayFrom
 	}
-	if err := exec(`UPDATE outbox_streams SET replay_from = $2, updated_at = now() WHERE aggregate_type = $1`, t, from); err != nil {
+	if err := exec(`UPDATE outbox_streams SET replay_from = $2, updated_at = now() WHERE aggregate_type = $1 AND partition = $3`, typ, from, part); err != nil {
 		return 0, fmt.Errorf("mark the re-publication: %w", err)
 	}
 	n, batches := 0, 0
@@ -977,10 +1027,10 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 		if err := exec(`
 			WITH u AS (UPDATE outbox_relay_batches b SET last_ms = u.ms, last_seq = u.seq
 			  FROM unnest($2::bigint[], $3::bigint[], $4::bigint[]) AS u (batch, ms, seq)
-			  WHERE b.aggregate_type = $1 AND b.batch = u.batch)
+			  WHERE b.aggregate_type = $1 AND b.partition = $9 AND b.batch = u.batch)
 			UPDATE outbox_streams SET replay_from = $5, last_ms = $6, last_seq = $7, entries_added = $8, updated_at = now()
-			WHERE aggregate_type = $1`,
-			t, bs, ms, seqs, next, int64(ids[len(ids)-1].ms), int64(ids[len(ids)-1].seq), max(a, 0)); err != nil {
+			WHERE aggregate_type = $1 AND partition = $9`,
+			typ, bs, ms, seqs, next, int64(ids[len(ids)-1].ms), int64(ids[len(ids)-1].seq), max(a, 0), part); err != nil {
 			return n, fmt.Errorf("record the re-publication: %w", err)
 		}
 		n += len(events)
@@ -990,7 +1040,7 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 	case n == 0 && l.gone:
 		// Nothing retained to publish; forget the stream, so that the
 		// next event creates it afresh.
-		err = exec(`DELETE FROM outbox_streams WHERE aggregate_type = $1`, t)
+		err = exec(`DELETE FROM outbox_streams WHERE aggregate_type = $1 AND partition = $2`, typ, part)
 		delete(sess.added, t)
 	case n == 0:
 		// Nothing retained to publish: the stream as it is becomes the
@@ -999,7 +1049,7 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 		fallthrough
 	default:
 		err = exec(`UPDATE outbox_streams SET replay_from = NULL, last_ms = $2, last_seq = $3, entries_added = $4, updated_at = now()
-			WHERE aggregate_type = $1`, t, int64(last.ms), int64(last.seq), max(added, 0))
+			WHERE aggregate_type = $1 AND partition = $5`, typ, int64(last.ms), int64(last.seq), max(added, 0), part)
 		sess.added[t] = max(added, 0)
 	}
 	if err != nil {
@@ -1012,21 +1062,28 @@ func (d *Drainer) replayStream(ctx context.Context, conn *pgxpool.Conn, sess *se
 	return n, nil
 }
 
-// retained reads the retained events of aggregate type t in the run of
+// retained reads the retained events of the stream of key t in the run of
 // batches that starts at from and holds about a batch of events, in
 // publication order, with their batch numbers. It returns the run's last
-// batch, or -1 when no batch is retained from there on.
+// batch, or -1 when no batch is retained from there on. With partitions,
+// the run's batches hold events of the type's other streams too, which it
+// leaves out.
 func (d *Drainer) retained(ctx context.Context, conn *pgxpool.Conn, t string, from int64) ([]row, []int64, int64, error) {
+	n := d.partitions()
+	typ, part, err := stream.SplitKey(t, n)
+	if err != nil {
+		return nil, nil, -1, err
+	}
 	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
 	defer cancel()
-	_, last, ok, err := outbox.RetainedRun(ctx, conn, t, from, math.MaxInt64, d.batchSize)
+	_, last, ok, err := outbox.RetainedPartitionRun(ctx, conn, typ, part, n, from, math.MaxInt64, d.batchSize)
 	if err != nil || !ok {
 		return nil, nil, -1, err
 	}
 	rows, err := conn.Query(ctx, `
 		SELECT batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, tracestate
 		FROM outbox_relayed WHERE aggregate_type = $1 AND batch BETWEEN $2 AND $3
-		ORDER BY batch, id`, t, from, last)
+		ORDER BY batch, id`, typ, from, last)
 	if err != nil {
 		return nil, nil, -1, fmt.Errorf("read retained events: %w", err)
 	}
@@ -1035,6 +1092,10 @@ func (d *Drainer) retained(ctx context.Context, conn *pgxpool.Conn, t string, fr
 	var r row
 	var b int64
 	_, err = pgx.ForEachRow(rows, []any{&b, &r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt, &r.Tracestate}, func() error {
+		if stream.Partition(r.AggregateID, n) != part {
+			return nil
+		}
+		r.stream = t
 		events, numbers = append(events, r), append(numbers, b)
 		r.Payload, r.Traceparent, r.Tracestate = nil, nil, nil
 		return nil

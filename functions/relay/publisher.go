@@ -88,10 +88,15 @@ type Publisher struct {
 	// timeout bounds each round trip; rueidis retries reads until the
 	// context ends, which must not be the caller's whole deadline.
 	timeout time.Duration
-	// streams caches each aggregate type's keys, to spare allocations; its
-	// types are also the ones a new session takes over at once. Only the
-	// one drain of a process at a time uses it.
+	// streams caches each stream's keys, to spare allocations; its
+	// streams are also the ones a new session takes over at once. Only the
+	// one drain of a process at a time uses it. It is keyed, as everything
+	// here that is per stream, by the stream's key (stream.PartitionKey):
+	// the aggregate type, with its partition when there are several.
 	streams map[string]streamKeys
+	// partitions is how many streams each aggregate type is spread over
+	// (STREAM_PARTITIONS; 0 means 1); each stream is handled on its own.
+	partitions int
 }
 
 // streamKeys are a stream's name and the relay's keys in its hash slot.
@@ -126,7 +131,7 @@ func NewPublisher(client rueidis.Client, prefix string, window time.Duration) *P
 // concurrent use.
 type session struct {
 	p *Publisher
-	// conns holds, by aggregate type, the streams taken over.
+	// conns holds, by stream key, the streams taken over.
 	conns map[string]*streamConn
 	// exist is asked which marker rows still exist.
 	exist rowsExist
@@ -137,7 +142,7 @@ type session struct {
 	// are still in the outbox to those rows: the markers', then the batch
 	// being published until its rows are deleted.
 	inFlight map[eventID]flight
-	// added is each stream's entries-added counter (by aggregate type) as
+	// added is each stream's entries-added counter (by stream key) as
 	// this session last saw it; a batch that finds it lower than that plus
 	// what it added wrote into a stream that was deleted and created again.
 	added map[string]int64
@@ -157,7 +162,7 @@ type session struct {
 	// legacy is the marker a relay of an older version left (see
 	// fenceLegacy), read with each stream's own.
 	legacy []byte
-	// records are PostgreSQL's records of the streams, by aggregate type,
+	// records are PostgreSQL's records of the streams, by stream key,
 	// which a takeover compares the streams with.
 	records map[string]*streamRecord
 }
@@ -173,14 +178,14 @@ type streamConn struct {
 // flight is an event published by a batch whose commit is not confirmed.
 type flight struct {
 	row   int64
-	typ   string   // aggregate type
+	typ   string   // the stream's key (see Publisher.streams)
 	entry streamID // the entry it got; zero when not known
 }
 
 // streamRecord is where PostgreSQL recorded a stream stood after the newest
 // batch that wrote to it (the outbox_streams table).
 type streamRecord struct {
-	aggregateType string
+	aggregateType string // the stream's key (see Publisher.streams)
 	last          streamID
 	added         int64 // entries-added
 	// replayFrom is the first batch of an unfinished re-publication, or -1.
@@ -189,7 +194,7 @@ type streamRecord struct {
 
 // lostStream is a stream Redis no longer holds all of.
 type lostStream struct {
-	aggregateType string
+	aggregateType string // the stream's key (see Publisher.streams)
 	// kept is the stream's last-generated-id when Redis kept a prefix of it
 	// (a failover dropped the last writes): the batches recorded at or
 	// before it are still there. Zero when none are: the stream is gone, or
@@ -206,7 +211,7 @@ type lostStream struct {
 }
 
 // rowsExist returns, for those of ids that are still rows of the outbox,
-// their aggregate types.
+// the keys of their streams.
 type rowsExist func(ctx context.Context, ids []int64) (map[int64]string, error)
 
 // markerRecord is the size of one event in the marker: the outbox row id
@@ -297,7 +302,7 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, known []
 // others.
 const startTakeOverTimeout = time.Second
 
-// takeOverStream takes a new epoch of the stream of aggregate type t, which
+// takeOverStream takes a new epoch of the stream of key t, which
 // from then on fails the EXEC of any relay that held the lock before, reads
 // the marker those relays left, keeping the records whose rows exist, and,
 // given PostgreSQL's record of the stream, compares the stream with it.
@@ -655,7 +660,7 @@ type published struct {
 // batchRecord is where one stream stood after a batch: the last entry the
 // batch has in it, and its entries-added counter.
 type batchRecord struct {
-	aggregateType string
+	aggregateType string // the stream's key (see Publisher.streams)
 	last          streamID
 	added         int64
 }
@@ -690,7 +695,7 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	// Each stream's part of the batch: the index of each event it sends,
 	// in order.
 	parts := make(map[string]*streamPart)
-	var order []string           // aggregate types, in the order of their first event
+	var order []string           // stream keys, in the order of their first event
 	invalid := map[string]bool{} // aggregate types checked once per batch
 	for i := range events {
 		e := &events[i]
@@ -700,12 +705,12 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 			res.refuse(i, "created_at is infinite")
 			continue
 		}
-		if _, ok := parts[e.AggregateType]; !ok && !invalid[e.AggregateType] {
+		if _, ok := parts[e.stream]; !ok && !invalid[e.AggregateType] {
 			if !outbox.ValidAggregateType(e.AggregateType) {
 				invalid[e.AggregateType] = true
 			} else {
-				parts[e.AggregateType] = &streamPart{}
-				order = append(order, e.AggregateType)
+				parts[e.stream] = &streamPart{}
+				order = append(order, e.stream)
 			}
 		}
 		if invalid[e.AggregateType] {
@@ -728,7 +733,7 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	}
 	for i := range events {
 		e := &events[i]
-		part, ok := parts[e.AggregateType]
+		part, ok := parts[e.stream]
 		if _, refused := res.refused[i]; refused || !ok {
 			continue
 		}
@@ -744,7 +749,7 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 			if _, refused := res.refused[i]; !refused {
 				e := &events[i]
 				if f, ok := s.inFlight[e.EventID]; !ok || f.row != e.ID {
-					s.inFlight[e.EventID] = flight{row: e.ID, typ: e.AggregateType}
+					s.inFlight[e.EventID] = flight{row: e.ID, typ: e.stream}
 				}
 			}
 		}
@@ -786,7 +791,7 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 	kept := make(map[string]bool, len(order))
 	for i := range events {
 		if _, refused := res.refused[i]; !refused {
-			kept[events[i].AggregateType] = true
+			kept[events[i].stream] = true
 		}
 	}
 	for _, t := range order {
@@ -808,7 +813,7 @@ func (s *session) publish(ctx context.Context, events []row) (published, error) 
 		// The batch landed in a stream that lost what came before it: it
 		// is rolled back, and published again after the older events.
 		for i := range events {
-			if s.isLost(events[i].AggregateType) {
+			if s.isLost(events[i].stream) {
 				delete(s.inFlight, events[i].EventID)
 			}
 		}
@@ -951,7 +956,7 @@ func (r *published) refuse(i int, reason string) {
 	r.refused[i] = reason
 }
 
-// marker encodes the events in flight to the stream of aggregate type t.
+// marker encodes the events in flight to the stream of key t.
 func (s *session) marker(t string) []byte {
 	marker := make([]byte, 0, markerRecord*len(s.inFlight))
 	for id, f := range s.inFlight {
@@ -1042,7 +1047,7 @@ func (s *session) republish(ctx context.Context, t string, events []row) ([]stre
 	return ids, added, nil
 }
 
-// keys returns the keys of aggregate type t's stream, from a cache that
+// keys returns the keys of the stream of key t, from a cache that
 // spares the allocations.
 func (p *Publisher) keys(t string) streamKeys {
 	k, ok := p.streams[t]
@@ -1054,11 +1059,11 @@ func (p *Publisher) keys(t string) streamKeys {
 	return k
 }
 
-// streamName returns the stream of aggregate type t.
+// streamName returns the stream of key t.
 func (p *Publisher) streamName(t string) string { return p.keys(t).name }
 
 func (s *session) xadd(c rueidis.DedicatedClient, e *row) rueidis.Completed {
-	b := c.B().Xadd().Key(s.p.streamName(e.AggregateType)).Id("*").FieldValue().
+	b := c.B().Xadd().Key(s.p.streamName(e.stream)).Id("*").FieldValue().
 		FieldValue(stream.FieldEventID, e.eventIDString()).
 		FieldValue(stream.FieldEventType, e.EventType).
 		FieldValue(stream.FieldAggregateType, e.AggregateType).

@@ -100,6 +100,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 	}
 	publisher := NewPublisher(client, cfg.StreamPrefix, cfg.DedupeWindow)
 	publisher.waitReplicas, publisher.waitTimeout = int64(cfg.WaitReplicas), cfg.WaitTimeout
+	publisher.partitions = max(cfg.StreamPartitions, 1)
 	// A relay waiting for another's drain lock gives up after a poll
 	// interval and tries again on its next wake-up.
 	drainer := NewDrainer(pool, publisher, cfg.BatchSize, cfg.PollInterval, logger)
@@ -120,8 +121,16 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 	return s, nil
 }
 
-// Start starts the background loop unless BACKGROUND is false.
+// Start starts the background loop unless BACKGROUND is false. It refuses
+// to start when PostgreSQL's records of the streams show another
+// STREAM_PARTITIONS (ErrPartitionsChanged); a PostgreSQL it cannot reach
+// is not an error here: every drain checks again.
 func (s *Service) Start(ctx context.Context) error {
+	if err := s.drainer.checkPartitions(ctx); errors.Is(err, ErrPartitionsChanged) {
+		return err
+	} else if err != nil {
+		s.logger.WarnContext(ctx, "could not check the streams' number of partitions; each drain checks it", slog.Any("error", err))
+	}
 	if !s.cfg.Background {
 		return nil
 	}

@@ -13,6 +13,8 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/outboxfn/outbox/shared/stream"
 )
 
 // row is one claimed outbox row.
@@ -30,6 +32,9 @@ type row struct {
 	// then zero): a row only another producer can write, which the relay
 	// moves to outbox_dead rather than let it stop the outbox.
 	Infinite pgtype.InfinityModifier
+	// stream is the key of the row's stream (stream.PartitionKey): its
+	// aggregate type, and its partition when there are several.
+	stream string
 }
 
 func (r *row) eventIDString() string { return uuid.UUID(r.EventID).String() }
@@ -46,6 +51,7 @@ func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 		var created pgtype.Timestamptz
 		_, err := pgx.ForEachRow(rows, []any{&r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &created, &r.Tracestate}, func() error {
 			r.CreatedAt, r.Infinite = created.Time, created.InfinityModifier
+			r.stream = d.streamOf(r.AggregateType, r.AggregateID)
 			batch = append(batch, r)
 			r.Payload, r.Traceparent, r.Tracestate = nil, nil, nil // scanned into fresh memory next time
 			return nil
@@ -77,6 +83,7 @@ func (d *Drainer) readRows(rows pgx.Rows, batch []row) ([]row, error) {
 		case math.MinInt64:
 			r.CreatedAt, r.Infinite = time.Time{}, pgtype.NegativeInfinity
 		}
+		r.stream = d.streamOf(r.AggregateType, r.AggregateID)
 		if v[6] != nil {
 			tp := string(v[6])
 			r.Traceparent = &tp
@@ -101,6 +108,27 @@ func (d *Drainer) intern(b []byte) string {
 		d.names[s] = s
 	}
 	return s
+}
+
+// streamOf returns the key of the stream of an event of aggregateType and
+// aggregateID, from a cache of each type's keys: with one partition the
+// aggregate type itself.
+func (d *Drainer) streamOf(aggregateType, aggregateID string) string {
+	n := d.partitions()
+	if n <= 1 {
+		return aggregateType
+	}
+	keys, ok := d.partitionKeys[aggregateType]
+	if !ok {
+		keys = make([]string, n)
+		for p := range keys {
+			keys[p] = stream.PartitionKey(aggregateType, p, n)
+		}
+		if len(d.partitionKeys) < 256 {
+			d.partitionKeys[aggregateType] = keys
+		}
+	}
+	return keys[stream.Partition(aggregateID, n)]
 }
 
 // copyRelayedSQL copies retained rows in PostgreSQL's binary COPY format,
@@ -208,3 +236,6 @@ func (d *Drainer) retain(ctx context.Context, c *claimed) error {
 	}
 	return nil
 }
+
+// partitions is the number of streams each aggregate type is spread over.
+func (d *Drainer) partitions() int { return max(d.publisher.partitions, 1) }

@@ -27,6 +27,8 @@ type Config struct {
 	RedisCluster bool `envconfig:"REDIS_CLUSTER" default:"false" desc:"REDIS_URL names a Redis Cluster (Memorystore for Redis Cluster, Valkey or Redis in cluster mode): commands are routed by hash slot and follow failovers. At least one node must answer at start-up. false: a single primary (Memorystore for Redis, a standalone server), which may be down at start-up; a cluster node that answers is refused. Default false."`
 	// StreamPrefix must match the relay's.
 	StreamPrefix string `envconfig:"STREAM_PREFIX" default:"outbox:" desc:"Prefix of stream names, as for the relay; sendemail reads <prefix>user and dead-letters to {<prefix>user}:dead. Default outbox:."`
+	// StreamPartitions must match the relay's.
+	StreamPartitions int `envconfig:"STREAM_PARTITIONS" default:"1" desc:"How many streams the user events are spread over, as for the relay (must be the same): 1 reads <prefix>user; N above 1 reads <prefix>user:0 … <prefix>user:N-1, each through the group with a loop of its own (an empty or stuck partition holds back no other), and dead-letters to {<prefix>user:<p>}:dead. SENDEMAIL_CONCURRENCY is per partition; the emails sent and not yet marked stay bounded by 2 × SENDEMAIL_CONCURRENCY for the instance. Default 1."`
 	// Group is the consumer group; every sendemail instance joins it.
 	Group string `envconfig:"SENDEMAIL_GROUP" default:"sendemail" desc:"Consumer group name shared by all sendemail instances. Default sendemail."`
 	// ConsumerName names this instance in the group.
@@ -84,6 +86,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("STREAM_PREFIX must not be empty")
 	case stream.ValidPrefix(c.StreamPrefix) != nil:
 		return stream.ValidPrefix(c.StreamPrefix)
+	case c.StreamPartitions != 0 && stream.ValidPartitions(c.StreamPartitions) != nil: // 0: a Config built in code means 1
+		return stream.ValidPartitions(c.StreamPartitions)
 	case c.Group == "":
 		return fmt.Errorf("SENDEMAIL_GROUP must not be empty")
 	case c.BatchSize < 1 || c.BatchSize > 10000:
@@ -134,6 +138,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.ShutdownTimeout <= 0 {
 		c.ShutdownTimeout = 8 * time.Second
+	}
+	if c.StreamPartitions <= 0 {
+		c.StreamPartitions = 1
 	}
 	return c
 }

@@ -125,8 +125,15 @@ type Consumer struct {
 	flushWG     sync.WaitGroup
 }
 
+// unmarkedSlots returns the bound on emails sent and not yet marked: the
+// one the consumers of every partition share when New set it, a channel
+// of 2 × concurrency of the consumer's own otherwise.
 func (c *Consumer) unmarkedSlots() chan struct{} {
-	c.unmarkedOnce.Do(func() { c.unmarked = make(chan struct{}, 2*c.concurrency) })
+	c.unmarkedOnce.Do(func() {
+		if c.unmarked == nil {
+			c.unmarked = make(chan struct{}, 2*c.concurrency)
+		}
+	})
 	return c.unmarked
 }
 

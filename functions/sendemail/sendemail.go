@@ -1,5 +1,6 @@
 // Package sendemail is the function that sends one welcome email per
-// user.created event, reading the user stream through a consumer group.
+// user.created event, reading the user stream through a consumer group
+// (with STREAM_PARTITIONS, each partition's stream, with a loop of its own).
 //
 // # Delivery
 //
@@ -35,11 +36,13 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
@@ -75,14 +78,17 @@ func DeadLetterStream(name string) string { return stream.Sibling(name, "dead") 
 func LegacyDeadLetterStream(name string) string { return name + ":dead" }
 
 // Service is sendemail: an HTTP trigger and a background loop around one
-// Consumer.
+// Consumer per stream (partition) of the user events.
 type Service struct {
-	cfg      Config
-	pool     *pgxpool.Pool
-	redis    rueidis.Client
-	consumer *Consumer
-	logger   *slog.Logger
-	bg       serve.Background
+	cfg   Config
+	pool  *pgxpool.Pool
+	redis rueidis.Client
+	// consumer reads the first (with one partition, the only) stream;
+	// consumers holds it and those of the other partitions, in order.
+	consumer  *Consumer
+	consumers []*Consumer
+	logger    *slog.Logger
+	bg        serve.Background
 
 	// handler is serveHTTP inside the request's server span and metrics;
 	// unobserve unregisters the stream gauges.
@@ -127,19 +133,27 @@ func NewWithSender(ctx context.Context, cfg Config, sender Sender, logger *slog.
 	if name == "" {
 		name = defaultConsumerName()
 	}
-	key := stream.Name(cfg.StreamPrefix, events.AggregateUser)
-	s := &Service{
-		cfg: cfg, pool: pool, redis: client, logger: logger,
-		consumer: &Consumer{
+	s := &Service{cfg: cfg, pool: pool, redis: client, logger: logger}
+	sends, tel := &Sends{pool: pool, lease: cfg.Lease}, newInstruments(cfg.Telemetry)
+	// The partitions' consumers share one bound on the emails sent and not
+	// yet marked: what a crash would send twice stays what it is with one.
+	unmarked := make(chan struct{}, 2*cfg.Concurrency)
+	for _, key := range stream.Names(cfg.StreamPrefix, events.AggregateUser, cfg.StreamPartitions) {
+		clog := logger.With(slog.String("consumer", name))
+		if cfg.StreamPartitions > 1 {
+			clog = clog.With(slog.String("stream", key))
+		}
+		s.consumers = append(s.consumers, &Consumer{
 			client: client, stream: key, deadLetter: DeadLetterStream(key), group: cfg.Group, name: name,
 			batchSize: cfg.BatchSize, concurrency: cfg.Concurrency, block: cfg.Block, claimIdle: cfg.ClaimIdle,
 			maxDeliveries: cfg.MaxDeliveries, sendAttempts: cfg.SendAttempts,
 			sendLimit: SendLimit(cfg.SMTPTimeout, cfg.SMTPDataTimeout), stopGrace: stopGrace(cfg.ShutdownTimeout),
 			forgetIdle: max(time.Hour, 10*cfg.ClaimIdle),
-			sends:      &Sends{pool: pool, lease: cfg.Lease}, mailer: mailer, sender: sender,
-			logger: logger.With(slog.String("consumer", name)), tel: newInstruments(cfg.Telemetry),
-		},
+			sends:      sends, mailer: mailer, sender: sender, unmarked: unmarked,
+			logger: clog, tel: tel,
+		})
 	}
+	s.consumer = s.consumers[0]
 	s.handler = telemetry.HTTPHandler(Name, cfg.Telemetry, http.HandlerFunc(s.serveHTTP))
 	if err := s.observeStream(cfg.Telemetry); err != nil {
 		s.Close()
@@ -166,12 +180,21 @@ func defaultConsumerName() string {
 	return host + "-" + hex.EncodeToString(b)
 }
 
-// Start starts the background loop unless BACKGROUND is false.
+// Start starts the background loop unless BACKGROUND is false: one loop
+// per partition, because one XREADGROUP cannot read streams of several
+// Redis Cluster slots, and so that an empty or stuck partition holds back
+// no other.
 func (s *Service) Start(ctx context.Context) error {
 	if !s.cfg.Background {
 		return nil
 	}
-	return s.bg.Start(ctx, func(ctx context.Context) { s.consumer.Run(ctx, s.cfg.ClaimInterval) })
+	return s.bg.Start(ctx, func(ctx context.Context) {
+		var wg sync.WaitGroup
+		for _, c := range s.consumers {
+			wg.Go(func() { c.Run(ctx, s.cfg.ClaimInterval) })
+		}
+		wg.Wait()
+	})
 }
 
 // Stop ends the background loop after the batch in hand is finished.
@@ -187,7 +210,9 @@ func (s *Service) Close() {
 	if s.unobserve != nil {
 		_ = s.unobserve()
 	}
-	s.consumer.stopFlusher()
+	for _, c := range s.consumers {
+		c.stopFlusher()
+	}
 	if c, ok := s.consumer.sender.(io.Closer); ok {
 		_ = c.Close()
 	}
@@ -202,9 +227,23 @@ func (s *Service) Health(ctx context.Context) serve.Health {
 		"redis":    func(ctx context.Context) error { return stream.Ping(ctx, s.redis) },
 		// The group exists, or is created now: a Redis that lost it is not
 		// healthy until the group is back.
-		"group": s.consumer.EnsureGroup,
+		"group": func(ctx context.Context) error {
+			var errs []error
+			for _, c := range s.consumers {
+				errs = append(errs, c.EnsureGroup(ctx))
+			}
+			return errors.Join(errs...)
+		},
 	})
-	h.Details = map[string]any{"consumer": s.consumer.name, "stream": s.consumer.stream, "group": s.consumer.group}
+	details := map[string]any{"consumer": s.consumer.name, "stream": s.consumer.stream, "group": s.consumer.group}
+	if len(s.consumers) > 1 {
+		streams := make([]string, len(s.consumers))
+		for i, c := range s.consumers {
+			streams[i] = c.stream
+		}
+		details["streams"] = streams
+	}
+	h.Details = details
 	return h
 }
 
@@ -225,7 +264,7 @@ func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		stopBy = d.Add(-time.Second)
 	}
 	start := time.Now()
-	stats, err := s.consumer.Pass(ctx, stopBy)
+	stats, err := s.pass(ctx, stopBy)
 	if err != nil {
 		s.logger.WarnContext(ctx, "triggered pass failed", slog.Any("error", err))
 		httpjson.WriteError(w, r, s.logger, httpjson.Errorf(http.StatusServiceUnavailable, "unavailable",
@@ -236,4 +275,31 @@ func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		Stats
 		DurationMS float64 `json:"duration_ms"`
 	}{stats, float64(time.Since(start).Microseconds()) / 1000})
+}
+
+// pass runs a triggered pass over every partition at once, so that one
+// partition's backlog or failures do not use up the others' time.
+func (s *Service) pass(ctx context.Context, stopBy time.Time) (Stats, error) {
+	if len(s.consumers) == 1 {
+		return s.consumer.Pass(ctx, stopBy)
+	}
+	var (
+		mu    sync.Mutex
+		stats Stats
+		errs  []error
+		wg    sync.WaitGroup
+	)
+	for _, c := range s.consumers {
+		wg.Go(func() {
+			st, err := c.Pass(ctx, stopBy)
+			mu.Lock()
+			defer mu.Unlock()
+			stats.add(st)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", c.stream, err))
+			}
+		})
+	}
+	wg.Wait()
+	return stats, errors.Join(errs...)
 }

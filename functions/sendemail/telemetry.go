@@ -2,6 +2,7 @@ package sendemail
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/redis/rueidis"
@@ -127,49 +128,62 @@ func (s *Service) observeStream(p telemetry.Providers) error {
 		metric.WithDescription("Entries a consumer group has read and not acknowledged (in delivery, failing, or left by a crashed consumer)."))
 	lag, _ := m.Int64ObservableGauge("outbox.stream.lag", metric.WithUnit("{entry}"),
 		metric.WithDescription("Entries a consumer group has not read yet."))
-	key := s.consumer.stream
 	reg, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error {
 		ctx, cancel := context.WithTimeout(ctx, redisTimeout)
 		defer cancel()
-		res := s.redis.DoMulti(ctx, s.redis.B().Xlen().Key(key).Build(), s.redis.B().XinfoGroups().Key(key).Build())
-		n, err := res[0].AsInt64()
-		if err != nil {
-			return err
+		cmds := make(rueidis.Commands, 0, 2*len(s.consumers))
+		for _, c := range s.consumers {
+			cmds = append(cmds, s.redis.B().Xlen().Key(c.stream).Build(), s.redis.B().XinfoGroups().Key(c.stream).Build())
 		}
-		streamAttr := attribute.String("messaging.destination.name", key)
-		o.ObserveInt64(length, n, metric.WithAttributes(streamAttr))
-		groups, err := res[1].ToArray()
-		if err != nil {
-			if rueidis.IsRedisNil(err) {
-				return nil
-			}
-			if _, answered := rueidis.IsRedisErr(err); answered {
-				return nil // no such key yet: no groups
-			}
-			return err
+		res := s.redis.DoMulti(ctx, cmds...)
+		var errs []error
+		for i, c := range s.consumers {
+			errs = append(errs, observeOne(o, c.stream, res[2*i], res[2*i+1], length, pending, lag))
 		}
-		for _, g := range groups {
-			info, err := g.AsMap()
-			if err != nil {
-				return err
-			}
-			nameMsg, pendingMsg, lagMsg := info["name"], info["pending"], info["lag"]
-			name, _ := nameMsg.ToString()
-			attrs := metric.WithAttributes(streamAttr, attribute.String("messaging.consumer.group.name", name))
-			if p, err := pendingMsg.AsInt64(); err == nil {
-				o.ObserveInt64(pending, p, attrs)
-			}
-			// lag is nil when Redis cannot tell (entries deleted mid-way).
-			if l, err := lagMsg.AsInt64(); err == nil {
-				o.ObserveInt64(lag, l, attrs)
-			}
-		}
-		return nil
+		return errors.Join(errs...)
 	}, length, pending, lag)
 	if err != nil {
 		return err
 	}
 	s.unobserve = reg.Unregister
+	return nil
+}
+
+// observeOne observes one stream's length and its groups' pending entries
+// and lag, from the replies of its XLEN and XINFO GROUPS.
+func observeOne(o metric.Observer, key string, xlen, xinfo rueidis.RedisResult, length, pending, lag metric.Int64ObservableGauge) error {
+	n, err := xlen.AsInt64()
+	if err != nil {
+		return err
+	}
+	streamAttr := attribute.String("messaging.destination.name", key)
+	o.ObserveInt64(length, n, metric.WithAttributes(streamAttr))
+	groups, err := xinfo.ToArray()
+	if err != nil {
+		if rueidis.IsRedisNil(err) {
+			return nil
+		}
+		if _, answered := rueidis.IsRedisErr(err); answered {
+			return nil // no such key yet: no groups
+		}
+		return err
+	}
+	for _, g := range groups {
+		info, err := g.AsMap()
+		if err != nil {
+			return err
+		}
+		nameMsg, pendingMsg, lagMsg := info["name"], info["pending"], info["lag"]
+		name, _ := nameMsg.ToString()
+		attrs := metric.WithAttributes(streamAttr, attribute.String("messaging.consumer.group.name", name))
+		if p, err := pendingMsg.AsInt64(); err == nil {
+			o.ObserveInt64(pending, p, attrs)
+		}
+		// lag is nil when Redis cannot tell (entries deleted mid-way).
+		if l, err := lagMsg.AsInt64(); err == nil {
+			o.ObserveInt64(lag, l, attrs)
+		}
+	}
 	return nil
 }
 

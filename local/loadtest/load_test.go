@@ -31,6 +31,7 @@ import (
 	"github.com/outboxfn/outbox/shared/pgtest"
 	"github.com/outboxfn/outbox/shared/redistest"
 	"github.com/outboxfn/outbox/shared/smtptest"
+	"github.com/outboxfn/outbox/shared/stream"
 )
 
 // signups is how many users each scenario signs up: LOADTEST_SIGNUPS, or
@@ -145,6 +146,13 @@ func start(t *testing.T, smtpURL string) *pipeline {
 // stream shows every event the relay published.
 func startOn(t *testing.T, smtpURL, redisURL string, cluster bool, client rueidis.Client, prefix string, retention time.Duration) *pipeline {
 	t.Helper()
+	return startPartitioned(t, smtpURL, redisURL, cluster, client, prefix, retention, 1)
+}
+
+// startPartitioned is startOn with the user events spread over partitions
+// streams (STREAM_PARTITIONS); p.stream is then the first partition's.
+func startPartitioned(t *testing.T, smtpURL, redisURL string, cluster bool, client rueidis.Client, prefix string, retention time.Duration, partitions int) *pipeline {
+	t.Helper()
 	ctx := context.Background()
 	dbURL, db := pgtest.NewPool(t)
 	log := logging.Config{LogFormat: "text", LogLevel: "warn"}
@@ -154,7 +162,7 @@ func startOn(t *testing.T, smtpURL, redisURL string, cluster bool, client rueidi
 	require.NoError(t, err)
 	t.Cleanup(cu.Close)
 	rl, err := relay.New(ctx, relay.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 4, RedisURL: redisURL,
-		RedisCluster: cluster, StreamPrefix: prefix, BatchSize: 1000, PollInterval: time.Second, DedupeWindow: time.Hour, Retention: retention,
+		RedisCluster: cluster, StreamPrefix: prefix, StreamPartitions: partitions, BatchSize: 1000, PollInterval: time.Second, DedupeWindow: time.Hour, Retention: retention,
 		DrainTimeout: 10 * time.Second, ReconnectDelay: 100 * time.Millisecond, Background: true}, logging.Discard())
 	require.NoError(t, err)
 	require.NoError(t, rl.Start(ctx))
@@ -165,7 +173,7 @@ func startOn(t *testing.T, smtpURL, redisURL string, cluster bool, client rueidi
 	const lease = 4 * time.Second
 	for i := range 2 {
 		se, err := sendemail.New(ctx, sendemail.Config{Config: log, DatabaseURL: dbURL, DBMaxConns: 8, RedisURL: redisURL,
-			RedisCluster: cluster, StreamPrefix: prefix, Group: "sendemail", ConsumerName: fmt.Sprintf("load-%d", i), BatchSize: 64, Concurrency: 8,
+			RedisCluster: cluster, StreamPrefix: prefix, StreamPartitions: partitions, Group: "sendemail", ConsumerName: fmt.Sprintf("load-%d", i), BatchSize: 64, Concurrency: 8,
 			Block: 200 * time.Millisecond, ClaimIdle: 2 * lease, ClaimInterval: time.Second, MaxDeliveries: 20, SendAttempts: 3,
 			Lease: lease, SMTPURL: smtpURL, SMTPTimeout: time.Second, SMTPDataTimeout: time.Second,
 			From: "Example <welcome@example.com>", Subject: "Welcome, {{.Name}}!", DrainTimeout: 10 * time.Second,
@@ -174,7 +182,7 @@ func startOn(t *testing.T, smtpURL, redisURL string, cluster bool, client rueidi
 		require.NoError(t, se.Start(ctx))
 		t.Cleanup(func() { se.Stop(); se.Close() })
 	}
-	return &pipeline{createUser: cu, db: db, redis: client, stream: prefix + "user"}
+	return &pipeline{createUser: cu, db: db, redis: client, stream: stream.Names(prefix, "user", partitions)[0]}
 }
 
 // signUp creates n users over createuser's HTTP handler, eight at a time,

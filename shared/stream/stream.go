@@ -306,3 +306,80 @@ func scanNode(ctx context.Context, node rueidis.Client, pattern, typ string, see
 func Ping(ctx context.Context, client rueidis.Client) error {
 	return client.Do(ctx, client.B().Ping().Build()).Error()
 }
+
+// MaxPartitions bounds STREAM_PARTITIONS: a consumer runs one reader per
+// partition, and a relay's batch one transaction per partition it touches.
+const MaxPartitions = 256
+
+// Partition returns which of n partitions the events of aggregateID go to:
+// the FNV-1a 32-bit hash of the id's bytes, modulo n (0 when n is 1 or
+// less). The relay and every consumer must agree on it, and a change would
+// send an aggregate's next events to another stream than its earlier ones,
+// out of order: it must never change (stream_test.go pins known values).
+func Partition(aggregateID string, n int) int {
+	if n <= 1 {
+		return 0
+	}
+	const offset, prime = 2166136261, 16777619
+	h := uint32(offset)
+	for i := 0; i < len(aggregateID); i++ {
+		h ^= uint32(aggregateID[i])
+		h *= prime
+	}
+	return int(h % uint32(n))
+}
+
+// PartitionKey names partition p of aggregateType's n partitions without
+// the prefix: the aggregate type itself when n is 1 or less (the stream a
+// deployment without partitions has always had), and <type>:<p> otherwise.
+// Each such name is hashed whole, so on a cluster the partitions of a type
+// spread over the slots (unless the prefix has a hash tag).
+func PartitionKey(aggregateType string, p, n int) string {
+	if n <= 1 {
+		return aggregateType
+	}
+	return aggregateType + ":" + strconv.Itoa(p)
+}
+
+// PartitionName is the stream of partition p of aggregateType's n
+// partitions: Name(prefix, aggregateType) when n is 1 or less,
+// <prefix><type>:<p> otherwise (outbox:user:3).
+func PartitionName(prefix, aggregateType string, p, n int) string {
+	return prefix + PartitionKey(aggregateType, p, n)
+}
+
+// Names lists the n streams of aggregateType, partition 0 first.
+func Names(prefix, aggregateType string, n int) []string {
+	n = max(n, 1)
+	names := make([]string, n)
+	for p := range names {
+		names[p] = PartitionName(prefix, aggregateType, p, n)
+	}
+	return names
+}
+
+// SplitKey reverses PartitionKey for n partitions: it returns the
+// aggregate type and the partition of key, which must be a PartitionKey of
+// the same n.
+func SplitKey(key string, n int) (aggregateType string, p int, err error) {
+	if n <= 1 {
+		return key, 0, nil
+	}
+	i := strings.LastIndexByte(key, ':')
+	if i < 0 {
+		return "", 0, fmt.Errorf("stream key %q has no partition", key)
+	}
+	p, err = strconv.Atoi(key[i+1:])
+	if err != nil || p < 0 || p >= n {
+		return "", 0, fmt.Errorf("stream key %q has no partition below %d", key, n)
+	}
+	return key[:i], p, nil
+}
+
+// ValidPartitions checks a STREAM_PARTITIONS value.
+func ValidPartitions(n int) error {
+	if n < 1 || n > MaxPartitions {
+		return fmt.Errorf("STREAM_PARTITIONS must be between 1 and %d, not %d", MaxPartitions, n)
+	}
+	return nil
+}

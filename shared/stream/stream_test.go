@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"hash/fnv"
 	"strings"
 	"testing"
 	"time"
@@ -97,4 +98,60 @@ func TestAPrefixWithABraceOutsideAHashTagIsRefused(t *testing.T) {
 	for prefix, ok := range map[string]bool{"outbox:": true, "{outbox}:": true, "out{box:": true, "outbox:{}x:": false, "out}box:": false} {
 		require.Equal(t, ok, ValidPrefix(prefix) == nil, prefix)
 	}
+}
+
+// The partition of an aggregate is a contract between the relay and the
+// consumers and between deployments over time: these values must never
+// change.
+func TestPartitionIsFNV1a32ModuloNAndNeverChanges(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		id   string
+		n    int
+		want int
+	}{
+		{"", 6, 1},  // 2166136261, the FNV offset basis
+		{"1", 6, 4}, // 873244444
+		{"42", 6, 5},
+		{"42", 4, 3}, // 2279835011
+		{"user-7", 6, 0},
+		{"user-7", 4, 2}, // 4082333262
+		{"9007199254740993", 6, 1},
+		{"42", 1, 0},
+		{"42", 0, 0},
+	} {
+		require.Equal(t, tc.want, Partition(tc.id, tc.n), "Partition(%q, %d)", tc.id, tc.n)
+		h := fnv.New32a()
+		h.Write([]byte(tc.id))
+		if tc.n > 1 {
+			require.Equal(t, int(h.Sum32()%uint32(tc.n)), Partition(tc.id, tc.n))
+		}
+	}
+}
+
+func TestOnePartitionKeepsTheStreamNameOfUnpartitionedDeployments(t *testing.T) {
+	t.Parallel()
+	require.Equal(t, "outbox:user", PartitionName("outbox:", "user", 0, 1))
+	require.Equal(t, Name("outbox:", "user"), PartitionName("outbox:", "user", 0, 1))
+	require.Equal(t, []string{"outbox:user"}, Names("outbox:", "user", 1))
+	require.Equal(t, []string{"outbox:user:0", "outbox:user:1", "outbox:user:2"}, Names("outbox:", "user", 3))
+	require.Equal(t, "{outbox:user:2}:dead", Sibling(PartitionName("outbox:", "user", 2, 3), "dead"))
+}
+
+func TestSplitKeyReversesPartitionKey(t *testing.T) {
+	t.Parallel()
+	for _, n := range []int{1, 2, 6} {
+		for p := range n {
+			for _, typ := range []string{"user", "a:b"} {
+				gotType, gotP, err := SplitKey(PartitionKey(typ, p, n), n)
+				require.NoError(t, err)
+				require.Equal(t, typ, gotType)
+				require.Equal(t, p, gotP)
+			}
+		}
+	}
+	_, _, err := SplitKey("user", 6)
+	require.Error(t, err)
+	_, _, err = SplitKey("user:6", 6)
+	require.Error(t, err)
 }
