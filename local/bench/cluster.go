@@ -104,9 +104,10 @@ func benchCluster(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 	single := redisTarget{url: redistest.URL(), client: e.redis}
 	cluster := redisTarget{url: c.URL(), cluster: true, client: client}
 
-	// Partitions will be one more pair: the cluster with one partition
-	// against the cluster with mutate setting six.
+	// Partitions: the cluster with one partition against the cluster with
+	// six (STREAM_PARTITIONS=6), one aggregate type.
 	one := []string{"user"}
+	six := func(c *relay.Config) { c.StreamPartitions = 6 }
 	pairs := []drainPair{
 		{label: "one stream", figure: fmt.Sprintf("relay drain of %d rows on a %d-shard Redis Cluster", s.Backlog, clusterShards),
 			baseline: "the same drain on the single Redis",
@@ -114,6 +115,9 @@ func benchCluster(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 		{label: "six streams", figure: fmt.Sprintf("relay drain of %d rows over %d aggregate types on a %d-shard Redis Cluster", s.Backlog, len(spreadTypes), clusterShards),
 			baseline: fmt.Sprintf("the same %d types on the single Redis", len(spreadTypes)),
 			base:     drainSetup{target: single, types: spreadTypes}, variant: drainSetup{target: cluster, types: spreadTypes}},
+		{label: "six partitions", figure: fmt.Sprintf("relay drain of %d rows, STREAM_PARTITIONS=6, on a %d-shard Redis Cluster", s.Backlog, clusterShards),
+			baseline: "the same drain with one partition on the cluster",
+			base:     drainSetup{target: cluster, types: one}, variant: drainSetup{target: cluster, types: one, mutate: six}},
 	}
 	drains, shards, err := clusterDrains(ctx, e, s, pairs)
 	if err != nil {
@@ -121,19 +125,27 @@ func benchCluster(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 	}
 	e.logf("the %d types' streams landed on %d of the %d shards", len(spreadTypes), shards, clusterShards)
 
-	var se pairedRounds
+	// sendemail: the single Redis, the cluster, and the cluster with six
+	// partitions, in an order that turns from round to round.
+	var se, se6 pairedRounds
+	targets := []struct {
+		target     redisTarget
+		partitions int
+	}{{single, 1}, {cluster, 1}, {cluster, 6}}
 	for round := range s.Rounds {
-		var rate [2]float64
-		for _, i := range order(round) {
-			r, err := noopSendemail(ctx, e, s, []redisTarget{single, cluster}[i])
+		var rate [3]float64
+		for k := range targets {
+			i := (k + round) % len(targets)
+			r, err := noopSendemail(ctx, e, s, targets[i].target, targets[i].partitions)
 			if err != nil {
 				return nil, err
 			}
 			rate[i] = r
 		}
 		se.add(rate[0], rate[1])
-		e.logf("round %d: sendemail with a no-op sender: %.0f entries/s on the single Redis, %.0f on the cluster (%.2f)",
-			round+1, rate[0], rate[1], rate[1]/rate[0])
+		se6.add(rate[1], rate[2])
+		e.logf("round %d: sendemail with a no-op sender: %.0f entries/s on the single Redis, %.0f on the cluster (%.2f), %.0f with six partitions (%.2f)",
+			round+1, rate[0], rate[1], rate[1]/rate[0], rate[2], rate[2]/rate[1])
 	}
 
 	var figures []Figure
@@ -145,7 +157,9 @@ func benchCluster(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 		figures = append(figures, f)
 	}
 	return append(figures, se.figure(fmt.Sprintf("sendemail, no-op sender, on a %d-shard Redis Cluster", clusterShards), "entries/s",
-		"the same on the single Redis")), nil
+		"the same on the single Redis"),
+		se6.figure(fmt.Sprintf("sendemail, no-op sender, STREAM_PARTITIONS=6, on a %d-shard Redis Cluster", clusterShards), "entries/s",
+			"the same with one partition on the cluster")), nil
 }
 
 // order is the order of a pair's baseline (0) and variant (1) in a round:
@@ -260,17 +274,17 @@ func clusterDrains(ctx context.Context, e *env, s Settings, pairs []drainPair) (
 // noopSendemail fills a stream of target with s.Entries entries and
 // returns how fast sendemail with a sender that does nothing empties it,
 // as the sendemail step measures it.
-func noopSendemail(ctx context.Context, e *env, s Settings, target redisTarget) (float64, error) {
+func noopSendemail(ctx context.Context, e *env, s Settings, target redisTarget, partitions int) (float64, error) {
 	prefix := e.freshPrefix("secluster")
 	defer unlinkPrefix(context.WithoutCancel(ctx), target.client, prefix) //nolint:errcheck // the run's prefix is deleted at the end
 	if _, err := e.pool.Exec(ctx, `TRUNCATE email_sends`); err != nil {
 		return 0, err
 	}
-	if err := fillStream(ctx, target.client, prefix, s.Entries); err != nil {
+	if err := fillPartitions(ctx, target.client, prefix, s.Entries, partitions); err != nil {
 		return 0, err
 	}
 	cfg := sendemailConfig(e, prefix, "")
-	cfg.RedisURL, cfg.RedisCluster = target.url, target.cluster
+	cfg.RedisURL, cfg.RedisCluster, cfg.StreamPartitions = target.url, target.cluster, partitions
 	svc, err := sendemail.NewWithSender(ctx, cfg, noopSender{}, logging.New(nopWriter{}, quiet))
 	if err != nil {
 		return 0, err

@@ -43,13 +43,19 @@ func sendemailConfig(e *env, prefix, smtpURL string) sendemail.Config {
 // fillStream adds n user.created entries to prefix+"user" through client,
 // pipelined.
 func fillStream(ctx context.Context, client rueidis.Client, prefix string, n int) error {
-	key := prefix + "user"
+	return fillPartitions(ctx, client, prefix, n, 1)
+}
+
+// fillPartitions adds n user.created entries to the user streams of prefix,
+// each to the partition of its aggregate id, of partitions in all.
+func fillPartitions(ctx context.Context, client rueidis.Client, prefix string, n, partitions int) error {
 	for start := 0; start < n; start += 1000 {
 		var cmds rueidis.Commands
 		for i := start; i < min(start+1000, n); i++ {
 			ev := stream.Event{EventID: uuid.NewString(), EventType: "user.created", AggregateType: "user",
 				AggregateID: fmt.Sprint(i + 1), OccurredAt: time.Now(),
 				Payload: fmt.Sprintf(`{"user_id":%d,"email":"user%d@example.com","name":"User %d"}`, i+1, i+1, i+1)}
+			key := stream.Name(prefix, stream.PartitionKey("user", stream.Partition(ev.AggregateID, partitions), partitions))
 			cmd := client.B().Xadd().Key(key).Id("*").FieldValue()
 			f := ev.Fields()
 			for j := 0; j < len(f); j += 2 {
