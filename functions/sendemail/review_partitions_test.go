@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/outboxfn/outbox/shared/logging"
 	"github.com/outboxfn/outbox/shared/smtptest"
 	"github.com/outboxfn/outbox/shared/stream"
 )
@@ -65,4 +66,30 @@ func TestReviewTwoHangingPartitionsHoldBackNoOther(t *testing.T) {
 	// SMTP_TIMEOUT is 5 s here: the other partitions' emails must not have
 	// waited for the hung conversations to time out.
 	require.Less(t, time.Since(start), 3*time.Second, "the other partitions' emails waited for the hung ones to time out")
+}
+
+// REVIEW (hostile): STREAM_PARTITIONS "must be the same" for relay and
+// sendemail, but sendemail never checks: with the relay's records saying 6
+// (outbox_streams, in the database sendemail already uses) a sendemail left
+// at 1 reads <prefix>user, which nobody writes, starts, reports healthy and
+// sends nothing, without a word; the events wait unread in the partitions.
+func TestReviewSendemailRefusesAnotherNumberOfPartitionsThanTheRelays(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	_, err := b.pool.Exec(ctx, `INSERT INTO outbox_streams (aggregate_type, partition, partitions, batch, last_ms, last_seq, entries_added)
+		SELECT 'user', p, 6, 1, 0, 0, 1 FROM generate_series(0, 5) AS p`)
+	require.NoError(t, err)
+	for u := int64(1); u <= 12; u++ {
+		b.addToPartition(t, u)
+	}
+	s, err := New(ctx, b.config(), logging.Discard()) // STREAM_PARTITIONS unset: 1
+	if err == nil {
+		t.Cleanup(func() { s.Stop(); s.Close() })
+		err = s.Start(ctx)
+	}
+	if err == nil {
+		h := s.Health(ctx)
+		require.False(t, h.OK, "sendemail with 1 partition against a relay with 6 is healthy (%v) and sends nothing", h.Checks)
+	}
 }
