@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"os/exec"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -138,4 +140,51 @@ func TestReviewABatchInDoubtAcrossAChangeOfPartitionsIsPublishedOnce(t *testing.
 	}
 	require.Zero(t, inPartitions, "the batch in doubt was already published to %s; published again: %d (result %+v)",
 		stream.Name(b.prefix, "item"), inPartitions, res)
+}
+
+// REVIEW (hostile): README, "Upgrading to migration 00014": a relay of the
+// previous version still running after the migration fails each batch's
+// commit, "its in-flight markers keep them from being published twice, and
+// the outbox waits". REVIEW_OLD_RELAY_396 names a binary running one drain
+// of the relay as of 396af3c (testdata/oldrelay's main with
+// RELAY_DEDUPE_WINDOW read from the environment). With the default window
+// the markers hold; with RELAY_DEDUPE_WINDOW=0 (documented: "0 turns
+// suppression off") every failed drain publishes the batch again.
+func TestReviewAPreviousRelayAfterMigration00014PublishesNothingTwice(t *testing.T) {
+	old := os.Getenv("REVIEW_OLD_RELAY_396")
+	if old == "" {
+		t.Skip("REVIEW_OLD_RELAY_396 not set")
+	}
+	t.Parallel()
+	for _, window := range []string{"1h", "0s"} {
+		t.Run("RELAY_DEDUPE_WINDOW="+window, func(t *testing.T) {
+			t.Parallel()
+			b := setup(t)
+			// A record of the N=1 era, as a relay of 396af3c left it before the migration.
+			b.insert(t, "item", "a", 0, 10)
+			_, err := b.relay(t, func(c *Config) {
+				if window == "0s" {
+					c.DedupeWindow = 0
+				}
+			}).drainer.Drain(context.Background(), time.Time{})
+			require.NoError(t, err)
+			b.insert(t, "item", "a", 10, 20)
+			for range 3 {
+				cmd := exec.Command(old)
+				cmd.Env = append(os.Environ(), "DATABASE_URL="+b.url, "REDIS_URL="+b.redisURL, "STREAM_PREFIX="+b.prefix, "RELAY_DEDUPE_WINDOW="+window)
+				out, err := cmd.CombinedOutput()
+				require.NoError(t, err, "%s", out)
+				t.Logf("older relay: %s", out)
+			}
+			require.Equal(t, 20, b.outboxCount(t), "the outbox waits")
+			_, err = b.relay(t, func(c *Config) {
+				if window == "0s" {
+					c.DedupeWindow = 0
+				}
+			}).drainer.Drain(context.Background(), time.Time{})
+			require.NoError(t, err)
+			require.Zero(t, b.outboxCount(t))
+			requireExactlyOnceInOrder(t, b.entries(t, "item"), 30)
+		})
+	}
 }
