@@ -13,6 +13,9 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/outboxfn/outbox/shared/logging"
+	"github.com/outboxfn/outbox/shared/pgtest"
+	"github.com/outboxfn/outbox/shared/redistest"
 	"github.com/outboxfn/outbox/shared/stream"
 )
 
@@ -186,5 +189,51 @@ func TestReviewAPreviousRelayAfterMigration00014PublishesNothingTwice(t *testing
 			require.Zero(t, b.outboxCount(t))
 			requireExactlyOnceInOrder(t, b.entries(t, "item"), 30)
 		})
+	}
+}
+
+// REVIEW (hostile): a session keeps one dedicated Redis connection per
+// stream it took over (takeOverStreamOnce: client.Dedicate), until the
+// drain ends. rueidis's dedicated pool holds 1024 connections per node
+// (BlockingPoolSize) and Dedicate waits for a free one without a deadline.
+// STREAM_PARTITIONS may be 256: with 5 aggregate types a drain needs 1280
+// streams and blocks forever in Dedicate while holding the drain lock, so
+// the whole outbox stops.
+func TestReviewADrainOverMoreStreamsThanTheConnectionPoolFinishes(t *testing.T) {
+	t.Parallel()
+	srv := redistest.StartServer(t)
+	url, pool := pgtest.NewPool(t)
+	b := &testBundle{url: url, pool: pool, prefix: "review:", redisURL: srv.URL()}
+	const n, types = stream.MaxPartitions, 5
+	ids := make([]string, n)
+	found := 0
+	for i := 0; found < n; i++ {
+		id := fmt.Sprint(i)
+		if p := stream.Partition(id, n); ids[p] == "" {
+			ids[p] = id
+			found++
+		}
+	}
+	ctx := context.Background()
+	_, err := pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+		SELECT 't' || ty, id, 'x', '{}' FROM generate_series(1, $1::int) AS ty, unnest($2::text[]) AS id`, types, ids)
+	require.NoError(t, err)
+	// Not b.relay: its cleanup (Close) would wait for the hung drain.
+	s, err := New(ctx, b.config(func(c *Config) { c.StreamPartitions = n; c.BatchSize = 1000 }), logging.Discard())
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.drainer.Drain(ctx, time.Time{})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		s.Close()
+		require.NoError(t, err)
+		require.Zero(t, b.outboxCount(t))
+	case <-time.After(60 * time.Second):
+		var held int
+		_ = pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'`).Scan(&held)
+		t.Fatalf("the drain over %d streams has not finished after 60 s (%d advisory locks held; outbox %d rows)", n*types, held, b.outboxCount(t))
 	}
 }
