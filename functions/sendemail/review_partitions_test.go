@@ -93,3 +93,44 @@ func TestReviewSendemailRefusesAnotherNumberOfPartitionsThanTheRelays(t *testing
 		require.False(t, h.OK, "sendemail with 1 partition against a relay with 6 is healthy (%v) and sends nothing", h.Checks)
 	}
 }
+
+// REVIEW (hostile): Stop with six loops, one partition's conversations
+// hanging, returns within SENDEMAIL_SHUTDOWN_TIMEOUT.
+func TestReviewStopWithAHangingPartitionReturnsInTime(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	release := make(chan struct{})
+	var hanging atomic.Int32
+	b.smtp.RefuseRecipients(func(to string) bool {
+		var u int64
+		if _, err := fmt.Sscanf(strings.TrimSuffix(to, "@example.com"), "u%d", &u); err != nil {
+			return false
+		}
+		if stream.Partition(fmt.Sprint(u), partitions) != 2 {
+			return false
+		}
+		hanging.Add(1)
+		defer hanging.Add(-1)
+		select {
+		case <-release:
+		case <-time.After(time.Minute):
+		}
+		return true
+	}, smtptest.TempFailure)
+	t.Cleanup(func() { close(release) })
+	s, err := New(context.Background(), b.config(withPartitions, func(c *Config) {
+		c.ShutdownTimeout = 3 * time.Second
+		c.SMTPTimeout = 20 * time.Second
+		c.Lease = 2 * time.Minute
+	}), logging.Discard())
+	require.NoError(t, err)
+	defer s.Close()
+	require.NoError(t, s.Start(context.Background()))
+	for u := int64(1); u <= 60; u++ {
+		b.addToPartition(t, u)
+	}
+	waitUntil(t, 10*time.Second, "a send hangs", func() bool { return hanging.Load() > 0 })
+	start := time.Now()
+	s.Stop()
+	require.Less(t, time.Since(start), 5*time.Second, "Stop waited for the hung conversations")
+}
