@@ -134,3 +134,32 @@ func TestReviewStopWithAHangingPartitionReturnsInTime(t *testing.T) {
 	s.Stop()
 	require.Less(t, time.Since(start), 5*time.Second, "Stop waited for the hung conversations")
 }
+
+// REVIEW (hostile): many partitions, each loop with its own claim and mark
+// workers, over a small PostgreSQL pool: every email still goes out once.
+func TestReviewManyPartitionsOverASmallPoolSendEveryEmailOnce(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	const n = 32
+	s := b.service(t, func(c *Config) { c.StreamPartitions = n; c.DBMaxConns = 2 })
+	require.NoError(t, s.Start(context.Background()))
+	const users = 200
+	for u := int64(1); u <= users; u++ {
+		id := fmt.Sprint(u)
+		payload := fmt.Sprintf(`{"user_id":%d,"email":"u%d@example.com","name":"U"}`, u, u)
+		e := stream.Event{EventID: fmt.Sprintf("00000000-0000-4000-8000-%012d", u), EventType: "user.created", AggregateType: "user",
+			AggregateID: id, Payload: payload, OccurredAt: time.Now()}
+		cmd := b.redis.B().Xadd().Key(stream.PartitionName(b.prefix, "user", stream.Partition(id, n), n)).Id("*").FieldValue()
+		f := e.Fields()
+		for i := 0; i+1 < len(f); i += 2 {
+			cmd = cmd.FieldValue(f[i], f[i+1])
+		}
+		require.NoError(t, b.redis.Do(context.Background(), cmd.Build()).Error())
+	}
+	msgs := b.smtp.WaitFor(t, users, 60*time.Second)
+	got := recipients(msgs)
+	require.Len(t, got, users)
+	for to, k := range got {
+		require.Equal(t, 1, k, to)
+	}
+}
