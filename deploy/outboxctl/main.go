@@ -11,7 +11,7 @@
 //	outboxctl dlq drop (ID... | -all)       delete dead letters
 //	outboxctl replay (-since T | -event-id ID,...) [-dry-run]  publish retained events again
 //	outboxctl purge [-older-than 720h]      delete old send records and idempotency keys
-//	outboxctl partitions                    let the relay start with a new STREAM_PARTITIONS
+//	outboxctl partitions [N]                let the relay start with a new STREAM_PARTITIONS (N, if given, must be it)
 //	outboxctl envdoc README.md              regenerate the README's configuration tables
 //	outboxctl render [-set|-text N=V]... F  fill a Cloud Run manifest's ${N} placeholders, quoted
 //	outboxctl budget [-max-connections N] F...  PostgreSQL connections of the services at full scale
@@ -30,6 +30,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -215,11 +216,21 @@ func (o *ops) command(ctx context.Context, args []string) error {
 	}
 	// A stray word is a mistake to point out, not to ignore: "purge 1h"
 	// must not purge with the default age.
-	if name != "dlq redrive" && name != "dlq drop" && name != "outbox-dead requeue" && fs.NArg() > 0 {
+	if name == "partitions" && fs.NArg() == 1 {
+		// The relay's refusal names the number; it must be this one.
+		if n, err := strconv.Atoi(fs.Arg(0)); err != nil || n != o.numPartitions() {
+			return fmt.Errorf("%w: partitions %s: set STREAM_PARTITIONS=%s (now %d) to switch to it", errUsage, fs.Arg(0), fs.Arg(0), o.numPartitions())
+		}
+	} else if name != "dlq redrive" && name != "dlq drop" && name != "outbox-dead requeue" && fs.NArg() > 0 {
 		return fmt.Errorf("%w: %s takes no arguments, got %q", errUsage, name, fs.Args())
 	}
 	if *count < 0 {
 		return fmt.Errorf("%w: %s: -count must be 0 (all) or more, not %d", errUsage, name, *count)
+	}
+	if strings.HasPrefix(name, "dlq ") {
+		if err := o.checkPartitions(ctx); err != nil {
+			return err
+		}
 	}
 	switch name {
 	case "status":

@@ -132,6 +132,31 @@ type ConsumerStatus struct {
 	IdleSeconds float64 `json:"idle_seconds"`
 }
 
+// errPartitionsDiffer refuses a command whose STREAM_PARTITIONS differs from
+// the number the relay's records were written with: it would read or write
+// streams that no function uses.
+var errPartitionsDiffer = errors.New("STREAM_PARTITIONS differs from the relay's")
+
+// checkPartitions refuses, with errPartitionsDiffer, when the relay's
+// records show another number of partitions than STREAM_PARTITIONS.
+func (o *ops) checkPartitions(ctx context.Context) error {
+	rows, err := o.pool.Query(ctx, `SELECT DISTINCT partitions FROM outbox_streams ORDER BY 1`)
+	if err != nil {
+		return fmt.Errorf("read the relay's number of partitions: %w", err)
+	}
+	recorded, err := pgx.CollectRows(rows, pgx.RowTo[int])
+	if err != nil {
+		return fmt.Errorf("read the relay's number of partitions: %w", err)
+	}
+	for _, n := range recorded {
+		if n != o.numPartitions() {
+			return fmt.Errorf("%w: STREAM_PARTITIONS=%d here, the relay's records say %v; run outboxctl with the relay's number "+
+				"(or, to change it, see README: Changing STREAM_PARTITIONS)", errPartitionsDiffer, o.numPartitions(), recorded)
+		}
+	}
+	return nil
+}
+
 func (o *ops) status(ctx context.Context) (Status, error) {
 	s := Status{Partitions: o.numPartitions()}
 	var err error

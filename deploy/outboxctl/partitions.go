@@ -89,6 +89,17 @@ func (o *ops) requireRead(ctx context.Context, name string) error {
 	if err != nil {
 		return fmt.Errorf("groups of %s: %w", name, err)
 	}
+	if len(groups) == 0 {
+		// No group has read it: whatever it holds would be stranded.
+		n, err := o.redis.Do(ctx, o.redis.B().Xlen().Key(name).Build()).AsInt64()
+		if err != nil {
+			return fmt.Errorf("length of %s: %w", name, err)
+		}
+		if n > 0 {
+			return fmt.Errorf("%w: %s holds %d entries and no consumer group has read them; keep the relay stopped and "+
+				"start sendemail until outboxctl status shows its group at 0 pending and lag 0, then run this again", errStreamsUnread, name, n)
+		}
+	}
 	for _, g := range groups {
 		info, err := g.AsMap()
 		if err != nil {

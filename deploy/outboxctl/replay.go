@@ -111,6 +111,9 @@ func (o *ops) replayCommand(ctx context.Context, args []string) error {
 	case !until.t.IsZero() && !since.t.Before(until.t):
 		return fmt.Errorf("%w: replay: -since %s is not before -until %s", errUsage, since.String(), until.String())
 	}
+	if err := o.checkPartitions(ctx); err != nil {
+		return err
+	}
 	r, err := o.replay(ctx, replaySelection{since: since.t, until: until.t, aggregateType: *aggregateType, eventIDs: ids}, *dryRun)
 	o.printReplayed(r, byTime, since.t, *dryRun)
 	return err

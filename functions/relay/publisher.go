@@ -259,13 +259,15 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, known []
 	try := func(t string) error {
 		err := s.takeOverStream(ctx, t, s.records[t], startTakeOverTimeout)
 		var redisErr *rueidis.RedisError
-		if err == nil || errors.Is(err, ErrSuperseded) || errors.As(err, &redisErr) || ctx.Err() != nil {
+		if err == nil || errors.Is(err, ErrSuperseded) || errors.As(err, &redisErr) || errors.Is(err, errTooManyStreams) || ctx.Err() != nil {
 			return err
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		s.conns[t].release()
-		delete(s.conns, t)
+		if c, ok := s.conns[t]; ok {
+			c.release()
+			delete(s.conns, t)
+		}
 		return nil
 	}
 	types := make([]string, 0, len(streams)+len(known))
@@ -314,7 +316,8 @@ func (s *session) takeOverStream(ctx context.Context, t string, rec *streamRecor
 	for attempt := 1; ; attempt++ {
 		err := s.takeOverStreamOnce(ctx, t, keys, rec)
 		var redisErr *rueidis.RedisError
-		if err == nil || attempt == takeOverAttempts || errors.As(err, &redisErr) || errors.Is(err, ErrSuperseded) || ctx.Err() != nil {
+		if err == nil || attempt == takeOverAttempts || errors.As(err, &redisErr) || errors.Is(err, ErrSuperseded) ||
+			errors.Is(err, errTooManyStreams) || ctx.Err() != nil {
 			return err
 		}
 		// A connection from the pool found broken (Redis restarted since
@@ -326,12 +329,30 @@ func (s *session) takeOverStream(ctx context.Context, t string, rec *streamRecor
 	}
 }
 
+// maxSessionStreams bounds the streams one drain writes to: each holds a
+// dedicated connection (its fence's WATCH) for the drain, and rueidis keeps
+// 1024 of them per node (BlockingPoolSize).
+const maxSessionStreams = 1000
+
+// errTooManyStreams fails a drain that would write to more streams than
+// maxSessionStreams.
+var errTooManyStreams = fmt.Errorf("a drain writes to more than %d streams (aggregate types × STREAM_PARTITIONS): lower STREAM_PARTITIONS", maxSessionStreams)
+
 // takeOverAttempts bounds the tries of a takeover that fails for want of
 // a connection.
 const takeOverAttempts = 3
 
 func (s *session) takeOverStreamOnce(ctx context.Context, t string, keys streamKeys, rec *streamRecord) error {
 	p := s.p
+	s.mu.Lock()
+	_, known := s.conns[t]
+	full := !known && len(s.conns) >= maxSessionStreams
+	s.mu.Unlock()
+	if full {
+		// Dedicate would wait, without a deadline, for a connection the
+		// session itself holds.
+		return fmt.Errorf("take over %s: %w", keys.name, errTooManyStreams)
+	}
 	c, release := p.client.Dedicate()
 	sc := &streamConn{conn: c, release: release}
 	s.mu.Lock()

@@ -234,6 +234,7 @@ func (s *Service) Health(ctx context.Context) serve.Health {
 			}
 			return errors.Join(errs...)
 		},
+		"partitions": s.checkPartitions,
 	})
 	details := map[string]any{"consumer": s.consumer.name, "stream": s.consumer.stream, "group": s.consumer.group}
 	if len(s.consumers) > 1 {
@@ -245,6 +246,25 @@ func (s *Service) Health(ctx context.Context) serve.Health {
 	}
 	h.Details = details
 	return h
+}
+
+// checkPartitions fails while the relay's records show the user stream
+// spread over another number of partitions than this consumer reads: its
+// events would wait, unread, in streams nobody consumes.
+func (s *Service) checkPartitions(ctx context.Context) error {
+	var recorded []int32
+	err := s.pool.QueryRow(ctx, `SELECT coalesce(array_agg(DISTINCT partitions), '{}') FROM outbox_streams WHERE aggregate_type = $1`,
+		events.AggregateUser).Scan(&recorded)
+	if err != nil {
+		return fmt.Errorf("read the relay's number of partitions: %w", err)
+	}
+	for _, n := range recorded {
+		if int(n) != len(s.consumers) {
+			return fmt.Errorf("STREAM_PARTITIONS is %d here but the relay writes %v: set the relay's number (README: Changing STREAM_PARTITIONS)",
+				len(s.consumers), recorded)
+		}
+	}
+	return nil
 }
 
 // ServeHTTP is the trigger: POST claims idle entries and reads new ones

@@ -308,8 +308,10 @@ func Ping(ctx context.Context, client rueidis.Client) error {
 }
 
 // MaxPartitions bounds STREAM_PARTITIONS: a consumer runs one reader per
-// partition, and a relay's batch one transaction per partition it touches.
-const MaxPartitions = 256
+// partition, and a relay's drain holds a Redis connection per stream it
+// writes to (its fence's WATCH), of which a client has about a thousand
+// per node: partitions × aggregate types must stay below that.
+const MaxPartitions = 64
 
 // Partition returns which of n partitions the events of aggregateID go to:
 // the FNV-1a 32-bit hash of the id's bytes, modulo n (0 when n is 1 or
