@@ -1,6 +1,7 @@
 package redistest
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -176,7 +177,11 @@ func (c *Cluster) Nodes() []*Server { return c.nodes }
 
 // cli runs redis-cli against s and returns its output.
 func (s *Server) cli(args ...string) (string, error) {
-	out, err := exec.Command("redis-cli", append([]string{"-p", strconv.Itoa(s.port)}, args...)...).Output()
+	// A node that is frozen (SIGSTOP) or gone must fail the call, not hang
+	// the test that asked it.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "redis-cli", append([]string{"-p", strconv.Itoa(s.port)}, args...)...).Output()
 	return string(out), err
 }
 
