@@ -137,16 +137,26 @@ type ConsumerStatus struct {
 // streams that no function uses.
 var errPartitionsDiffer = errors.New("STREAM_PARTITIONS differs from the relay's")
 
-// checkPartitions refuses, with errPartitionsDiffer, when the relay's
-// records show another number of partitions than STREAM_PARTITIONS.
-func (o *ops) checkPartitions(ctx context.Context) error {
+// recordedPartitions returns the numbers of partitions the relay's records
+// were written with, ascending (none before its first drain).
+func (o *ops) recordedPartitions(ctx context.Context) ([]int, error) {
 	rows, err := o.pool.Query(ctx, `SELECT DISTINCT partitions FROM outbox_streams ORDER BY 1`)
 	if err != nil {
-		return fmt.Errorf("read the relay's number of partitions: %w", err)
+		return nil, fmt.Errorf("read the relay's number of partitions: %w", err)
 	}
 	recorded, err := pgx.CollectRows(rows, pgx.RowTo[int])
 	if err != nil {
-		return fmt.Errorf("read the relay's number of partitions: %w", err)
+		return nil, fmt.Errorf("read the relay's number of partitions: %w", err)
+	}
+	return recorded, nil
+}
+
+// checkPartitions refuses, with errPartitionsDiffer, when the relay's
+// records show another number of partitions than STREAM_PARTITIONS.
+func (o *ops) checkPartitions(ctx context.Context) error {
+	recorded, err := o.recordedPartitions(ctx)
+	if err != nil {
+		return err
 	}
 	for _, n := range recorded {
 		if n != o.numPartitions() {
@@ -160,12 +170,8 @@ func (o *ops) checkPartitions(ctx context.Context) error {
 func (o *ops) status(ctx context.Context) (Status, error) {
 	s := Status{Partitions: o.numPartitions()}
 	var err error
-	rows, err := o.pool.Query(ctx, `SELECT DISTINCT partitions FROM outbox_streams ORDER BY 1`)
-	if err != nil {
-		return s, fmt.Errorf("read the relay's number of partitions: %w", err)
-	}
-	if s.RecordedPartitions, err = pgx.CollectRows(rows, pgx.RowTo[int]); err != nil {
-		return s, fmt.Errorf("read the relay's number of partitions: %w", err)
+	if s.RecordedPartitions, err = o.recordedPartitions(ctx); err != nil {
+		return s, err
 	}
 	if s.Outbox, err = outbox.MeasureBacklog(ctx, o.pool); err != nil {
 		return s, err

@@ -258,8 +258,7 @@ func (s *session) takeOver(ctx context.Context, streams []streamRecord, known []
 	}
 	try := func(t string) error {
 		err := s.takeOverStream(ctx, t, s.records[t], startTakeOverTimeout)
-		var redisErr *rueidis.RedisError
-		if err == nil || errors.Is(err, ErrSuperseded) || errors.As(err, &redisErr) || errors.Is(err, errTooManyStreams) || ctx.Err() != nil {
+		if err == nil || takeOverIsFinal(ctx, err) {
 			return err
 		}
 		s.mu.Lock()
@@ -315,9 +314,7 @@ func (s *session) takeOverStream(ctx context.Context, t string, rec *streamRecor
 	defer cancel()
 	for attempt := 1; ; attempt++ {
 		err := s.takeOverStreamOnce(ctx, t, keys, rec)
-		var redisErr *rueidis.RedisError
-		if err == nil || attempt == takeOverAttempts || errors.As(err, &redisErr) || errors.Is(err, ErrSuperseded) ||
-			errors.Is(err, errTooManyStreams) || ctx.Err() != nil {
+		if err == nil || attempt == takeOverAttempts || takeOverIsFinal(ctx, err) {
 			return err
 		}
 		// A connection from the pool found broken (Redis restarted since
@@ -337,6 +334,14 @@ const maxSessionStreams = 1000
 // errTooManyStreams fails a drain that would write to more streams than
 // maxSessionStreams.
 var errTooManyStreams = fmt.Errorf("a drain writes to more than %d streams (aggregate types × STREAM_PARTITIONS): lower STREAM_PARTITIONS", maxSessionStreams)
+
+// takeOverIsFinal reports whether a takeover's error is one that another try cannot
+// mend: another relay took over, Redis refused (an answer, not a broken
+// connection), the session has too many streams, or ctx is done.
+func takeOverIsFinal(ctx context.Context, err error) bool {
+	var redisErr *rueidis.RedisError
+	return errors.Is(err, ErrSuperseded) || errors.As(err, &redisErr) || errors.Is(err, errTooManyStreams) || ctx.Err() != nil
+}
 
 // takeOverAttempts bounds the tries of a takeover that fails for want of
 // a connection.

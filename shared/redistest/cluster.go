@@ -326,6 +326,13 @@ func (c *Cluster) Failover(key string) *Server {
 	c.t.Helper()
 	old := c.PrimaryOf(key)
 	old.Stop()
+	return c.awaitTakeover(key, old)
+}
+
+// awaitTakeover waits until a node other than old serves key's slot and
+// the cluster is healthy again, and returns old.
+func (c *Cluster) awaitTakeover(key string, old *Server) *Server {
+	c.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
 		if p := c.primaryOf(key); p != nil && p != old && c.unhealthy() == "" {
@@ -388,13 +395,5 @@ func (c *Cluster) FailoverLosingWrites(key string, write func()) *Server {
 	for _, r := range replicas {
 		r.Resume()
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if p := c.primaryOf(key); p != nil && p != old && c.unhealthy() == "" {
-			return old
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	c.t.Fatalf("redistest: no replica took over from %s within 30s: %s", old.Addr(), c.unhealthy())
-	return nil
+	return c.awaitTakeover(key, old)
 }
