@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"sort"
 	"strings"
@@ -19,7 +20,7 @@ import (
 	"github.com/outboxfn/outbox/shared/stream"
 )
 
-// replayChunk bounds the events of one read of outbox_relayed and of one
+// replayChunk bounds the events of one read of retained events and of one
 // pipelined round trip to Redis.
 const replayChunk = 500
 
@@ -200,7 +201,26 @@ type retainedEvent struct {
 	Tracestate    *string
 }
 
-const retainedColumns = `batch, id, event_id::text, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at, tracestate`
+// readRetained reads the retained events of batches first to last, of
+// aggregateType (every type when it is empty) and, when ids is not nil, of
+// those event ids only, in publication order.
+func readRetained(ctx context.Context, q outbox.Reader, aggregateType string, first, last int64, ids map[[16]byte]bool) ([]retainedEvent, error) {
+	all, err := outbox.ReadRetained(ctx, q, aggregateType, first, last)
+	if err != nil {
+		return nil, err
+	}
+	events := make([]retainedEvent, 0, len(all))
+	for i := range all {
+		e := &all[i]
+		if ids != nil && !ids[e.EventID] {
+			continue
+		}
+		events = append(events, retainedEvent{Batch: e.Batch, ID: e.ID, EventID: uuid.UUID(e.EventID).String(),
+			AggregateType: e.AggregateType, AggregateID: e.AggregateID, EventType: e.EventType, Payload: string(e.Payload),
+			Traceparent: e.Traceparent, CreatedAt: e.CreatedAt, Tracestate: e.Tracestate})
+	}
+	return events, nil
+}
 
 // replayByTime hands handle the retained events of the batches relayed in
 // [sel.since, sel.until), page by page. The batches are found by their time
@@ -233,16 +253,9 @@ func (o *ops) replayByTime(ctx context.Context, sel replaySelection, r *Replayed
 		if err != nil || !ok {
 			return err
 		}
-		rows, err := o.pool.Query(ctx, `
-			SELECT `+retainedColumns+` FROM outbox_relayed
-			WHERE batch BETWEEN $1 AND $2 AND ($3 = '' OR aggregate_type = $3)
-			ORDER BY batch, id`, first, last, sel.aggregateType)
+		page, err := readRetained(ctx, o.pool, sel.aggregateType, first, last, nil)
 		if err != nil {
-			return fmt.Errorf("read outbox_relayed from batch %d to %d: %w", first, last, err)
-		}
-		page, err := pgx.CollectRows(rows, pgx.RowToStructByPos[retainedEvent])
-		if err != nil {
-			return fmt.Errorf("read outbox_relayed from batch %d to %d: %w", first, last, err)
+			return fmt.Errorf("read retained events from batch %d to %d: %w", first, last, err)
 		}
 		if len(page) > 0 {
 			if err := handle(page); err != nil {
@@ -254,19 +267,33 @@ func (o *ops) replayByTime(ctx context.Context, sel replaySelection, r *Replayed
 }
 
 // replayByID hands handle the retained events with these event ids, in
-// publication order. outbox_relayed has no index on event_id (each would
-// cost every relayed row a write), so this reads the whole table. If one of
+// publication order. Retained events have no index on event_id (each would
+// cost every relayed event a write), so this reads every retained batch. If one of
 // the events is not retained, it hands over none.
 func (o *ops) replayByID(ctx context.Context, ids []string, handle func([]retainedEvent) error) error {
-	rows, err := o.pool.Query(ctx, `
-		SELECT `+retainedColumns+` FROM outbox_relayed
-		WHERE event_id = ANY($1::text[]::uuid[]) ORDER BY batch, id`, ids)
-	if err != nil {
-		return fmt.Errorf("find events in outbox_relayed: %w", err)
+	want := make(map[[16]byte]bool, len(ids))
+	for _, id := range ids {
+		u, err := uuid.Parse(id)
+		if err != nil {
+			return fmt.Errorf("event id %q: %w", id, err)
+		}
+		want[u] = true
 	}
-	events, err := pgx.CollectRows(rows, pgx.RowToStructByPos[retainedEvent])
-	if err != nil {
-		return fmt.Errorf("find events in outbox_relayed: %w", err)
+	var events []retainedEvent
+	for from := int64(math.MinInt64); ; {
+		first, last, ok, err := outbox.RetainedRun(ctx, o.pool, "", from, math.MaxInt64, replayChunk)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			break
+		}
+		page, err := readRetained(ctx, o.pool, "", first, last, want)
+		if err != nil {
+			return fmt.Errorf("find events in retained batches %d to %d: %w", first, last, err)
+		}
+		events = append(events, page...)
+		from = last + 1
 	}
 	found := make(map[string]bool, len(events))
 	for i := range events {

@@ -173,7 +173,7 @@ type Drainer struct {
 	trimEvery time.Duration
 	trimmed   time.Time
 
-	// retention is how long relayed events stay in outbox_relayed, for
+	// retention is how long relayed events stay in outbox_retained, for
 	// publishing again what Redis lost; zero turns retention off.
 	retention time.Duration
 	purged    time.Time
@@ -190,8 +190,9 @@ type Drainer struct {
 	// partitionKeys caches the stream keys of each aggregate type's
 	// partitions (see streamOf), for the claims.
 	partitionKeys map[string][]string
-	// copyBufs hold each connection's batch in COPY format (see retain).
-	copyBufs [2][]byte
+	// retainBufs hold each connection's batch encoded for outbox_retained
+	// (see retain).
+	retainBufs [2][]byte
 
 	tel *instruments
 }
@@ -687,7 +688,7 @@ type claimed struct {
 	slot  int // which of the drain's connections, and row buffers, it uses
 	rows  []row
 	open  bool
-	batch int64 // its number in outbox_relayed; zero without retention
+	batch int64 // its number in outbox_retained; zero without retention
 }
 
 func (c *claimed) rollback(ctx context.Context) {
@@ -902,9 +903,9 @@ func (d *Drainer) bury(ctx context.Context, c *claimed, refused map[int]string) 
 		  AS t (id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, error, tracestate)`,
 		ids, eventIDs, types, aggregates, eventTypes, payloads, traceparents, created, reasons, tracestates)
 	if err == nil && d.retention > 0 {
-		// They were copied to outbox_relayed by the claim; not being in a
+		// They were retained with the batch (see retain); not being in a
 		// stream, they must not be published again from there.
-		_, err = c.conn.Exec(ctx, `DELETE FROM outbox_relayed WHERE batch = $1 AND id = ANY ($2)`, c.batch, ids)
+		err = d.unretain(ctx, c, refused)
 	}
 	if err != nil {
 		return fmt.Errorf("move %d unpublishable events to outbox_dead: %w", n, err)
@@ -912,6 +913,24 @@ func (d *Drainer) bury(ctx context.Context, c *claimed, refused map[int]string) 
 	d.logger.ErrorContext(ctx, "events could not be published; moved to outbox_dead (see outboxctl outbox-dead list)",
 		slog.Int("events", n), slog.String("first_error", reasons[0]))
 	return nil
+}
+
+// unretain stores the batch's events again without the refused ones, or
+// removes the batch from outbox_retained if it keeps none.
+func (d *Drainer) unretain(ctx context.Context, c *claimed, refused map[int]string) error {
+	kept := make([]row, 0, len(c.rows)-len(refused))
+	for i := range c.rows {
+		if _, dead := refused[i]; !dead {
+			kept = append(kept, c.rows[i])
+		}
+	}
+	if len(kept) == 0 {
+		_, err := c.conn.Exec(ctx, `DELETE FROM outbox_retained WHERE batch = $1`, c.batch)
+		return err
+	}
+	_, err := c.conn.Exec(ctx, `UPDATE outbox_retained SET events = $2, oldest = $3, data = $4 WHERE batch = $1`,
+		c.batch, len(kept), oldestOf(kept), appendRetained(nil, kept))
+	return err
 }
 
 // rowsExist returns the aggregate types of those of ids that are rows of
@@ -1080,28 +1099,21 @@ func (d *Drainer) retained(ctx context.Context, conn *pgxpool.Conn, t string, fr
 	if err != nil || !ok {
 		return nil, nil, -1, err
 	}
-	rows, err := conn.Query(ctx, `
-		SELECT batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, tracestate
-		FROM outbox_relayed WHERE aggregate_type = $1 AND batch BETWEEN $2 AND $3
-		ORDER BY batch, id`, typ, from, last)
+	retained, err := outbox.ReadRetained(ctx, conn, typ, from, last)
 	if err != nil {
-		return nil, nil, -1, fmt.Errorf("read retained events: %w", err)
+		return nil, nil, -1, err
 	}
-	var events []row
-	var numbers []int64
-	var r row
-	var b int64
-	_, err = pgx.ForEachRow(rows, []any{&b, &r.ID, &r.EventID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.Traceparent, &r.CreatedAt, &r.Tracestate}, func() error {
-		if stream.Partition(r.AggregateID, n) != part {
-			return nil
+	events := make([]row, 0, len(retained))
+	numbers := make([]int64, 0, len(retained))
+	for i := range retained {
+		e := &retained[i]
+		if stream.Partition(e.AggregateID, n) != part {
+			continue
 		}
-		r.stream = t
-		events, numbers = append(events, r), append(numbers, b)
-		r.Payload, r.Traceparent, r.Tracestate = nil, nil, nil
-		return nil
-	})
-	if err != nil {
-		return nil, nil, -1, fmt.Errorf("read retained events: %w", err)
+		events = append(events, row{ID: e.ID, EventID: e.EventID, AggregateType: e.AggregateType, AggregateID: e.AggregateID,
+			EventType: e.EventType, Payload: e.Payload, Traceparent: e.Traceparent, Tracestate: e.Tracestate,
+			CreatedAt: e.CreatedAt, Infinite: e.Infinite, stream: t})
+		numbers = append(numbers, e.Batch)
 	}
 	return events, numbers, last, nil
 }
@@ -1160,11 +1172,17 @@ func (d *Drainer) purgeOld(ctx context.Context, conn *pgxpool.Conn) (int64, erro
 		}
 		// From the run's first batch: a BRIN scan of "batch <= last" would
 		// read again every range purged before and not yet vacuumed.
-		tag, err := conn.Exec(ctx, `DELETE FROM outbox_relayed WHERE batch BETWEEN $1 AND $2`, first, last)
+		tag, err := conn.Exec(ctx, `DELETE FROM outbox_relayed_rows WHERE batch BETWEEN $1 AND $2`, first, last)
 		if err != nil {
-			return deleted, fmt.Errorf("purge outbox_relayed: %w", err)
+			return deleted, fmt.Errorf("purge outbox_relayed_rows: %w", err)
 		}
 		deleted += tag.RowsAffected()
+		var events int64
+		if err := conn.QueryRow(ctx, `WITH d AS (DELETE FROM outbox_retained WHERE batch BETWEEN $1 AND $2 RETURNING events)
+			SELECT coalesce(sum(events), 0) FROM d`, first, last).Scan(&events); err != nil {
+			return deleted, fmt.Errorf("purge outbox_retained: %w", err)
+		}
+		deleted += events
 		if _, err := conn.Exec(ctx, `DELETE FROM outbox_relay_batches WHERE batch <= $1`, last); err != nil {
 			return deleted, fmt.Errorf("purge outbox_relay_batches: %w", err)
 		}

@@ -164,10 +164,17 @@ func TestRowsWrittenBeforeTheTracestateMigrationFlowAfterIt(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	l := newLossBundle(t)
-	sql, err := os.ReadFile("../../sql/migrations/00013_tracestate.sql")
+	migration := func(file string) (up, down string) {
+		sql, err := os.ReadFile("../../sql/migrations/" + file)
+		require.NoError(t, err)
+		up, down, ok := strings.Cut(string(sql), "-- +goose Down")
+		require.True(t, ok)
+		return up, down
+	}
+	up, down := migration("00013_tracestate.sql")
+	up15, down15 := migration("00015_outbox_retained.sql")
+	_, err := l.pool.Exec(ctx, down15)
 	require.NoError(t, err)
-	up, down, ok := strings.Cut(string(sql), "-- +goose Down")
-	require.True(t, ok)
 	_, err = l.pool.Exec(ctx, down)
 	require.NoError(t, err)
 	_, err = l.pool.Exec(ctx, `
@@ -177,6 +184,8 @@ func TestRowsWrittenBeforeTheTracestateMigrationFlowAfterIt(t *testing.T) {
 		VALUES (1000000, gen_random_uuid(), 'item', 'a', 'x', '{}', now(), 'old')`)
 	require.NoError(t, err)
 	_, err = l.pool.Exec(ctx, up)
+	require.NoError(t, err)
+	_, err = l.pool.Exec(ctx, up15)
 	require.NoError(t, err)
 	want := relayedRows(t, l.testBundle, `SELECT event_id, payload::text, traceparent, tracestate, created_at FROM outbox`)
 	res, err := l.drain()
@@ -226,7 +235,7 @@ func TestAnInfiniteCreatedAtDoesNotStopTheOutbox(t *testing.T) {
 	}
 }
 
-func TestRelayedCopySizeIsTheCopyStreamsLength(t *testing.T) {
+func TestRetainedSizeIsTheEncodingsLength(t *testing.T) {
 	t.Parallel()
 	tp, ts, empty := "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "k=v", ""
 	for _, rows := range [][]row{
@@ -235,6 +244,7 @@ func TestRelayedCopySizeIsTheCopyStreamsLength(t *testing.T) {
 		{{ID: 2, AggregateType: "u", Payload: []byte(`[]`), Traceparent: &tp, Tracestate: &ts},
 			{ID: 3, AggregateType: "u", Payload: []byte(`1`), Traceparent: &empty, Tracestate: &empty}},
 	} {
-		require.Len(t, appendRelayedCopy(nil, 7, rows), relayedCopySize(rows))
+		require.Len(t, appendRetained(nil, rows), retainedSize(rows))
+		require.Len(t, appendRetainCopy(nil, 7, rows), retainHead+retainedSize(rows)+2)
 	}
 }

@@ -131,13 +131,19 @@ func (d *Drainer) streamOf(aggregateType, aggregateID string) string {
 	return keys[stream.Partition(aggregateID, n)]
 }
 
-// copyRelayedSQL copies retained rows in PostgreSQL's binary COPY format,
-// which appendRelayedCopy writes.
-const copyRelayedSQL = `COPY outbox_relayed (batch, id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, tracestate) FROM STDIN (FORMAT binary)`
+// retainSQL stores a batch's events in outbox_retained (migration 00015):
+// one row per batch, the events encoded by appendRetained, sent as a
+// binary COPY of that one row, which streams the buffer to the server
+// where a parameter would be copied whole into pgx's.
+const retainSQL = `COPY outbox_retained (batch, events, oldest, data) FROM STDIN (FORMAT binary)`
 
 // copySignature opens a binary COPY stream: the signature, then flags and
 // header extension length, both zero.
 var copySignature = []byte("PGCOPY\n\xff\r\n\x00\x00\x00\x00\x00\x00\x00\x00\x00")
+
+// retainHead is the length of the COPY stream before a batch's data: the
+// signature, the field count, batch, events and oldest, and data's length.
+var retainHead = len(copySignature) + 2 + (4 + 8) + (4 + 4) + (4 + 8) + 4
 
 // pgEpochSeconds is 2000-01-01 00:00 UTC, PostgreSQL's timestamp zero, in
 // Unix seconds.
@@ -150,14 +156,44 @@ func pgMicros(t time.Time) int64 {
 	return (t.Unix()-pgEpochSeconds)*1_000_000 + int64(t.Nanosecond()/1_000)
 }
 
-// relayedCopySize is the length of rows in appendRelayedCopy's format, so
-// that the buffer is allocated once, not grown by append (1.25x steps past
+// appendRetainCopy appends the COPY stream of retainSQL: the batch's row,
+// its data encoded by appendRetained.
+func appendRetainCopy(buf []byte, batch int64, rows []row) []byte {
+	be := binary.BigEndian
+	buf = append(buf, copySignature...)
+	buf = be.AppendUint16(buf, 4) // fields
+	buf = be.AppendUint32(buf, 8)
+	buf = be.AppendUint64(buf, uint64(batch))
+	buf = be.AppendUint32(buf, 4)
+	buf = be.AppendUint32(buf, uint32(len(rows)))
+	buf = be.AppendUint32(buf, 8)
+	buf = be.AppendUint64(buf, uint64(pgTimestamp(oldestOf(rows))))
+	lenAt := len(buf)
+	buf = be.AppendUint32(buf, 0) // data's length, known after it
+	buf = appendRetained(buf, rows)
+	be.PutUint32(buf[lenAt:], uint32(len(buf)-lenAt-4))
+	return be.AppendUint16(buf, math.MaxUint16) // -1: end of data
+}
+
+// pgTimestamp is t in PostgreSQL's binary timestamptz form.
+func pgTimestamp(t pgtype.Timestamptz) int64 {
+	switch t.InfinityModifier {
+	case pgtype.Infinity:
+		return math.MaxInt64
+	case pgtype.NegativeInfinity:
+		return math.MinInt64
+	}
+	return pgMicros(t.Time)
+}
+
+// retainedSize is the length of rows in appendRetained's format, so that
+// the buffer is allocated once, not grown by append (1.25x steps past
 // 256 KiB: about five times a big batch's bytes).
-func relayedCopySize(rows []row) int {
-	n := len(copySignature) + 2
+func retainedSize(rows []row) int {
+	n := 0
 	for i := range rows {
 		r := &rows[i]
-		n += 2 + 10*4 + 8 + 8 + 16 + 8 + len(r.AggregateType) + len(r.AggregateID) + len(r.EventType) + len(r.Payload)
+		n += 2 + 9*4 + 8 + 16 + 8 + len(r.AggregateType) + len(r.AggregateID) + len(r.EventType) + len(r.Payload)
 		if r.Traceparent != nil {
 			n += len(*r.Traceparent)
 		}
@@ -168,18 +204,17 @@ func relayedCopySize(rows []row) int {
 	return n
 }
 
-// maxKeptCopyBuf is the largest COPY buffer kept for the next batch (4 MiB
-// holds 1000 events of 4 KiB); a bigger one, a batch of big events, is left
-// to the garbage collector.
-const maxKeptCopyBuf = 4 << 20
+// maxKeptRetainBuf is the largest encoding buffer kept for the next batch
+// (4 MiB holds 1000 events of 4 KiB); a bigger one, a batch of big events,
+// is left to the garbage collector.
+const maxKeptRetainBuf = 4 << 20
 
-// appendRelayedCopy appends rows, as batch, to buf in the binary COPY format
-// of copyRelayedSQL. Every value is already in the form PostgreSQL stores
-// (text is UTF-8 as the claim read it, json is its text), so encoding is a
-// copy: pgx's CopyFrom, which looks up an encoder for every value, spent
-// more of the relay's CPU on this than on the claim.
-func appendRelayedCopy(buf []byte, batch int64, rows []row) []byte {
-	buf = append(buf, copySignature...)
+// appendRetained appends rows to buf in outbox_retained's encoding (see
+// migration 00015 and outbox.DecodeRetained): each row as PostgreSQL's
+// binary COPY writes it. Every value is already in the form PostgreSQL
+// sends (text is UTF-8 as the claim read it, json is its text), so encoding
+// is a copy.
+func appendRetained(buf []byte, rows []row) []byte {
 	be := binary.BigEndian
 	text := func(buf []byte, s string) []byte {
 		buf = be.AppendUint32(buf, uint32(len(s)))
@@ -193,9 +228,7 @@ func appendRelayedCopy(buf []byte, batch int64, rows []row) []byte {
 	}
 	for i := range rows {
 		r := &rows[i]
-		buf = be.AppendUint16(buf, 10) // columns
-		buf = be.AppendUint32(buf, 8)
-		buf = be.AppendUint64(buf, uint64(batch))
+		buf = be.AppendUint16(buf, 9) // fields
 		buf = be.AppendUint32(buf, 8)
 		buf = be.AppendUint64(buf, uint64(r.ID))
 		buf = be.AppendUint32(buf, 16)
@@ -217,21 +250,38 @@ func appendRelayedCopy(buf []byte, batch int64, rows []row) []byte {
 		}
 		buf = nullable(buf, r.Tracestate)
 	}
-	return be.AppendUint16(buf, math.MaxUint16) // -1: end of data
+	return buf
 }
 
-// retain copies the claimed rows to outbox_relayed, in the batch's
-// transaction, so that they are retained exactly when their delete commits.
-// COPY from the rows in hand costs less than a copy in the claim statement,
-// and it runs while Redis takes the batch, off the drain's critical path.
-func (d *Drainer) retain(ctx context.Context, c *claimed) error {
-	buf := appendRelayedCopy(slices.Grow(d.copyBufs[c.slot][:0], relayedCopySize(c.rows)), c.batch, c.rows)
-	if cap(buf) <= maxKeptCopyBuf {
-		d.copyBufs[c.slot] = buf
-	} else {
-		d.copyBufs[c.slot] = nil
+// oldestOf is the earliest created_at of rows, for outbox_retained.oldest.
+func oldestOf(rows []row) pgtype.Timestamptz {
+	oldest := pgtype.Timestamptz{InfinityModifier: pgtype.Infinity, Valid: true}
+	for i := range rows {
+		r := &rows[i]
+		switch {
+		case r.Infinite == pgtype.NegativeInfinity:
+			return pgtype.Timestamptz{InfinityModifier: pgtype.NegativeInfinity, Valid: true}
+		case r.Infinite == pgtype.Infinity:
+		case oldest.InfinityModifier == pgtype.Infinity || r.CreatedAt.Before(oldest.Time):
+			oldest = pgtype.Timestamptz{Time: r.CreatedAt, Valid: true}
+		}
 	}
-	if _, err := c.conn.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(buf), copyRelayedSQL); err != nil {
+	return oldest
+}
+
+// retain stores the claimed rows in outbox_retained, in the batch's
+// transaction, so that they are retained exactly when their delete commits.
+// It runs while Redis takes the batch, off the drain's critical path. One
+// row per batch, not per event: a row per event cost the drain more
+// PostgreSQL time than the claim.
+func (d *Drainer) retain(ctx context.Context, c *claimed) error {
+	buf := appendRetainCopy(slices.Grow(d.retainBufs[c.slot][:0], retainHead+retainedSize(c.rows)+2), c.batch, c.rows)
+	if cap(buf) <= maxKeptRetainBuf {
+		d.retainBufs[c.slot] = buf
+	} else {
+		d.retainBufs[c.slot] = nil
+	}
+	if _, err := c.conn.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(buf), retainSQL); err != nil {
 		return fmt.Errorf("retain batch: %w", err)
 	}
 	return nil

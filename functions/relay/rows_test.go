@@ -2,17 +2,23 @@ package relay
 
 import (
 	"context"
+	"math"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/stretchr/testify/require"
+
+	"github.com/outboxfn/outbox/shared/outbox"
 )
 
-// The relay reads claimed rows and writes them to outbox_relayed by hand
+// The relay reads claimed rows and encodes them for outbox_retained by hand
 // (rows.go); what it retains must be exactly what the outbox held, value
-// for value, whichever protocol pgx speaks.
+// for value, whichever protocol pgx speaks, read back through SQL (the
+// outbox_relayed view decodes it) and through Go (outbox.ReadRetained, the
+// replay's reader).
 func TestRetainedRowsAreTheOutboxRowsExactly(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
@@ -46,6 +52,19 @@ func TestRetainedRowsAreTheOutboxRowsExactly(t *testing.T) {
 
 			got := relayedRows(t, b, `SELECT 0::bigint, id, event_id, aggregate_type, aggregate_id, event_type, payload::text, traceparent, created_at, tracestate FROM outbox_relayed`)
 			require.Equal(t, want, got)
+			decoded, err := outbox.ReadRetained(ctx, b.pool, "", math.MinInt64, math.MaxInt64)
+			require.NoError(t, err)
+			require.Len(t, decoded, len(want))
+			for i, e := range decoded {
+				// Through PostgreSQL's types again, to compare as want does.
+				rows, err := b.pool.Query(ctx, `SELECT 0::bigint, $1::bigint, $2::uuid, $3::text, $4::text, $5::text, $6::text, $7::text, $8::timestamptz, $9::text`,
+					e.ID, e.EventID, e.AggregateType, e.AggregateID, e.EventType, string(e.Payload), e.Traceparent,
+					pgtype.Timestamptz{Time: e.CreatedAt, InfinityModifier: e.Infinite, Valid: true}, e.Tracestate)
+				require.NoError(t, err)
+				values, err := pgx.CollectExactlyOneRow(rows, func(r pgx.CollectableRow) ([]any, error) { return r.Values() })
+				require.NoError(t, err)
+				require.Equal(t, want[i], values, "event %d as outbox.ReadRetained decodes it", i)
+			}
 			// The stream entries carry the trace fields the rows had.
 			state := map[string]string{}
 			for _, e := range append(b.entries(t, "user"), b.entries(t, "order.v2")...) {

@@ -228,7 +228,7 @@ func clusterDrains(ctx context.Context, e *env, s Settings, pairs []drainPair) (
 		if err := unlinkPrefix(ctx, r.target.client, r.prefix); err != nil {
 			return 0, err
 		}
-		_, err = e.pool.Exec(ctx, `TRUNCATE outbox_relayed, outbox_relay_batches, outbox_streams`)
+		_, err = e.pool.Exec(ctx, `TRUNCATE outbox_retained, outbox_relayed_rows, outbox_relay_batches, outbox_streams`)
 		return rate, err
 	}
 	out := make([]pairedRounds, len(pairs))
@@ -263,7 +263,7 @@ func clusterDrains(ctx context.Context, e *env, s Settings, pairs []drainPair) (
 			if shards, err = nodesWithStreams(ctx, r.target.client, r.prefix); err != nil {
 				return nil, 0, err
 			}
-			if _, err := e.pool.Exec(ctx, `TRUNCATE outbox_relayed, outbox_relay_batches, outbox_streams`); err != nil {
+			if _, err := e.pool.Exec(ctx, `TRUNCATE outbox_retained, outbox_relayed_rows, outbox_relay_batches, outbox_streams`); err != nil {
 				return nil, 0, err
 			}
 		}

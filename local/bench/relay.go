@@ -178,7 +178,7 @@ func benchDrain(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 		e.deleteKeys(ctx, prefix)
 		// A fresh start for the next round: no retained rows to grow the
 		// table, no records of the streams just deleted.
-		_, err = e.pool.Exec(ctx, `TRUNCATE outbox_relayed, outbox_relay_batches, outbox_streams`)
+		_, err = e.pool.Exec(ctx, `TRUNCATE outbox_retained, outbox_relayed_rows, outbox_relay_batches, outbox_streams`)
 		return rate, err
 	}
 	var rawRate, relayRate, bareRate []float64
@@ -225,7 +225,7 @@ func benchDrain(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 	replayRate := float64(res.Replayed) / time.Since(t0).Seconds()
 	e.logf("re-publication of %d events: %.0f events/s", res.Replayed, replayRate)
 	e.deleteKeys(ctx, prefix)
-	if _, err := e.pool.Exec(ctx, `TRUNCATE outbox_relayed, outbox_relay_batches, outbox_streams`); err != nil {
+	if _, err := e.pool.Exec(ctx, `TRUNCATE outbox_retained, outbox_relayed_rows, outbox_relay_batches, outbox_streams`); err != nil {
 		return nil, err
 	}
 

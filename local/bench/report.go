@@ -192,7 +192,7 @@ func Run(ctx context.Context, s Settings, only string, out io.Writer) (*Report, 
 		// Nor inherit its retained events: the relay keys its records by
 		// aggregate type, and a relay of the next step, with streams of
 		// another prefix, would find them gone and publish them again.
-		if _, err := e.pool.Exec(ctx, `TRUNCATE outbox_relayed, outbox_relay_batches, outbox_streams`); err != nil {
+		if _, err := e.pool.Exec(ctx, `TRUNCATE outbox_retained, outbox_relayed_rows, outbox_relay_batches, outbox_streams`); err != nil {
 			return nil, fmt.Errorf("clear retained events before %s: %w", step.name, err)
 		}
 		if _, err := e.pool.Exec(ctx, `VACUUM ANALYZE`); err != nil {
