@@ -86,6 +86,12 @@ DELETE FROM outbox
 WHERE id = ANY (ARRAY (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
 RETURNING id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, tracestate`
 
+// claimAfterSQL is claimSQL for the rows with ids above $2.
+const claimAfterSQL = `
+DELETE FROM outbox
+WHERE id = ANY (ARRAY (SELECT id FROM outbox WHERE id > $2 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
+RETURNING id, event_id, aggregate_type, aggregate_id, event_type, payload, traceparent, created_at, tracestate`
+
 // recordSQL records, in the batch's transaction, where each stream it wrote
 // to stood after it: per batch, for re-publishing the batches a stream lost,
 // and per stream, for noticing that it lost any.
@@ -628,6 +634,7 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, sess *se
 		}
 	}()
 	past := func() bool { return !stopBy.IsZero() && time.Now().After(stopBy) }
+	ahead := 0 // batches claimed ahead in this run
 	for {
 		if past() {
 			return false, nil
@@ -635,7 +642,7 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, sess *se
 		cur := next
 		next = nil
 		if cur == nil {
-			if cur, err = d.claim(ctx, &conns, 0); err != nil {
+			if cur, err = d.claim(ctx, &conns, 0, 0); err != nil {
 				return false, err
 			}
 		}
@@ -659,7 +666,20 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, sess *se
 				if n < d.batchSize || past() {
 					return nil, nil
 				}
-				return d.claim(ctx, &conns, 1-cur.slot)
+				// The batch being published holds its rows locked: a claim
+				// from the outbox's start would step over every one of
+				// them (SKIP LOCKED), which cost as much PostgreSQL time as
+				// retaining the batch. A claim after its last id does not;
+				// a row below it that committed late is claimed by the next
+				// claim from the start: every unboundedEvery batches, and
+				// first in every run (a run ends only after such a claim
+				// found less than a batch).
+				ahead++
+				after := cur.rows[n-1].ID
+				if ahead%unboundedEvery == 0 {
+					after = 0
+				}
+				return d.claim(ctx, &conns, 1-cur.slot, after)
 			})
 			if errors.Is(claimErr, errReplayNeeded) {
 				continue // the batch was rolled back; the replay comes next
@@ -711,9 +731,14 @@ WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND pid = $1::int
   AND classid::bigint = (` + drainLock + `::bigint >> 32 & 4294967295)
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`
 
+// unboundedEvery is how often a batch claimed ahead is claimed from the
+// outbox's start rather than after the batch before it (see drainBatches).
+const unboundedEvery = 10
+
 // claim begins a transaction on connection slot (acquiring it from the pool
-// the first time) and claims up to batchSize rows, sorted by id.
-func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) (*claimed, error) {
+// the first time) and claims up to batchSize rows with ids above after (any
+// when it is zero), sorted by id.
+func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int, after int64) (*claimed, error) {
 	if conns[slot] == nil {
 		conn, err := d.pool.Acquire(ctx)
 		if err != nil {
@@ -734,7 +759,11 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int) 
 	if d.retention > 0 {
 		b.Queue("SELECT nextval('outbox_relay_batch')")
 	}
-	b.Queue(claimSQL, d.batchSize)
+	if after > 0 {
+		b.Queue(claimAfterSQL, d.batchSize, after)
+	} else {
+		b.Queue(claimSQL, d.batchSize)
+	}
 	results := c.conn.SendBatch(ctx, b)
 	for i := range b.Len() - 1 {
 		var err error
