@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outboxfn/outbox/shared/outbox"
+	"github.com/outboxfn/outbox/shared/stream"
 )
 
 // Review (hostile, migration 00015): the outbox_relayed view decodes a
@@ -204,4 +205,65 @@ func TestReviewBinaryCopyIntoTheViewIsKept(t *testing.T) {
 	var rows int
 	require.NoError(t, b.pool.QueryRow(ctx, `SELECT count(*) FROM outbox_relayed_rows`).Scan(&rows))
 	require.Equal(t, 1, rows)
+}
+
+// Review (hostile): an event Redis refuses is buried and leaves the batch
+// retained: its count and its oldest created_at are those of the events
+// kept, and a re-publication after a FLUSHALL leaves it out.
+func TestReviewBuriedEventsLeaveTheRetainedBatch(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	l := newLossBundle(t)
+	_, err := l.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) VALUES
+		('item', 'b', 'x', '{"seq": 100}', '-infinity'),
+		('item', 'a', 'x', '{"seq": 0}', '2020-01-01 00:00:00+00'),
+		('item', 'a', 'x', '{"seq": 1}', '2021-01-01 00:00:00+00')`)
+	require.NoError(t, err)
+	res, err := l.drain()
+	require.NoError(t, err)
+	require.Equal(t, 1, res.Dead)
+	var events int
+	var oldest time.Time
+	require.NoError(t, l.pool.QueryRow(ctx, `SELECT events, oldest FROM outbox_retained`).Scan(&events, &oldest))
+	require.Equal(t, 2, events)
+	require.Equal(t, time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC), oldest.UTC())
+	var viewCount int
+	require.NoError(t, l.pool.QueryRow(ctx, `SELECT count(*) FROM outbox_relayed`).Scan(&viewCount))
+	require.Equal(t, 2, viewCount)
+	l.do(t, func(b rueidis.Builder) rueidis.Completed { return b.Flushall().Build() })
+	res, err = l.drain()
+	if err != nil {
+		res, err = l.drain()
+	}
+	require.NoError(t, err)
+	require.Equal(t, 2, res.Replayed)
+	requireExactlyOnceInOrder(t, events2(l.entries(t, "item")), 2)
+}
+
+func events2(e []stream.Event) []stream.Event { return events(e) }
+
+// Review (hostile): the purge removes old rows and blobs alike, and counts
+// them.
+func TestReviewPurgeRemovesRowsAndBlobs(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	l := newLossBundle(t)
+	l.relayNew(t, 10)
+	l.relayNew(t, 10)
+	batches := l.batches(t)
+	_, err := l.pool.Exec(ctx, `WITH old AS (SELECT * FROM outbox_relayed WHERE batch = $1) INSERT INTO outbox_relayed SELECT * FROM old`, batches[0])
+	require.NoError(t, err)
+	_, err = l.pool.Exec(ctx, `DELETE FROM outbox_retained WHERE batch = $1`, batches[0])
+	require.NoError(t, err)
+	_, err = l.pool.Exec(ctx, `UPDATE outbox_relay_batches SET relayed_at = now() - interval '2 hours'`)
+	require.NoError(t, err)
+	conn, err := l.pool.Acquire(ctx)
+	require.NoError(t, err)
+	defer conn.Release()
+	n, err := l.relay.drainer.purgeOld(ctx, conn)
+	require.NoError(t, err)
+	require.EqualValues(t, 20, n)
+	var left int
+	require.NoError(t, l.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM outbox_relayed_rows) + (SELECT count(*) FROM outbox_retained) + (SELECT count(*) FROM outbox_relay_batches)`).Scan(&left))
+	require.Zero(t, left)
 }
