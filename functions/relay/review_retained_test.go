@@ -297,3 +297,36 @@ func TestReviewABatchOfMoreThanAGigabyteIsRelayed(t *testing.T) {
 	require.NoError(t, err, "a batch of 1000 events of 1.08 MB")
 	require.Equal(t, 1000, res.Relayed)
 }
+
+// Review (hostile): the migration's Down decodes every retained batch with
+// outbox_retained_events, in the migration's transaction. The decoder reads
+// its argument, a TOASTed (lz4) value, with substring() at rising offsets:
+// each call decompresses the value up to there, so a batch costs time
+// quadratic in its size (measured: 1000 small events 0.5 s, 4000 events
+// 4-10 s; the same function on r.data || ''::bytea, detoasted once, 23 ms
+// for 4000). Two batches of 5000 small events (RELAY_BATCH_SIZE goes to
+// 10000) should go down in well under two seconds; 10 batches of 1000
+// took 1.8 s, so a day of retention (tens of thousands of batches) holds
+// the Down's locks for an hour or more.
+func TestReviewMigrationDownDecodesRetainedBatchesQuickly(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	_, err := b.pool.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+		SELECT 'user', g::text, 'x', json_build_object('seq', g, 'pad', md5(g::text)) FROM generate_series(1, 10000) g`)
+	require.NoError(t, err)
+	s := b.relay(t, func(c *Config) { c.Background = false; c.BatchSize = 5000 })
+	res, err := s.drainer.Drain(ctx, time.Time{})
+	require.NoError(t, err)
+	require.Equal(t, 10000, res.Relayed)
+	sql, err := os.ReadFile("../../sql/migrations/00015_outbox_retained.sql")
+	require.NoError(t, err)
+	_, down, ok := strings.Cut(string(sql), "-- +goose Down")
+	require.True(t, ok)
+	start := time.Now()
+	_, err = b.pool.Exec(ctx, down)
+	require.NoError(t, err)
+	took := time.Since(start)
+	t.Logf("Down of 2 batches of 5000 events: %s", took)
+	require.Less(t, took, 2*time.Second)
+}
