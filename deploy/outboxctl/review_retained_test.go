@@ -5,7 +5,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/stretchr/testify/require"
+
+	"github.com/outboxfn/outbox/shared/stream"
 )
 
 // blobify moves every batch of outbox_relayed_rows into outbox_retained,
@@ -65,4 +68,25 @@ func TestReviewReplayOfBlobRetainedEvents(t *testing.T) {
 		require.NoError(t, err)
 		require.EqualValues(t, 6, r.Events)
 	})
+}
+
+// Review (hostile): TestPurgeKeepsTheSendRecordOfAnEventRetainedInALaterBatch
+// with the event retained as a batch of outbox_retained.
+func TestReviewPurgeKeepsTheSendRecordOfABlobRetainedEvent(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	b.ops.retention, b.ops.dedupeWindow = 24*time.Hour, 24*time.Hour
+	now := time.Now()
+	occurred := now.Add(-24*time.Hour - 2*time.Minute)
+	sent := now.Add(-24*time.Hour - time.Minute)
+	reclaimed := now.Add(-24*time.Hour + time.Minute)
+	id := uuid.NewString()
+	b.retain(t, 1, stream.Event{EventID: id, EventType: "user.created", AggregateType: "user",
+		AggregateID: "1", Payload: "{}", OccurredAt: occurred, OutboxID: 1}, reclaimed)
+	b.blobify(t)
+	_, err := b.ops.pool.Exec(ctx, `INSERT INTO email_sends (key, event_id, sent_at, created_at) VALUES ('welcome:1', $1, $2, $2)`, id, sent)
+	require.NoError(t, err)
+	require.NoError(t, b.ops.command(ctx, []string{"purge", "-older-than", "24h"}))
+	require.Equal(t, 1, b.count(t, "email_sends"))
 }
