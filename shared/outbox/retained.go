@@ -179,7 +179,12 @@ func ReadRetained(ctx context.Context, q Reader, aggregateType string, first, la
 	if err != nil {
 		return nil, fmt.Errorf("read retained rows: %w", err)
 	}
-	rows, err = q.Query(ctx, `SELECT batch, data FROM outbox_retained WHERE batch BETWEEN $1 AND $2`, first, last)
+	// A batch holds the events of every stream it wrote to; those with
+	// none of aggregateType's (outbox_relay_batches has a record of every
+	// stream a batch retained events of) are not read.
+	rows, err = q.Query(ctx, `SELECT batch, data FROM outbox_retained
+		WHERE batch BETWEEN $1 AND $2 AND ($3 = '' OR batch IN (
+		  SELECT batch FROM outbox_relay_batches WHERE aggregate_type = $3 AND batch BETWEEN $1 AND $2))`, first, last, aggregateType)
 	if err != nil {
 		return nil, fmt.Errorf("read retained batches: %w", err)
 	}

@@ -61,8 +61,11 @@ func TestRetainedEventsDecodeAsPostgreSQLEncodedThem(t *testing.T) {
 	}, got)
 
 	// ReadRetained reads both kinds of retained event, in (batch, id)
-	// order, and keeps only the type asked for.
-	_, err = pool.Exec(ctx, `INSERT INTO outbox_retained (batch, events, oldest, data) VALUES (0, 3, '-infinity', $1)`, data)
+	// order, and keeps only the type asked for: of outbox_retained, the
+	// batches outbox_relay_batches says hold events of it.
+	_, err = pool.Exec(ctx, `INSERT INTO outbox_retained (batch, events, oldest, data) VALUES (0, 3, '-infinity', $1), (-1, 3, '-infinity', $1)`, data)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `INSERT INTO outbox_relay_batches (batch, aggregate_type, events, last_ms, last_seq) VALUES (0, 'user', 2, 1, 0), (0, 'order.v2', 1, 1, 0), (-1, 'order.v2', 1, 1, 0)`)
 	require.NoError(t, err)
 	read, err := outbox.ReadRetained(ctx, pool, "user", math.MinInt64, math.MaxInt64)
 	require.NoError(t, err)
