@@ -953,13 +953,17 @@ func (d *Drainer) unretain(ctx context.Context, c *claimed, refused map[int]stri
 			kept = append(kept, c.rows[i])
 		}
 	}
+	var err error
 	if len(kept) == 0 {
-		_, err := c.conn.Exec(ctx, `DELETE FROM outbox_retained WHERE batch = $1`, c.batch)
-		return err
+		_, err = c.conn.Exec(ctx, `DELETE FROM outbox_retained WHERE batch = $1`, c.batch)
+	} else {
+		_, err = c.conn.Exec(ctx, `UPDATE outbox_retained SET events = $2, oldest = $3, data = $4 WHERE batch = $1`,
+			c.batch, len(kept), oldestOf(kept), appendRetained(nil, kept))
 	}
-	_, err := c.conn.Exec(ctx, `UPDATE outbox_retained SET events = $2, oldest = $3, data = $4 WHERE batch = $1`,
-		c.batch, len(kept), oldestOf(kept), appendRetained(nil, kept))
-	return err
+	if err != nil {
+		return fmt.Errorf("retain the batch without them: %w", err)
+	}
+	return nil
 }
 
 // rowsExist returns the aggregate types of those of ids that are rows of
