@@ -579,14 +579,44 @@ func outboxWriters(ctx context.Context, q querier) (writers, error) {
 	if err := q.QueryRow(ctx, outboxWritersSQL).Scan(&ids); err != nil {
 		return nil, fmt.Errorf("read outbox writers: %w", err)
 	}
+	return writersOf(ids), nil
+}
+
+// writersOf is the set of virtual transaction ids ids.
+func writersOf(ids []string) writers {
 	if len(ids) == 0 {
-		return nil, nil
+		return nil
 	}
 	w := make(writers, len(ids))
 	for _, id := range ids {
 		w[id] = struct{}{}
 	}
-	return w, nil
+	return w
+}
+
+// writersAtClaimSQL reads, in a claim's transaction just before the claim,
+// the transactions other than the drain's own ($1: its connections' pids)
+// that hold a write lock on the outbox, and the last id the outbox's
+// sequence handed out (0 if it caches ids per session, when that says
+// nothing of ids yet to be used); see lateBelowSQL.
+const writersAtClaimSQL = `
+SELECT coalesce((SELECT array_agg(DISTINCT virtualtransaction) FROM pg_locks
+    WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' AND relation = 'outbox'::regclass
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND (pid IS NULL OR pid <> ALL ($1::int[]))), '{}'),
+  coalesce((SELECT CASE WHEN seqcache = 1 THEN pg_sequence_last_value(seqrelid) END
+    FROM pg_sequence WHERE seqrelid = pg_get_serial_sequence('outbox', 'id')::regclass), 0)`
+
+// ownPIDs are the server pids of the drain's connections: their deletes
+// hold the outbox's write lock too, but insert nothing.
+func (d *Drainer) ownPIDs(conns *[2]*pgxpool.Conn) []int32 {
+	pids := make([]int32, 0, 2)
+	for _, c := range conns {
+		if c != nil {
+			pids = append(pids, int32(c.Conn().PgConn().PID()))
+		}
+	}
+	return pids
 }
 
 // holdsAll reports whether every writer of o is in w.
@@ -634,7 +664,6 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, sess *se
 		}
 	}()
 	past := func() bool { return !stopBy.IsZero() && time.Now().After(stopBy) }
-	ahead := 0 // batches claimed ahead in this run
 	for {
 		if past() {
 			return false, nil
@@ -670,16 +699,9 @@ func (d *Drainer) drainBatches(ctx context.Context, conn *pgxpool.Conn, sess *se
 				// from the outbox's start would step over every one of
 				// them (SKIP LOCKED), which cost as much PostgreSQL time as
 				// retaining the batch. A claim after its last id does not;
-				// a row below it that committed late is claimed by the next
-				// claim from the start: every unboundedEvery batches, and
-				// first in every run (a run ends only after such a claim
-				// found less than a batch).
-				ahead++
-				after := cur.rows[n-1].ID
-				if ahead%unboundedEvery == 0 {
-					after = 0
-				}
-				return d.claim(ctx, &conns, 1-cur.slot, after)
+				// publishBatch then makes sure it took what a claim from
+				// the start would have (see lateBelowSQL).
+				return d.claim(ctx, &conns, 1-cur.slot, cur.rows[n-1].ID)
 			})
 			if errors.Is(claimErr, errReplayNeeded) {
 				continue // the batch was rolled back; the replay comes next
@@ -709,6 +731,13 @@ type claimed struct {
 	rows  []row
 	open  bool
 	batch int64 // its number in outbox_retained; zero without retention
+	// after is the id the batch was claimed above; zero for a claim from
+	// the outbox's start.
+	after int64
+	// writers and allocated are what writersAtClaimSQL read just before
+	// the claim (see lateBelowSQL).
+	writers   writers
+	allocated int64
 }
 
 func (c *claimed) rollback(ctx context.Context) {
@@ -731,10 +760,6 @@ WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND pid = $1::int
   AND classid::bigint = (` + drainLock + `::bigint >> 32 & 4294967295)
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`
 
-// unboundedEvery is how often a batch claimed ahead is claimed from the
-// outbox's start rather than after the batch before it (see drainBatches).
-const unboundedEvery = 10
-
 // claim begins a transaction on connection slot (acquiring it from the pool
 // the first time) and claims up to batchSize rows with ids above after (any
 // when it is zero), sorted by id.
@@ -746,7 +771,7 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int, 
 		}
 		conns[slot] = conn
 	}
-	c := &claimed{conn: conns[slot], slot: slot, open: true}
+	c := &claimed{conn: conns[slot], slot: slot, open: true, after: after}
 	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
 	defer cancel()
 	// BEGIN and the claim lock go out with the claim, in one round trip.
@@ -759,6 +784,8 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int, 
 	if d.retention > 0 {
 		b.Queue("SELECT nextval('outbox_relay_batch')")
 	}
+	writersAt := b.Len()
+	b.Queue(writersAtClaimSQL, d.ownPIDs(conns))
 	if after > 0 {
 		b.Queue(claimAfterSQL, d.batchSize, after)
 	} else {
@@ -767,9 +794,15 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int, 
 	results := c.conn.SendBatch(ctx, b)
 	for i := range b.Len() - 1 {
 		var err error
-		if d.retention > 0 && i == b.Len()-2 {
+		switch {
+		case i == writersAt:
+			var ids []string
+			if err = results.QueryRow().Scan(&ids, &c.allocated); err == nil {
+				c.writers = writersOf(ids)
+			}
+		case d.retention > 0 && i == writersAt-1:
 			err = results.QueryRow().Scan(&c.batch)
-		} else {
+		default:
 			_, err = results.Exec()
 		}
 		if err != nil {
@@ -843,8 +876,19 @@ func (d *Drainer) publishBatch(ctx context.Context, cur *claimed, sess *session,
 		}
 		return nil, p.err
 	}
-	err := d.commit(finishCtx, cur, p.streams, p.refused)
+	var ahead *claimed
+	if next != nil && next.after > 0 {
+		ahead = next
+	}
+	late, err := d.commit(finishCtx, cur, p.streams, p.refused, ahead)
 	cur.open = false
+	if err == nil && late {
+		// A row below the batch claimed ahead committed after the batch
+		// just committed was claimed: it goes first, so the batch ahead is
+		// given back and claimed again from the start.
+		next.rollback(ctx)
+		next = nil
+	}
 	if err != nil {
 		// The rows may or may not be gone; they stay in flight, in the
 		// session and in the marker in Redis, so a re-claim does not
@@ -866,9 +910,42 @@ func (d *Drainer) publishBatch(ctx context.Context, cur *claimed, sess *session,
 	return next, claimErr
 }
 
+// lateBelowSQL tells whether a row with an id up to $1 is left in the
+// outbox. It runs right after a batch commits, when the batch claimed ahead
+// of it (the rows above $1) is in hand and not yet published. Every row up
+// to $1 was then either in the batch just committed, or is a row that
+// committed after that batch was claimed: its writer began before (its id is
+// lower) and committed late. A claim from the start would have taken such a
+// row first, and a writer of the same aggregate who began after it
+// committed may have its event in the batch ahead; so the batch ahead is
+// published only if there is none. With this check the claim after the
+// batch in flight takes exactly what a claim from the start would have,
+// without stepping over the batch's locked rows.
+//
+// It reads the index from the start (as the planner would not for
+// EXISTS (…) with a generic plan: a scan of the whole table per batch),
+// passing the batch just committed, whose entries cannot be marked dead
+// while the batch ahead's older snapshot is open: about as costly as the
+// claim from the start it replaces. So it runs only when a late row is
+// possible (needsLateCheck): a late row's writer held the outbox's write
+// lock when the committed batch was claimed (it had its id by then, since
+// ids are handed out in order and the batch's last id was committed before
+// the claim), unless its id came after (above what the sequence had handed
+// out then); and it has ended since.
+const lateBelowSQL = `SELECT (SELECT id FROM outbox WHERE id <= $1 ORDER BY id LIMIT 1) IS NOT NULL`
+
+// needsLateCheck reports whether rows up to ahead.after may have committed
+// late (see lateBelowSQL), given the outbox's writers now.
+func needsLateCheck(cur, ahead *claimed, now writers) bool {
+	return cur.allocated <= 0 || ahead.after > cur.allocated || cur.writers.anyEnded(now)
+}
+
 // commit records where the batch left each stream (with retention on) and
-// commits, in one round trip.
-func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord, refused map[int]string) error {
+// commits, in one round trip. With a batch claimed ahead after c's last id,
+// it also reports whether a row up to that id is left in the outbox
+// (lateBelowSQL): in the same round trip it reads the outbox's writers, and
+// only if a late row is possible does it look, in a second.
+func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord, refused map[int]string, ahead *claimed) (late bool, err error) {
 	b := &pgx.Batch{}
 	if d.retention > 0 && len(streams) > 0 {
 		n := len(streams)
@@ -883,7 +960,7 @@ func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord,
 		for i, r := range streams {
 			t, p, err := stream.SplitKey(r.aggregateType, d.partitions())
 			if err != nil {
-				return fmt.Errorf("record streams: %w", err)
+				return false, fmt.Errorf("record streams: %w", err)
 			}
 			types[i], events[i], parts[i] = t, retained[r.aggregateType], int32(p)
 			ms[i], seqs[i], added[i] = int64(r.last.ms), int64(r.last.seq), r.added
@@ -891,21 +968,39 @@ func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord,
 		b.Queue(recordSQL, types, c.batch, events, ms, seqs, added, parts, d.partitions())
 	}
 	b.Queue("COMMIT")
+	records := b.Len() - 1
+	// The writers now matter only if there were some at the claim.
+	readNow := ahead != nil && len(c.writers) > 0 && c.allocated > 0 && ahead.after <= c.allocated
+	if readNow {
+		b.Queue(writersAtClaimSQL, []int32{int32(c.conn.Conn().PgConn().PID()), int32(ahead.conn.Conn().PgConn().PID())})
+	}
 	results := c.conn.SendBatch(ctx, b)
 	defer results.Close()
-	for range b.Len() - 1 {
+	for range records {
 		if _, err := results.Exec(); err != nil {
-			return fmt.Errorf("record streams: %w", err)
+			return false, fmt.Errorf("record streams: %w", err)
 		}
 	}
 	tag, err := results.Exec()
 	if err == nil && tag.String() != "COMMIT" {
 		err = fmt.Errorf("transaction was rolled back (%s)", tag)
 	}
+	var now []string
+	var allocated int64
+	if err == nil && readNow {
+		if err = results.QueryRow().Scan(&now, &allocated); err != nil {
+			err = fmt.Errorf("read the outbox's writers: %w", err)
+		}
+	}
 	if err == nil {
 		err = results.Close()
 	}
-	return err
+	if err == nil && ahead != nil && needsLateCheck(c, ahead, writersOf(now)) {
+		if err = c.conn.QueryRow(ctx, lateBelowSQL, ahead.after).Scan(&late); err != nil {
+			err = fmt.Errorf("look for rows below the batch claimed ahead: %w", err)
+		}
+	}
+	return late, err
 }
 
 // bury moves the rows that could not be published to outbox_dead, in the

@@ -115,14 +115,20 @@ func TestReviewLateRowAcrossARepublication(t *testing.T) {
 			require.Zero(t, l.outboxCount(t))
 			entries := lastCopies(l.entries(t, "item"))
 			require.Equal(t, 66, len(entries))
-			seen := map[string]bool{}
+			// The batch that lands in the deleted stream is in doubt: it
+			// is published again after the re-publication (README, "When
+			// Redis forgets"), so its events, the late row among them when
+			// it went into that batch, may have two copies.
+			copies := map[string]int{}
 			for _, e := range l.entries(t, "item") {
 				if e.AggregateID == "late" {
-					require.False(t, seen[e.EventID], "late row published twice")
-					seen[e.EventID] = true
+					copies[e.EventID]++
 				}
 			}
-			require.Len(t, seen, 1)
+			require.Len(t, copies, 1, "the late row is in the stream")
+			for _, n := range copies {
+				require.LessOrEqual(t, n, 2, "copies of the late row")
+			}
 		})
 	}
 }

@@ -23,9 +23,9 @@ import (
 // and nobody else locks outbox rows". Here two writers of one aggregate do
 // exactly that, strictly one after the other (the second begins after the
 // first committed), and nobody locks outbox rows; yet the second event
-// reaches the stream before the first, because the first one's id is below
-// the bound of the claims ahead that follow its commit for up to
-// unboundedEvery batches.
+// reached the stream before the first, because the first one's id was below
+// the bound of the claims ahead that followed its commit (until
+// lateBelowSQL).
 func TestReviewSequentialWritersOfOneAggregateStayInOrder(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
