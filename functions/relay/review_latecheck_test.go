@@ -96,6 +96,7 @@ func TestReviewWriterBetweenLocksAndSequenceReadIsNotMissed(t *testing.T) {
 
 	r := <-done
 	require.NoError(t, r.err)
+	t.Logf("the first drain: complete %v, %d rows left in the outbox", r.res.Complete, b.outboxCount(t))
 	// Whatever the drain left, the next one relays.
 	_, err = s.drainer.Drain(ctx, time.Time{})
 	require.NoError(t, err)
