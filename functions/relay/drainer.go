@@ -594,18 +594,24 @@ func writersOf(ids []string) writers {
 	return w
 }
 
-// writersAtClaimSQL reads, in a claim's transaction just before the claim,
-// the transactions other than the drain's own ($1: its connections' pids)
-// that hold a write lock on the outbox, and the last id the outbox's
-// sequence handed out (0 if it caches ids per session, when that says
-// nothing of ids yet to be used); see lateBelowSQL.
-const writersAtClaimSQL = `
-SELECT coalesce((SELECT array_agg(DISTINCT virtualtransaction) FROM pg_locks
-    WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' AND relation = 'outbox'::regclass
-      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND (pid IS NULL OR pid <> ALL ($1::int[]))), '{}'),
-  coalesce((SELECT CASE WHEN seqcache = 1 THEN pg_sequence_last_value(seqrelid) END
-    FROM pg_sequence WHERE seqrelid = pg_get_serial_sequence('outbox', 'id')::regclass), 0)`
+// allocatedSQL reads the last id the outbox's sequence handed out: 0 if it
+// hands out ids a session caches (which may be used later, below it), or if
+// the relay may not read it. It runs before writersSQL, in a statement of
+// its own: a writer that takes the outbox's write lock after writersSQL read
+// the locks takes its id after this read, above what it returned.
+const allocatedSQL = `
+SELECT coalesce((SELECT CASE WHEN seqcache = 1 AND has_sequence_privilege(seqrelid, 'SELECT,USAGE')
+    THEN pg_sequence_last_value(seqrelid) END
+  FROM pg_sequence WHERE seqrelid = pg_get_serial_sequence('outbox', 'id')::regclass), 0)`
+
+// writersSQL reads the transactions other than the drain's own ($1: its
+// connections' pids) that hold a write lock on the outbox; see
+// lateBelowSQL.
+const writersSQL = `
+SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}') FROM pg_locks
+WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' AND relation = 'outbox'::regclass
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND (pid IS NULL OR pid <> ALL ($1::int[]))`
 
 // ownPIDs are the server pids of the drain's connections: their deletes
 // hold the outbox's write lock too, but insert nothing.
@@ -734,8 +740,8 @@ type claimed struct {
 	// after is the id the batch was claimed above; zero for a claim from
 	// the outbox's start.
 	after int64
-	// writers and allocated are what writersAtClaimSQL read just before
-	// the claim (see lateBelowSQL).
+	// allocated and writers are what allocatedSQL and writersSQL read
+	// just before the claim (see lateBelowSQL).
 	writers   writers
 	allocated int64
 }
@@ -784,8 +790,9 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int, 
 	if d.retention > 0 {
 		b.Queue("SELECT nextval('outbox_relay_batch')")
 	}
-	writersAt := b.Len()
-	b.Queue(writersAtClaimSQL, d.ownPIDs(conns))
+	allocatedAt := b.Len()
+	b.Queue(allocatedSQL)
+	b.Queue(writersSQL, d.ownPIDs(conns))
 	if after > 0 {
 		b.Queue(claimAfterSQL, d.batchSize, after)
 	} else {
@@ -795,12 +802,14 @@ func (d *Drainer) claim(ctx context.Context, conns *[2]*pgxpool.Conn, slot int, 
 	for i := range b.Len() - 1 {
 		var err error
 		switch {
-		case i == writersAt:
+		case i == allocatedAt:
+			err = results.QueryRow().Scan(&c.allocated)
+		case i == allocatedAt+1:
 			var ids []string
-			if err = results.QueryRow().Scan(&ids, &c.allocated); err == nil {
+			if err = results.QueryRow().Scan(&ids); err == nil {
 				c.writers = writersOf(ids)
 			}
-		case d.retention > 0 && i == writersAt-1:
+		case d.retention > 0 && i == allocatedAt-1:
 			err = results.QueryRow().Scan(&c.batch)
 		default:
 			_, err = results.Exec()
@@ -928,11 +937,16 @@ func (d *Drainer) publishBatch(ctx context.Context, cur *claimed, sess *session,
 // while the batch ahead's older snapshot is open: about as costly as the
 // claim from the start it replaces. So it runs only when a late row is
 // possible (needsLateCheck): a late row's writer held the outbox's write
-// lock when the committed batch was claimed (it had its id by then, since
-// ids are handed out in order and the batch's last id was committed before
-// the claim), unless its id came after (above what the sequence had handed
-// out then); and it has ended since.
-const lateBelowSQL = `SELECT (SELECT id FROM outbox WHERE id <= $1 ORDER BY id LIMIT 1) IS NOT NULL`
+// lock when the committed batch was claimed (writersSQL; it had its id by
+// then, since ids are handed out in order and the batch's last id was
+// committed before the claim), unless it took the lock after allocatedSQL
+// read the sequence, and with it an id above the value read; and it has
+// ended since. With a snapshot held open somewhere in the database the scan
+// passes every row deleted since, as the claim from the start did.
+//
+// A row another transaction holds locked is passed over (SKIP LOCKED), as a
+// claim from the start would: it must not send every batch ahead back.
+const lateBelowSQL = `SELECT id FROM outbox WHERE id <= $1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED`
 
 // needsLateCheck reports whether rows up to ahead.after may have committed
 // late (see lateBelowSQL), given the outbox's writers now.
@@ -972,7 +986,7 @@ func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord,
 	// The writers now matter only if there were some at the claim.
 	readNow := ahead != nil && len(c.writers) > 0 && c.allocated > 0 && ahead.after <= c.allocated
 	if readNow {
-		b.Queue(writersAtClaimSQL, []int32{int32(c.conn.Conn().PgConn().PID()), int32(ahead.conn.Conn().PgConn().PID())})
+		b.Queue(writersSQL, []int32{int32(c.conn.Conn().PgConn().PID()), int32(ahead.conn.Conn().PgConn().PID())})
 	}
 	results := c.conn.SendBatch(ctx, b)
 	defer results.Close()
@@ -986,9 +1000,8 @@ func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord,
 		err = fmt.Errorf("transaction was rolled back (%s)", tag)
 	}
 	var now []string
-	var allocated int64
 	if err == nil && readNow {
-		if err = results.QueryRow().Scan(&now, &allocated); err != nil {
+		if err = results.QueryRow().Scan(&now); err != nil {
 			err = fmt.Errorf("read the outbox's writers: %w", err)
 		}
 	}
@@ -996,8 +1009,16 @@ func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord,
 		err = results.Close()
 	}
 	if err == nil && ahead != nil && needsLateCheck(c, ahead, writersOf(now)) {
-		if err = c.conn.QueryRow(ctx, lateBelowSQL, ahead.after).Scan(&late); err != nil {
-			err = fmt.Errorf("look for rows below the batch claimed ahead: %w", err)
+		// The batch has committed: a failed look only means the batch
+		// ahead is given back, as if it had found a row.
+		var id int64
+		switch lerr := c.conn.QueryRow(ctx, lateBelowSQL, ahead.after).Scan(&id); {
+		case errors.Is(lerr, pgx.ErrNoRows):
+		case lerr != nil:
+			d.logger.WarnContext(ctx, "look for rows below the batch claimed ahead; claiming from the start", slog.Any("error", lerr))
+			late = true
+		default:
+			late = true
 		}
 	}
 	return late, err

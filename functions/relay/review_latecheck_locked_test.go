@@ -79,7 +79,7 @@ func TestReviewALockedRowDoesNotDiscardEveryBatchAhead(t *testing.T) {
 	}
 	aheadCalls, aheadRows := stat(`DELETE FROM outbox WHERE id = ANY (ARRAY (SELECT id FROM outbox WHERE id >%`)
 	startCalls, startRows := stat(`DELETE FROM outbox WHERE id = ANY (ARRAY (SELECT id FROM outbox ORDER BY%`)
-	checks, _ := stat(`%ORDER BY id LIMIT $2) IS NOT NULL%`)
+	checks, _ := stat(`SELECT id FROM outbox WHERE id <= $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED%`)
 	t.Logf("relayed %d in %d batches; claims ahead %d (%d rows), claims from the start %d (%d rows); looks for late rows %d",
 		res.Relayed, res.Batches, aheadCalls, aheadRows, startCalls, startRows, checks)
 	claimed := aheadRows + startRows

@@ -13,7 +13,7 @@ import (
 
 // Review of 25e23a9 (lateBelowSQL runs only when needsLateCheck says a late
 // row is possible). The argument: a late row's writer held the outbox's
-// write lock when writersAtClaimSQL read pg_locks, unless its id came after
+// write lock when writersSQL read pg_locks, unless its id came after
 // what pg_sequence_last_value read. But the two are read at two moments of
 // one statement: pg_locks first (GetLockStatusData at the first call of
 // pg_lock_status), the sequence after pg_locks has been formatted and
@@ -73,12 +73,12 @@ func TestReviewWriterBetweenLocksAndSequenceReadIsNotMissed(t *testing.T) {
 		r, err := s.drainer.Drain(ctx, time.Time{})
 		done <- result{r, err}
 	}()
-	// Wait until the first claim's writersAtClaimSQL runs.
+	// Wait until the first claim's writersSQL runs.
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		var n int
 		require.NoError(t, watch.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
-			WHERE datname = current_database() AND state = 'active' AND query LIKE '%pg_sequence_last_value%'
+			WHERE datname = current_database() AND state = 'active' AND query LIKE '%FROM pg_locks%RowExclusiveLock%'
 			  AND pid <> pg_backend_pid()`).Scan(&n))
 		if n > 0 {
 			break
