@@ -15,6 +15,7 @@ import (
 
 	"github.com/outboxfn/outbox/shared/events"
 	"github.com/outboxfn/outbox/shared/outbox"
+	"github.com/outboxfn/outbox/shared/pg"
 	"github.com/outboxfn/outbox/shared/smtptest"
 	"github.com/outboxfn/outbox/shared/tcpproxy"
 )
@@ -258,6 +259,23 @@ func (s *stage) busyConsumers(ctx context.Context) map[string]bool {
 // the transaction open for longTxFor: the relay must neither stall behind it
 // nor miss the row once it commits.
 func longTransaction(ctx context.Context, s *stage, _ *rand.Rand) error {
+	// In a scenario that also restarts PostgreSQL, the database may be
+	// starting up or going away: the writer tries again, as a client
+	// would, for a while.
+	deadline := time.Now().Add(longTxRetryFor)
+	for {
+		err := longTransactionOnce(ctx, s)
+		if err == nil || !pg.IsUnavailable(err) || time.Now().After(deadline) || ctx.Err() != nil {
+			return err
+		}
+		sleep(ctx, 200*time.Millisecond)
+	}
+}
+
+// longTxRetryFor bounds longTransaction's tries while PostgreSQL is down.
+const longTxRetryFor = 10 * time.Second
+
+func longTransactionOnce(ctx context.Context, s *stage) error {
 	conn, err := pgx.Connect(ctx, s.dbURL)
 	if err != nil {
 		return fmt.Errorf("connect: %w", err)
