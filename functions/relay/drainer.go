@@ -556,16 +556,18 @@ func (d *Drainer) unlock(ctx context.Context, conn *pgxpool.Conn, failed error) 
 // soon reused).
 type writers map[string]struct{}
 
-// outboxWritersSQL lists the transactions, other than the caller's own,
-// that hold a write lock on this database's outbox: those that insert into
-// it. Every INSERT locks the table first, and keeps the lock until its
-// transaction ends, after its commit is visible. Transactions of other
-// databases, and ones that never touched the outbox, are not listed.
-const outboxWritersSQL = `
+// writersSQL lists the transactions, other than the caller's own and those
+// of the server pids $1 (the drain's other connection, whose deletes hold
+// the lock too but insert nothing), that hold a write lock on this
+// database's outbox: those that insert into it. Every INSERT locks the table
+// first, and keeps the lock until its transaction ends, after its commit is
+// visible. Transactions of other databases, and ones that never touched the
+// outbox, are not listed.
+const writersSQL = `
 SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}') FROM pg_locks
 WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' AND relation = 'outbox'::regclass
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND pid IS DISTINCT FROM pg_backend_pid()`
+  AND pid IS DISTINCT FROM pg_backend_pid() AND (pid IS NULL OR pid <> ALL ($1::int[]))`
 
 // querier is the part of a connection or pool that outboxWriters needs.
 type querier interface {
@@ -576,7 +578,7 @@ func outboxWriters(ctx context.Context, q querier) (writers, error) {
 	ctx, cancel := context.WithTimeout(ctx, statementTimeout)
 	defer cancel()
 	var ids []string
-	if err := q.QueryRow(ctx, outboxWritersSQL).Scan(&ids); err != nil {
+	if err := q.QueryRow(ctx, writersSQL, []int32{}).Scan(&ids); err != nil {
 		return nil, fmt.Errorf("read outbox writers: %w", err)
 	}
 	return writersOf(ids), nil
@@ -604,17 +606,7 @@ SELECT coalesce((SELECT CASE WHEN seqcache = 1 AND has_sequence_privilege(seqrel
     THEN pg_sequence_last_value(seqrelid) END
   FROM pg_sequence WHERE seqrelid = pg_get_serial_sequence('outbox', 'id')::regclass), 0)`
 
-// writersSQL reads the transactions other than the drain's own ($1: its
-// connections' pids) that hold a write lock on the outbox; see
-// lateBelowSQL.
-const writersSQL = `
-SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}') FROM pg_locks
-WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' AND relation = 'outbox'::regclass
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND (pid IS NULL OR pid <> ALL ($1::int[]))`
-
-// ownPIDs are the server pids of the drain's connections: their deletes
-// hold the outbox's write lock too, but insert nothing.
+// ownPIDs are the server pids of the drain's connections, for writersSQL.
 func (d *Drainer) ownPIDs(conns *[2]*pgxpool.Conn) []int32 {
 	pids := make([]int32, 0, 2)
 	for _, c := range conns {
@@ -984,9 +976,9 @@ func (d *Drainer) commit(ctx context.Context, c *claimed, streams []batchRecord,
 	b.Queue("COMMIT")
 	records := b.Len() - 1
 	// The writers now matter only if there were some at the claim.
-	readNow := ahead != nil && len(c.writers) > 0 && c.allocated > 0 && ahead.after <= c.allocated
+	readNow := ahead != nil && len(c.writers) > 0
 	if readNow {
-		b.Queue(writersSQL, []int32{int32(c.conn.Conn().PgConn().PID()), int32(ahead.conn.Conn().PgConn().PID())})
+		b.Queue(writersSQL, []int32{int32(ahead.conn.Conn().PgConn().PID())})
 	}
 	results := c.conn.SendBatch(ctx, b)
 	defer results.Close()

@@ -2,7 +2,6 @@ package relay
 
 import (
 	"context"
-	"os"
 	"sync"
 	"testing"
 	"time"
@@ -13,21 +12,17 @@ import (
 
 // Review of 25e23a9: a row locked by someone else (README: "for example
 // someone's UPDATE outbox left open") sits below every bound. lateBelowSQL
-// finds it (it does not lock), so whenever needsLateCheck says look, which
+// found it (it did not skip locked rows until b60a421), so whenever needsLateCheck says look, which
 // under steady inserts is most batches, the batch claimed ahead is rolled
 // back and claimed again from the start: the claim ahead is wasted, and
 // the drain publishes and claims in turn instead of side by side. The row
 // is not late, and rolling back cannot help: it stays locked.
 //
-// Needs pg_stat_statements (REVIEW_STATS_DATABASE_URL, see
-// TestReviewLateCheckCostUnderSteadyInserts).
+// Needs pg_stat_statements: a private server started with
+// -c shared_preload_libraries=pg_stat_statements, named by
+// REVIEW_STATS_DATABASE_URL.
 func TestReviewALockedRowDoesNotDiscardEveryBatchAhead(t *testing.T) {
-	url := os.Getenv("REVIEW_STATS_DATABASE_URL")
-	if url == "" {
-		t.Skip("needs REVIEW_STATS_DATABASE_URL (a server with pg_stat_statements loaded)")
-	}
-	t.Setenv("DATABASE_URL", url)
-	b := setup(t)
+	b := setupOnServerOf(t, "REVIEW_STATS_DATABASE_URL", "a server with pg_stat_statements loaded")
 	ctx := context.Background()
 	_, err := b.pool.Exec(ctx, `CREATE EXTENSION IF NOT EXISTS pg_stat_statements`)
 	require.NoError(t, err)

@@ -30,12 +30,7 @@ import (
 // it runs only with REVIEW_LOCKS_DATABASE_URL set to such a server, e.g.
 // one started with -c max_locks_per_transaction=8000 -c max_connections=60.
 func TestReviewWriterBetweenLocksAndSequenceReadIsNotMissed(t *testing.T) {
-	url := os.Getenv("REVIEW_LOCKS_DATABASE_URL")
-	if url == "" {
-		t.Skip("needs REVIEW_LOCKS_DATABASE_URL (a server with max_locks_per_transaction >= 8000)")
-	}
-	t.Setenv("DATABASE_URL", url)
-	b := setup(t)
+	b := setupOnServerOf(t, "REVIEW_LOCKS_DATABASE_URL", "a server with max_locks_per_transaction >= 8000")
 	s := b.relay(t, func(c *Config) { c.Background = false })
 	ctx := context.Background()
 	b.insertBulk(t, "user", 99) // ids 1..99
@@ -111,4 +106,17 @@ func TestReviewWriterBetweenLocksAndSequenceReadIsNotMissed(t *testing.T) {
 	t.Logf("late writer's id %d; aggregate agg's ids in stream order: %v", lateID, ids)
 	require.Len(t, ids, 2)
 	require.Less(t, ids[0], ids[1], "aggregate agg's events in the stream, by outbox id: the second writer's event came first")
+}
+
+// setupOnServerOf is setup with the test database on the PostgreSQL server
+// that the environment variable names (one set up for the test, since the
+// shared server may not be changed); the test is skipped without it.
+func setupOnServerOf(t *testing.T, variable, what string) *testBundle {
+	t.Helper()
+	url := os.Getenv(variable)
+	if url == "" {
+		t.Skipf("needs %s (%s)", variable, what)
+	}
+	t.Setenv("DATABASE_URL", url)
+	return setup(t)
 }
