@@ -15,7 +15,6 @@ import (
 	"reflect"
 	"strings"
 
-	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/exporters/otlp/otlpmetric/otlpmetrichttp"
@@ -214,7 +213,8 @@ func newResource(ctx context.Context) (*resource.Resource, error) {
 
 // HTTPHandler wraps a function's handler with its server span (the request's
 // traceparent honoured) and the http.server.request.duration metric, which
-// carries the function's name as faas.name beside the method and status.
+// carries the function's name as faas.name beside the method, scheme and
+// status (see serverHandler).
 //
 // With nothing to record to (no-op providers, or otel's globals before
 // Setup installed any) it only reads the request's traceparent into its
@@ -230,28 +230,7 @@ func HTTPHandler(name string, p Providers, h http.Handler) http.Handler {
 			h.ServeHTTP(w, r)
 		})
 	}
-	fn := attribute.String("faas.name", name)
-	// A fixed server name keeps the client's Host header (any value, on a
-	// public endpoint) out of the metric's server.address; port 80 is the
-	// scheme's default, so none is recorded.
-	server := os.Getenv("K_SERVICE")
-	if server == "" {
-		server = "localhost"
-	}
-	labelled := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if l, ok := otelhttp.LabelerFromContext(r.Context()); ok {
-			l.Add(fn)
-		}
-		h.ServeHTTP(w, r)
-	})
-	return otelhttp.NewHandler(labelled, name,
-		otelhttp.WithServerName(server+":80"),
-		otelhttp.WithTracerProvider(p.Tracer),
-		otelhttp.WithMeterProvider(p.Meter),
-		otelhttp.WithPropagators(Propagator),
-		otelhttp.WithSpanOptions(trace.WithAttributes(fn)),
-		otelhttp.WithSpanNameFormatter(func(string, *http.Request) string { return name }),
-	)
+	return newServerHandler(name, p, h)
 }
 
 // Inject returns the W3C trace context of ctx's span: the traceparent and

@@ -2,16 +2,23 @@ package telemetry
 
 import (
 	"context"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
 	metricnoop "go.opentelemetry.io/otel/metric/noop"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
@@ -167,30 +174,190 @@ func TestSetupIsOffUnlessTheEnvironmentAsks(t *testing.T) {
 }
 
 // BenchmarkHTTPHandler measures what the server span and metrics add to a
-// request, off (no-op providers) and on (every trace sampled).
+// request that also opens a child span and reads its trace context, as
+// createuser does: off (no-op providers) and on (every trace sampled,
+// exported over OTLP/HTTP to a sink in the process). cpu-µs/op is the
+// process's CPU, so the batch processor's export and the garbage
+// collector count as well.
 func BenchmarkHTTPHandler(b *testing.B) {
-	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(tracetest.NewNoopExporter()))
+	sink := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+	}))
+	defer sink.Close()
+	exp, err := otlptracehttp.New(context.Background(), otlptracehttp.WithEndpointURL(sink.URL+"/v1/traces"))
+	require.NoError(b, err)
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp))
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewManualReader()))
 	defer func() { _ = tp.Shutdown(context.Background()); _ = mp.Shutdown(context.Background()) }()
-	ok := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		traceparent, _ := Inject(r.Context())
-		_ = traceparent
-		w.WriteHeader(http.StatusCreated)
-	})
+	handler := func(p Providers) http.Handler {
+		tracer := p.TracerOf()
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			ctx, span := tracer.Start(r.Context(), "createuser transaction", trace.WithSpanKind(trace.SpanKindClient))
+			traceparent, _ := Inject(ctx)
+			_ = traceparent
+			span.End()
+			w.WriteHeader(http.StatusCreated)
+		})
+	}
+	off := Providers{Tracer: tracenoop.NewTracerProvider(), Meter: metricnoop.NewMeterProvider()}
+	on := Providers{Tracer: tp, Meter: mp}
 	for _, c := range []struct {
 		name string
 		h    http.Handler
 	}{
-		{"bare", ok},
-		{"off", HTTPHandler("CreateUser", Providers{Tracer: tracenoop.NewTracerProvider(), Meter: metricnoop.NewMeterProvider()}, ok)},
-		{"on", HTTPHandler("CreateUser", Providers{Tracer: tp, Meter: mp}, ok)},
+		{"bare", handler(off)},
+		{"off", HTTPHandler("CreateUser", off, handler(off))},
+		{"on", HTTPHandler("CreateUser", on, handler(on))},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			req := httptest.NewRequest(http.MethodPost, "/", nil)
 			req.Header.Set("Traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+			b.ReportAllocs()
+			before := processCPU()
 			for b.Loop() {
 				c.h.ServeHTTP(httptest.NewRecorder(), req)
 			}
+			_ = tp.ForceFlush(context.Background())
+			b.ReportMetric(float64((processCPU()-before).Microseconds())/float64(b.N), "cpu-µs/op")
 		})
 	}
+}
+
+// processCPU is the CPU this process has used, user and system.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func TestHTTPHandlerRecordsTheServerSpanAndTheDurationByTheConventions(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name        string
+		method      string
+		traceparent string
+		respond     func(w http.ResponseWriter)
+		wantStatus  int
+		wantMethod  string
+		wantError   bool
+		wantParent  bool
+	}{
+		{"a created user continues the caller's trace", http.MethodPost, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+			func(w http.ResponseWriter) { w.WriteHeader(http.StatusCreated) }, 201, "POST", false, true},
+		{"a request without a traceparent starts a trace", http.MethodPost, "",
+			func(w http.ResponseWriter) { w.WriteHeader(http.StatusCreated) }, 201, "POST", false, false},
+		{"a malformed traceparent starts a trace", http.MethodPost, "00-zz-bad",
+			func(w http.ResponseWriter) { w.WriteHeader(http.StatusCreated) }, 201, "POST", false, false},
+		{"a body without a status is a 200", http.MethodGet, "",
+			func(w http.ResponseWriter) { _, _ = w.Write([]byte("{}")) }, 200, "GET", false, false},
+		{"a handler that writes nothing is a 200", http.MethodGet, "",
+			func(http.ResponseWriter) {}, 200, "GET", false, false},
+		{"a 4xx is the client's error, not the span's", http.MethodPost, "",
+			func(w http.ResponseWriter) { w.WriteHeader(http.StatusBadRequest) }, 400, "POST", false, false},
+		{"a 5xx marks the span as failed", http.MethodPost, "",
+			func(w http.ResponseWriter) { w.WriteHeader(http.StatusServiceUnavailable) }, 503, "POST", true, false},
+		{"an invented method is recorded as _OTHER", "BREW", "",
+			func(w http.ResponseWriter) { w.WriteHeader(http.StatusMethodNotAllowed) }, 405, "_OTHER", false, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			spans := tracetest.NewSpanRecorder()
+			tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(spans))
+			reader := sdkmetric.NewManualReader()
+			mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+			defer func() { _ = tp.Shutdown(context.Background()); _ = mp.Shutdown(context.Background()) }()
+
+			var inner trace.SpanContext
+			h := HTTPHandler("CreateUser", Providers{Tracer: tp, Meter: mp}, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				inner = trace.SpanContextFromContext(r.Context())
+				tt.respond(w)
+			}))
+			req := httptest.NewRequest(tt.method, "/users", nil)
+			if tt.traceparent != "" {
+				req.Header.Set("Traceparent", tt.traceparent)
+			}
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, req)
+			assert.Equal(t, tt.wantStatus, rec.Code, "the response is the handler's")
+
+			ended := spans.Ended()
+			require.Len(t, ended, 1)
+			s := ended[0]
+			assert.Equal(t, "CreateUser", s.Name())
+			assert.Equal(t, trace.SpanKindServer, s.SpanKind())
+			assert.Equal(t, s.SpanContext(), inner, "the handler runs inside the span")
+			if tt.wantParent {
+				assert.Equal(t, "4bf92f3577b34da6a3ce929d0e0e4736", s.SpanContext().TraceID().String())
+				assert.Equal(t, "00f067aa0ba902b7", s.Parent().SpanID().String())
+			} else {
+				assert.False(t, s.Parent().IsValid(), "a new trace")
+			}
+			attrs := attribute.NewSet(s.Attributes()...)
+			for k, want := range map[attribute.Key]any{
+				"faas.name": "CreateUser", "http.request.method": tt.wantMethod, "url.scheme": "http",
+				"url.path": "/users", "http.response.status_code": int64(tt.wantStatus),
+			} {
+				v, ok := attrs.Value(k)
+				if assert.True(t, ok, "span attribute %s", k) {
+					assert.Equal(t, want, v.AsInterface(), "span attribute %s", k)
+				}
+			}
+			if tt.wantMethod == "_OTHER" {
+				v, _ := attrs.Value("http.request.method_original")
+				assert.Equal(t, tt.method, v.AsString())
+			}
+			_, hasErrorType := attrs.Value("error.type")
+			assert.Equal(t, tt.wantError, hasErrorType, "error.type")
+			if tt.wantError {
+				assert.Equal(t, codes.Error, s.Status().Code)
+			} else {
+				assert.Equal(t, codes.Unset, s.Status().Code)
+			}
+
+			var rm metricdata.ResourceMetrics
+			require.NoError(t, reader.Collect(context.Background(), &rm))
+			points := durationPoints(t, rm)
+			require.Len(t, points, 1, "one series")
+			assert.Equal(t, uint64(1), points[0].Count)
+			want := []attribute.KeyValue{attribute.String("faas.name", "CreateUser"),
+				attribute.String("http.request.method", tt.wantMethod), attribute.String("url.scheme", "http"),
+				attribute.Int("http.response.status_code", tt.wantStatus)}
+			if tt.wantError {
+				want = append(want, attribute.String("error.type", strconv.Itoa(tt.wantStatus)))
+			}
+			assert.Equal(t, attribute.NewSet(want...), points[0].Attributes, "only bounded attributes: no path, no original method")
+		})
+	}
+}
+
+func TestHTTPHandlerRecordsAPanickingRequestAsA500(t *testing.T) {
+	t.Parallel()
+	spans := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(spans))
+	defer func() { _ = tp.Shutdown(context.Background()) }()
+	h := HTTPHandler("Relay", Providers{Tracer: tp}, http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
+		panic(http.ErrAbortHandler)
+	}))
+	assert.PanicsWithValue(t, http.ErrAbortHandler, func() {
+		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(http.MethodPost, "/", nil))
+	}, "the panic goes on to net/http")
+	require.Len(t, spans.Ended(), 1)
+	assert.Equal(t, codes.Error, spans.Ended()[0].Status().Code)
+}
+
+func durationPoints(t *testing.T, rm metricdata.ResourceMetrics) []metricdata.HistogramDataPoint[float64] {
+	t.Helper()
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			if m.Name == "http.server.request.duration" {
+				assert.Equal(t, "s", m.Unit)
+				h, ok := m.Data.(metricdata.Histogram[float64])
+				require.True(t, ok, "a float histogram")
+				return h.DataPoints
+			}
+		}
+	}
+	t.Fatal("no http.server.request.duration")
+	return nil
 }
