@@ -3,7 +3,6 @@ package createuser
 import (
 	"bytes"
 	"encoding/json"
-	"io"
 	"net/http"
 	"net/mail"
 	"strconv"
@@ -43,16 +42,18 @@ type request struct {
 // the database: the body and the Idempotency-Key. Every error is an
 // *httpjson.Error with a 4xx status.
 func parse(r *http.Request) (u newUser, idempotencyKey string, err error) {
-	// Keep the bytes Decode reads: encoding/json replaces invalid UTF-8 and
-	// lone surrogates with U+FFFD and lets the last of two equal keys win,
-	// so those checks must look at the body itself, not at what it decoded to.
-	var raw bytes.Buffer
-	r.Body = io.NopCloser(io.TeeReader(r.Body, &raw))
-	var req request
-	if err := httpjson.Decode(r, maxBodyBytes, &req); err != nil {
+	body, err := httpjson.ReadBody(r, maxBodyBytes)
+	if err != nil {
 		return newUser{}, "", err
 	}
-	if err := checkRaw(raw.Bytes()); err != nil {
+	var req request
+	if err := httpjson.DecodeBody(body, &req); err != nil {
+		return newUser{}, "", err
+	}
+	// encoding/json replaces invalid UTF-8 and lone surrogates with U+FFFD
+	// and lets the last of two equal keys win, so those checks look at the
+	// body itself, not at what it decoded to.
+	if err := checkRaw(body); err != nil {
 		return newUser{}, "", err
 	}
 	if u, err = req.validate(); err != nil {

@@ -42,11 +42,21 @@ func Write(w http.ResponseWriter, status int, v any) {
 		status = http.StatusInternalServerError
 		body = []byte(`{"error":{"code":"internal","message":"response could not be encoded"}}`)
 	}
+	WriteRaw(w, status, body)
+}
+
+// WriteRaw sends body, which must be one JSON value already encoded, with
+// status: an answer built (or stored) as bytes is not decoded and encoded
+// again on its way out.
+func WriteRaw(w http.ResponseWriter, status int, body []byte) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)+1))
 	w.WriteHeader(status)
-	_, _ = w.Write(append(body, '\n'))
+	_, _ = w.Write(body)
+	_, _ = w.Write(newline)
 }
+
+var newline = []byte("\n")
 
 // WriteError sends err in the error shape. An *Error anywhere in err's chain
 // is sent as it is; anything else is logged and sent as a bare 500, because
@@ -83,14 +93,25 @@ func Method(w http.ResponseWriter, r *http.Request, allowed ...string) bool {
 // no trailing data, and reports each failure as an *Error the client can act
 // on (400, 413 or 415).
 func Decode(r *http.Request, limit int64, v any) error {
+	body, err := ReadBody(r, limit)
+	if err != nil {
+		return err
+	}
+	return DecodeBody(body, v)
+}
+
+// ReadBody checks that r's body is declared application/json (in UTF-8, if
+// a charset is given) and reads it, refusing more than limit bytes: the
+// first half of Decode, for a caller that also inspects the bytes.
+func ReadBody(r *http.Request, limit int64) ([]byte, error) {
 	ct := r.Header.Get("Content-Type")
 	mt, params, err := mime.ParseMediaType(ct)
 	if ct == "" || err != nil || mt != "application/json" {
-		return Errorf(http.StatusUnsupportedMediaType, "unsupported_media_type",
+		return nil, Errorf(http.StatusUnsupportedMediaType, "unsupported_media_type",
 			"send the body as Content-Type: application/json")
 	}
 	if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") {
-		return Errorf(http.StatusUnsupportedMediaType, "unsupported_media_type",
+		return nil, Errorf(http.StatusUnsupportedMediaType, "unsupported_media_type",
 			"the body must be UTF-8, not %q", cs)
 	}
 	// Read one byte past the limit to tell "exactly at the limit" from "over".
@@ -98,13 +119,19 @@ func Decode(r *http.Request, limit int64, v any) error {
 	if err != nil {
 		var maxErr *http.MaxBytesError
 		if errors.As(err, &maxErr) {
-			return tooLarge(limit)
+			return nil, tooLarge(limit)
 		}
-		return Errorf(http.StatusBadRequest, "unreadable_body", "the request body could not be read")
+		return nil, Errorf(http.StatusBadRequest, "unreadable_body", "the request body could not be read")
 	}
 	if int64(len(body)) > limit {
-		return tooLarge(limit)
+		return nil, tooLarge(limit)
 	}
+	return body, nil
+}
+
+// DecodeBody decodes body into v strictly: one JSON object, no unknown
+// fields, nothing after it (the second half of Decode).
+func DecodeBody(body []byte, v any) error {
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
