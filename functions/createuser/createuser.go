@@ -5,7 +5,8 @@
 // user, or an error {"error": {"code", "message"}} with a 4xx that says what
 // to fix (429 past an abuse limit: per client address and per recipient
 // domain, see limiter.go), or 503 when the database is unavailable. A
-// request that fails writes nothing. A client that retries with the same
+// request that fails writes nothing, but for a 503 whose message says that
+// the COMMIT went unconfirmed. A client that retries with the same
 // Idempotency-Key header gets the first answer again, byte for byte, and
 // causes no second event.
 package createuser
@@ -17,12 +18,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"strconv"
 	"time"
 
 	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
@@ -62,6 +65,10 @@ type Service struct {
 	// handler is serveHTTP inside the request's server span and metrics.
 	handler http.Handler
 	tracer  trace.Tracer
+	// commitTimeout bounds a COMMIT that the request's deadline no longer
+	// cuts (see create); HandlerTimeout leaves the answer 5s past
+	// REQUEST_TIMEOUT. A field, so that tests can shorten it.
+	commitTimeout time.Duration
 }
 
 // New returns a service using a pool built from cfg. It does not connect
@@ -71,7 +78,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Service, error)
 	if err != nil {
 		return nil, err
 	}
-	s := &Service{cfg: cfg, pool: pool, logger: logger, tracer: cfg.Telemetry.TracerOf()}
+	s := &Service{cfg: cfg, pool: pool, logger: logger, tracer: cfg.Telemetry.TracerOf(), commitTimeout: 3 * time.Second}
 	s.handler = telemetry.HTTPHandler(Name, cfg.Telemetry, http.HandlerFunc(s.serveHTTP))
 	if (cfg.RateLimitPerAddress > 0 || cfg.RateLimitPerDomain > 0) && cfg.RateLimitWindow > 0 {
 		s.limiter = &limiter{pool: pool, window: cfg.RateLimitWindow,
@@ -117,7 +124,7 @@ func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	if replayed {
 		w.Header().Set("Idempotent-Replayed", "true")
 	}
-	httpjson.Write(w, status, body)
+	httpjson.WriteRaw(w, status, body)
 }
 
 // handle validates the request and creates the user, or finds the answer
@@ -138,6 +145,12 @@ func (s *Service) handle(r *http.Request) (status int, body json.RawMessage, rep
 		// started (none while tracing is off).
 		tp, ts := telemetry.Inject(ctx)
 		status, body, replayed, err = s.create(ctx, u, key, tp, ts)
+	}
+	if errors.Is(err, errCommitUnconfirmed) {
+		s.logger.WarnContext(ctx, "commit unconfirmed", slog.Any("error", err))
+		return 0, nil, false, httpjson.Errorf(http.StatusServiceUnavailable, "unavailable",
+			"the database did not confirm the commit, so the user may or may not exist; retry later with the same "+
+				"Idempotency-Key to get the answer (without one, a retry answers 409 email_taken if it was created)")
 	}
 	if err != nil && (pg.IsUnavailable(err) || errors.Is(err, context.Canceled)) {
 		s.logger.WarnContext(ctx, "database unavailable", slog.Any("error", err))
@@ -209,7 +222,7 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 	}
 	err = outbox.Insert(ctx, tx, outbox.Event{
 		AggregateType: events.AggregateUser,
-		AggregateID:   fmt.Sprint(user.ID),
+		AggregateID:   strconv.FormatInt(user.ID, 10),
 		EventType:     events.TypeUserCreated,
 		Payload:       payload,
 		Traceparent:   traceparent,
@@ -234,17 +247,23 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 	if !w.detach() {
 		return 0, nil, false, fmt.Errorf("commit: %w", context.DeadlineExceeded)
 	}
-	commitCtx, cancel := context.WithTimeout(ctx, commitTimeout)
-	defer cancel()
-	if err := tx.Commit(commitCtx); err != nil {
+	// The socket's deadline bounds the COMMIT instead: a timeout fails it
+	// as a network error, and pgx closes the connection.
+	w.bound(s.commitTimeout)
+	if err := tx.Commit(ctx); err != nil {
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
+			// The server may have committed before the answer was lost.
+			return 0, nil, false, fmt.Errorf("commit: %w: %w", errCommitUnconfirmed, err)
+		}
 		return 0, nil, false, fmt.Errorf("commit: %w", err)
 	}
 	return http.StatusCreated, body, false, nil
 }
 
-// commitTimeout bounds a COMMIT that the request's deadline no longer cuts
-// (see create); HandlerTimeout leaves the answer 5s past REQUEST_TIMEOUT.
-const commitTimeout = 3 * time.Second
+// errCommitUnconfirmed is a COMMIT that was sent and never answered: the
+// user may exist or not, and only a retry tells.
+var errCommitUnconfirmed = errors.New("commit sent but not confirmed")
 
 // watchOnce returns a context for conn's statements that cannot be
 // cancelled, and ends conn's statement in progress itself once ctx is done,
@@ -255,7 +274,7 @@ const commitTimeout = 3 * time.Second
 // request's JSON parsing; one watch per transaction does the same job.
 func watchOnce(ctx context.Context, conn *pgxpool.Conn) (context.Context, *watch) {
 	netConn := conn.Conn().PgConn().Conn()
-	w := &watch{conn: conn}
+	w := &watch{conn: conn, netConn: netConn}
 	w.stop = context.AfterFunc(ctx, func() { _ = netConn.SetDeadline(time.Now()) })
 	return context.WithoutCancel(ctx), w
 }
@@ -263,9 +282,11 @@ func watchOnce(ctx context.Context, conn *pgxpool.Conn) (context.Context, *watch
 // watch is one transaction's watch on its request's context.
 type watch struct {
 	conn    *pgxpool.Conn
+	netConn net.Conn
 	stop    func() bool
 	stopped bool
 	fired   bool
+	bounded bool
 }
 
 // detach ends the watch; it reports whether the connection is still whole
@@ -277,11 +298,23 @@ func (w *watch) detach() bool {
 	return !w.fired
 }
 
-// end ends the watch and closes the connection if the watch cut it off, so
-// that the pool drops it.
+// bound gives the statements after detach a deadline of their own, on the
+// socket: it costs less than a context with a timeout, which pgx would
+// watch as well.
+func (w *watch) bound(d time.Duration) {
+	w.bounded = true
+	_ = w.netConn.SetDeadline(time.Now().Add(d))
+}
+
+// end ends the watch. It closes the connection if the watch cut it off, so
+// that the pool drops it, and clears a deadline bound set, so that the
+// connection goes back to the pool as it came.
 func (w *watch) end() {
-	if !w.detach() {
+	switch {
+	case !w.detach():
 		w.conn.Conn().Close(context.Background()) //nolint:errcheck // closing a connection already cut off
+	case w.bounded:
+		_ = w.netConn.SetDeadline(time.Time{})
 	}
 }
 
