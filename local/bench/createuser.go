@@ -2,10 +2,14 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -110,18 +114,56 @@ func (c *keepAliveClients) post(body string) error {
 		kc.conn.Close()
 		return err
 	}
-	res, err := http.ReadResponse(kc.r, nil)
+	status, err := readResponse(kc.r)
 	if err != nil {
 		kc.conn.Close()
 		return err
 	}
-	_, _ = io.Copy(io.Discard, res.Body)
-	res.Body.Close()
 	c.idle <- kc
-	if res.StatusCode != http.StatusCreated {
-		return fmt.Errorf("status %d", res.StatusCode)
+	if status != http.StatusCreated {
+		return fmt.Errorf("status %d", status)
 	}
 	return nil
+}
+
+// readResponse reads one response with a Content-Length body, which every
+// answer of createuser has, and returns its status. It reads no more than
+// wrk's parser does: http.ReadResponse would build a header map and a body
+// reader per request, CPU the load generator takes from the server on the
+// same cores.
+func readResponse(r *bufio.Reader) (status int, err error) {
+	line, err := r.ReadSlice('\n')
+	if err != nil {
+		return 0, fmt.Errorf("read status line: %w", err)
+	}
+	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.1 ")) {
+		return 0, fmt.Errorf("malformed status line %q", line)
+	}
+	if status, err = strconv.Atoi(string(line[9:12])); err != nil {
+		return 0, fmt.Errorf("malformed status line %q", line)
+	}
+	length := -1
+	for {
+		h, err := r.ReadSlice('\n')
+		if err != nil {
+			return 0, fmt.Errorf("read header: %w", err)
+		}
+		if len(bytes.TrimSpace(h)) == 0 {
+			break
+		}
+		if name, value, ok := bytes.Cut(h, []byte(":")); ok && bytes.EqualFold(name, []byte("Content-Length")) {
+			if length, err = strconv.Atoi(string(bytes.TrimSpace(value))); err != nil {
+				return 0, fmt.Errorf("malformed Content-Length %q", value)
+			}
+		}
+	}
+	if length < 0 {
+		return 0, errors.New("response without Content-Length")
+	}
+	if _, err := r.Discard(length); err != nil {
+		return 0, fmt.Errorf("read body: %w", err)
+	}
+	return status, nil
 }
 
 func (c *keepAliveClients) close() {
@@ -167,23 +209,44 @@ func nextEmail(run string) string {
 }
 
 // directCreate is createuser's transaction run straight over pgx: the user
-// and its event in one transaction.
-func directCreate(ctx context.Context, pool *pgxpool.Pool, email string) error {
+// and its event in one transaction, the same statements and the same rows.
+// With traced, the event carries a traceparent as createuser's does when
+// tracing is on (a new trace per request, as for a caller that sends none),
+// so that the two write and relay the same bytes and only the function's
+// own work tells them apart.
+func directCreate(ctx context.Context, pool *pgxpool.Pool, email string, traced bool) error {
 	tx, err := pool.Begin(ctx)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck
-	var id int64
-	if err := tx.QueryRow(ctx, `INSERT INTO users (email, name) VALUES ($1, $2) RETURNING id`, email, "Bench User").Scan(&id); err != nil {
+	var user createuser.User
+	if err := tx.QueryRow(ctx, `INSERT INTO users (email, name) VALUES ($1, $2) RETURNING id, email, name, created_at`,
+		email, "Bench User").Scan(&user.ID, &user.Email, &user.Name, &user.CreatedAt); err != nil {
 		return err
 	}
-	payload, _ := json.Marshal(events.UserCreated{UserID: id, Email: email, Name: "Bench User"})
-	if err := outbox.Insert(ctx, tx, outbox.Event{AggregateType: events.AggregateUser, AggregateID: fmt.Sprint(id),
-		EventType: events.TypeUserCreated, Payload: payload}); err != nil {
+	payload, _ := json.Marshal(events.UserCreated{UserID: user.ID, Email: user.Email, Name: user.Name})
+	ev := outbox.Event{AggregateType: events.AggregateUser, AggregateID: strconv.FormatInt(user.ID, 10),
+		EventType: events.TypeUserCreated, Payload: payload}
+	if traced {
+		ev.Traceparent = newTraceparent()
+	}
+	if err := outbox.Insert(ctx, tx, ev); err != nil {
 		return err
 	}
 	return tx.Commit(ctx)
+}
+
+// newTraceparent returns a sampled W3C traceparent with random ids.
+func newTraceparent() string {
+	var ids [24]byte
+	for i := 0; i < len(ids); i += 8 {
+		v := rand.Uint64() | 1 // never all zero
+		for j := range 8 {
+			ids[i+j] = byte(v >> (8 * j))
+		}
+	}
+	return "00-" + hex.EncodeToString(ids[:16]) + "-" + hex.EncodeToString(ids[16:]) + "-01"
 }
 
 func benchCreateUser(ctx context.Context, e *env, s Settings) ([]Figure, error) {
@@ -216,12 +279,23 @@ func benchCreateUser(ctx context.Context, e *env, s Settings) ([]Figure, error) 
 	viaHTTP := func(ctx context.Context) error {
 		return clients.post(`{"email":"` + nextEmail("http") + `","name":"Bench User"}`)
 	}
-	viaPgx := func(ctx context.Context) error { return directCreate(ctx, direct, nextEmail("pgx")) }
+	viaPgx := func(ctx context.Context) error { return directCreate(ctx, direct, nextEmail("pgx"), s.Traced) }
 
+	// Unmeasured, each side first fills its pool and the server's caches;
+	// and the order alternates, so that neither always runs on what the
+	// other left behind (the relay's backlog, dirty pages, a grown heap).
+	load(ctx, s.Clients, s.Round/4, viaHTTP)
+	load(ctx, s.Clients, s.Round/4, viaPgx)
 	var h, d loadResult
 	for round := range s.Rounds {
-		hr := load(ctx, s.Clients, s.Round, viaHTTP)
-		dr := load(ctx, s.Clients, s.Round, viaPgx)
+		var hr, dr loadResult
+		if round%2 == 0 {
+			hr = load(ctx, s.Clients, s.Round, viaHTTP)
+			dr = load(ctx, s.Clients, s.Round, viaPgx)
+		} else {
+			dr = load(ctx, s.Clients, s.Round, viaPgx)
+			hr = load(ctx, s.Clients, s.Round, viaHTTP)
+		}
 		e.logf("round %d: HTTP %.0f req/s, pgx %.0f tx/s", round+1, hr.rate(), dr.rate())
 		h.add(hr)
 		d.add(dr)
@@ -271,7 +345,7 @@ func benchDoorbell(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 		return err
 	}
 	defer setTrigger(triggerQuiet) //nolint:errcheck // the database is dropped after the run
-	tx := func(ctx context.Context) error { return directCreate(ctx, pool, nextEmail("bell")) }
+	tx := func(ctx context.Context) error { return directCreate(ctx, pool, nextEmail("bell"), s.Traced) }
 
 	variants := []struct {
 		name, create string

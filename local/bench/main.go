@@ -65,6 +65,7 @@ func main() {
 	if *smoke {
 		settings = smokeSettings
 	}
+	settings.Traced = *withTelemetry
 	report, err := Run(ctx, settings, *only, os.Stdout)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -112,6 +113,9 @@ type Settings struct {
 	// IdleBaseline and IdleDuration are how long the idle relay's CPU is
 	// measured alone and with transactions held open.
 	IdleBaseline time.Duration `json:"idle_baseline"`
+	// Traced says that tracing is on (-telemetry): the direct baseline then
+	// stores a traceparent with each event, as createuser does.
+	Traced bool `json:"traced"`
 	// WaitBacklog is the backlog drained with and without WAIT.
 	WaitBacklog  int           `json:"wait_backlog"`
 	IdleDuration time.Duration `json:"idle_duration"`
