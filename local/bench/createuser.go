@@ -210,11 +210,11 @@ func nextEmail(run string) string {
 
 // directCreate is createuser's transaction run straight over pgx: the user
 // and its event in one transaction, the same statements and the same rows.
-// With traced, the event carries a traceparent as createuser's does when
-// tracing is on (a new trace per request, as for a caller that sends none),
-// so that the two write and relay the same bytes and only the function's
-// own work tells them apart.
-func directCreate(ctx context.Context, pool *pgxpool.Pool, email string, traced bool) error {
+// With tracing on (traceRatio > 0) the event carries a traceparent as
+// createuser's does (a new trace per request, as for a caller that sends
+// none, sampled at traceRatio), so that the two write and relay the same
+// bytes and only the function's own work tells them apart.
+func directCreate(ctx context.Context, pool *pgxpool.Pool, email string, traceRatio float64) error {
 	tx, err := pool.Begin(ctx)
 	if err != nil {
 		return err
@@ -228,8 +228,8 @@ func directCreate(ctx context.Context, pool *pgxpool.Pool, email string, traced 
 	payload, _ := json.Marshal(events.UserCreated{UserID: user.ID, Email: user.Email, Name: user.Name})
 	ev := outbox.Event{AggregateType: events.AggregateUser, AggregateID: strconv.FormatInt(user.ID, 10),
 		EventType: events.TypeUserCreated, Payload: payload}
-	if traced {
-		ev.Traceparent = newTraceparent()
+	if traceRatio > 0 {
+		ev.Traceparent = newTraceparent(rand.Float64() < traceRatio)
 	}
 	if err := outbox.Insert(ctx, tx, ev); err != nil {
 		return err
@@ -237,8 +237,8 @@ func directCreate(ctx context.Context, pool *pgxpool.Pool, email string, traced 
 	return tx.Commit(ctx)
 }
 
-// newTraceparent returns a sampled W3C traceparent with random ids.
-func newTraceparent() string {
+// newTraceparent returns a W3C traceparent with random ids.
+func newTraceparent(sampled bool) string {
 	var ids [24]byte
 	for i := 0; i < len(ids); i += 8 {
 		v := rand.Uint64() | 1 // never all zero
@@ -246,7 +246,11 @@ func newTraceparent() string {
 			ids[i+j] = byte(v >> (8 * j))
 		}
 	}
-	return "00-" + hex.EncodeToString(ids[:16]) + "-" + hex.EncodeToString(ids[16:]) + "-01"
+	flags := "-00"
+	if sampled {
+		flags = "-01"
+	}
+	return "00-" + hex.EncodeToString(ids[:16]) + "-" + hex.EncodeToString(ids[16:]) + flags
 }
 
 func benchCreateUser(ctx context.Context, e *env, s Settings) ([]Figure, error) {
@@ -279,7 +283,7 @@ func benchCreateUser(ctx context.Context, e *env, s Settings) ([]Figure, error) 
 	viaHTTP := func(ctx context.Context) error {
 		return clients.post(`{"email":"` + nextEmail("http") + `","name":"Bench User"}`)
 	}
-	viaPgx := func(ctx context.Context) error { return directCreate(ctx, direct, nextEmail("pgx"), s.Traced) }
+	viaPgx := func(ctx context.Context) error { return directCreate(ctx, direct, nextEmail("pgx"), s.TraceRatio) }
 
 	// Unmeasured, each side first fills its pool and the server's caches;
 	// and the order alternates, so that neither always runs on what the
@@ -345,7 +349,7 @@ func benchDoorbell(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 		return err
 	}
 	defer setTrigger(triggerQuiet) //nolint:errcheck // the database is dropped after the run
-	tx := func(ctx context.Context) error { return directCreate(ctx, pool, nextEmail("bell"), s.Traced) }
+	tx := func(ctx context.Context) error { return directCreate(ctx, pool, nextEmail("bell"), s.TraceRatio) }
 
 	variants := []struct {
 		name, create string

@@ -3,10 +3,11 @@
 // absolute numbers on a shared machine drift. `make bench` runs it; it prints
 // one table and writes the same figures as JSON.
 //
-//	bench [-out bench-results.json] [-smoke] [-telemetry]
+//	bench [-out bench-results.json] [-smoke] [-telemetry [-trace-ratio 1]]
 //
-// -telemetry turns tracing (every trace sampled) and metrics on, exported
-// over OTLP to a sink in the process, to measure what they cost.
+// -telemetry turns tracing (every trace sampled, or the share -trace-ratio
+// gives) and metrics on, exported over OTLP to a sink in the process, to
+// measure what they cost.
 //
 // -smoke runs every measurement on tiny sizes, to prove it still works; its
 // figures mean nothing.
@@ -31,6 +32,7 @@ func main() {
 	only := flag.String("only", "", "run only the measurement whose name contains this")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the run to this file")
 	withTelemetry := flag.Bool("telemetry", false, "trace every request, event and batch, and record metrics, exported over OTLP to a sink in this process")
+	traceRatio := flag.Float64("trace-ratio", 1, "with -telemetry, the share of traces sampled")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
@@ -54,7 +56,7 @@ func main() {
 		defer pprof.StopCPUProfile()
 	}
 	if *withTelemetry {
-		stopTelemetry, err := startTelemetry(ctx)
+		stopTelemetry, err := startTelemetry(ctx, *traceRatio)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "bench: telemetry:", err)
 			os.Exit(1)
@@ -65,7 +67,9 @@ func main() {
 	if *smoke {
 		settings = smokeSettings
 	}
-	settings.Traced = *withTelemetry
+	if *withTelemetry {
+		settings.TraceRatio = *traceRatio
+	}
 	report, err := Run(ctx, settings, *only, os.Stdout)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -113,9 +117,10 @@ type Settings struct {
 	// IdleBaseline and IdleDuration are how long the idle relay's CPU is
 	// measured alone and with transactions held open.
 	IdleBaseline time.Duration `json:"idle_baseline"`
-	// Traced says that tracing is on (-telemetry): the direct baseline then
-	// stores a traceparent with each event, as createuser does.
-	Traced bool `json:"traced"`
+	// TraceRatio is the share of traces sampled, and 0 when tracing is off
+	// (no -telemetry). With tracing on the direct baseline stores a
+	// traceparent with each event, as createuser does, sampled at this ratio.
+	TraceRatio float64 `json:"trace_ratio"`
 	// WaitBacklog is the backlog drained with and without WAIT.
 	WaitBacklog  int           `json:"wait_backlog"`
 	IdleDuration time.Duration `json:"idle_duration"`

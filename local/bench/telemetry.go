@@ -16,11 +16,12 @@ import (
 )
 
 // startTelemetry installs, as otel's globals (which the services read), a
-// tracer provider that samples every trace and a meter provider, both
+// tracer provider that samples ratio of the traces (as
+// OTEL_TRACES_SAMPLER=parentbased_traceidratio would) and a meter provider, both
 // exporting OTLP over HTTP to a sink in this process that reads and drops
 // what it gets: the cost of tracing on, encoding and sending included, with
 // no collector to install. stop flushes and reports the bytes received.
-func startTelemetry(ctx context.Context) (stop func() int64, err error) {
+func startTelemetry(ctx context.Context, ratio float64) (stop func() int64, err error) {
 	var received atomic.Int64
 	sink := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n, _ := io.Copy(io.Discard, r.Body)
@@ -38,7 +39,7 @@ func startTelemetry(ctx context.Context) (stop func() int64, err error) {
 		sink.Close()
 		return nil, err
 	}
-	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(texp), sdktrace.WithSampler(sdktrace.AlwaysSample()))
+	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(texp), sdktrace.WithSampler(sdktrace.ParentBased(sdktrace.TraceIDRatioBased(ratio))))
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewPeriodicReader(mexp, sdkmetric.WithInterval(10*time.Second))))
 	otel.SetTracerProvider(tp)
 	otel.SetMeterProvider(mp)
