@@ -12,7 +12,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -26,6 +25,7 @@ import (
 	"github.com/outboxfn/outbox/shared/logging"
 	"github.com/outboxfn/outbox/shared/outbox"
 	"github.com/outboxfn/outbox/shared/redistest"
+	"github.com/outboxfn/outbox/shared/serve"
 )
 
 var quiet = logging.Config{LogFormat: "text", LogLevel: "error"}
@@ -177,6 +177,27 @@ func (c *keepAliveClients) close() {
 	}
 }
 
+// serveAsDeployed serves svc as the function's binary does on Cloud Run
+// (serve.Serve with FUNCTION_TARGET, so at "/", with the default timeouts,
+// the body guard and the panic recovery) on a free loopback port, and
+// returns its address and how to stop it.
+func serveAsDeployed(ctx context.Context, name string, svc interface {
+	serve.Service
+	http.Handler
+}) (addr string, stop func(), err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", nil, fmt.Errorf("listen: %w", err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	served := make(chan error, 1)
+	fn := serve.Function{Name: name, Handler: svc, Service: func() (serve.Service, error) { return svc, nil }}
+	go func() {
+		served <- serve.Serve(ctx, ln, serve.Config{Config: quiet, FunctionTarget: name}, logging.New(nopWriter{}, quiet), fn)
+	}()
+	return ln.Addr().String(), func() { cancel(); <-served }, nil
+}
+
 // startRelay runs a relay with its background loop on the bench database.
 func startRelay(ctx context.Context, e *env, prefix string, mutate ...func(*relay.Config)) (*relay.Service, error) {
 	cfg := relay.Config{
@@ -265,9 +286,12 @@ func benchCreateUser(ctx context.Context, e *env, s Settings) ([]Figure, error) 
 		return nil, err
 	}
 	defer svc.Close()
-	srv := httptest.NewServer(svc)
-	defer srv.Close()
-	clients := newKeepAliveClients(srv.Listener.Addr().String())
+	addr, stopServing, err := serveAsDeployed(ctx, createuser.Name, svc)
+	if err != nil {
+		return nil, err
+	}
+	defer stopServing()
+	clients := newKeepAliveClients(addr)
 	defer clients.close()
 	poolCfg, err := pgxpool.ParseConfig(e.dbURL)
 	if err != nil {
