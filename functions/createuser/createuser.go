@@ -250,10 +250,14 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 	// The socket's deadline bounds the COMMIT instead: a timeout fails it
 	// as a network error, and pgx closes the connection.
 	w.bound(s.commitTimeout)
+	sent := !conn.Conn().IsClosed()
 	if err := tx.Commit(ctx); err != nil {
 		var pgErr *pgconn.PgError
-		if !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
-			// The server may have committed before the answer was lost.
+		if sent && !errors.As(err, &pgErr) {
+			// Only the server's own error says it rolled back. Any other
+			// failure may have come after the server committed: even pgx's
+			// "safe to retry" conn closed, when the answer's read found the
+			// socket at its end.
 			return 0, nil, false, fmt.Errorf("commit: %w: %w", errCommitUnconfirmed, err)
 		}
 		return 0, nil, false, fmt.Errorf("commit: %w", err)
@@ -313,7 +317,9 @@ func (w *watch) end() {
 	switch {
 	case !w.detach():
 		w.conn.Conn().Close(context.Background()) //nolint:errcheck // closing a connection already cut off
-	case w.bounded:
+	case w.bounded && !w.conn.Conn().IsClosed():
+		// A closed connection's socket belongs to pgx's closing goroutine,
+		// which gives it a deadline of its own.
 		_ = w.netConn.SetDeadline(time.Time{})
 	}
 }
