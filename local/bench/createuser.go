@@ -114,12 +114,16 @@ func (c *keepAliveClients) post(body string) error {
 		kc.conn.Close()
 		return err
 	}
-	status, err := readResponse(kc.r)
+	status, closing, err := readResponse(kc.r)
 	if err != nil {
 		kc.conn.Close()
 		return err
 	}
-	c.idle <- kc
+	if closing {
+		kc.conn.Close()
+	} else {
+		c.idle <- kc
+	}
 	if status != http.StatusCreated {
 		return fmt.Errorf("status %d", status)
 	}
@@ -127,43 +131,49 @@ func (c *keepAliveClients) post(body string) error {
 }
 
 // readResponse reads one response with a Content-Length body, which every
-// answer of createuser has, and returns its status. It reads no more than
+// answer of createuser has, and returns its status and whether the server
+// closes the connection after it (Connection: close). It reads no more than
 // wrk's parser does: http.ReadResponse would build a header map and a body
 // reader per request, CPU the load generator takes from the server on the
 // same cores.
-func readResponse(r *bufio.Reader) (status int, err error) {
+func readResponse(r *bufio.Reader) (status int, closing bool, err error) {
 	line, err := r.ReadSlice('\n')
 	if err != nil {
-		return 0, fmt.Errorf("read status line: %w", err)
+		return 0, false, fmt.Errorf("read status line: %w", err)
 	}
 	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.1 ")) {
-		return 0, fmt.Errorf("malformed status line %q", line)
+		return 0, false, fmt.Errorf("malformed status line %q", line)
 	}
 	if status, err = strconv.Atoi(string(line[9:12])); err != nil {
-		return 0, fmt.Errorf("malformed status line %q", line)
+		return 0, false, fmt.Errorf("malformed status line %q", line)
 	}
 	length := -1
 	for {
 		h, err := r.ReadSlice('\n')
 		if err != nil {
-			return 0, fmt.Errorf("read header: %w", err)
+			return 0, false, fmt.Errorf("read header: %w", err)
 		}
 		if len(bytes.TrimSpace(h)) == 0 {
 			break
 		}
-		if name, value, ok := bytes.Cut(h, []byte(":")); ok && bytes.EqualFold(name, []byte("Content-Length")) {
+		name, value, ok := bytes.Cut(h, []byte(":"))
+		switch {
+		case !ok:
+		case bytes.EqualFold(name, []byte("Content-Length")):
 			if length, err = strconv.Atoi(string(bytes.TrimSpace(value))); err != nil {
-				return 0, fmt.Errorf("malformed Content-Length %q", value)
+				return 0, false, fmt.Errorf("malformed Content-Length %q", value)
 			}
+		case bytes.EqualFold(name, []byte("Connection")):
+			closing = bytes.EqualFold(bytes.TrimSpace(value), []byte("close"))
 		}
 	}
 	if length < 0 {
-		return 0, errors.New("response without Content-Length")
+		return 0, false, errors.New("response without Content-Length")
 	}
 	if _, err := r.Discard(length); err != nil {
-		return 0, fmt.Errorf("read body: %w", err)
+		return 0, false, fmt.Errorf("read body: %w", err)
 	}
-	return status, nil
+	return status, closing, nil
 }
 
 func (c *keepAliveClients) close() {
@@ -231,11 +241,11 @@ func nextEmail(run string) string {
 
 // directCreate is createuser's transaction run straight over pgx: the user
 // and its event in one transaction, the same statements and the same rows.
-// With tracing on (traceRatio > 0) the event carries a traceparent as
-// createuser's does (a new trace per request, as for a caller that sends
-// none, sampled at traceRatio), so that the two write and relay the same
-// bytes and only the function's own work tells them apart.
-func directCreate(ctx context.Context, pool *pgxpool.Pool, email string, traceRatio float64) error {
+// With tracing on the event carries a traceparent as createuser's does (a
+// new trace per request, as for a caller that sends none, sampled at
+// tr.ratio), so that the two write and relay the same bytes and only the
+// function's own work tells them apart.
+func directCreate(ctx context.Context, pool *pgxpool.Pool, email string, tr tracing) error {
 	tx, err := pool.Begin(ctx)
 	if err != nil {
 		return err
@@ -249,8 +259,8 @@ func directCreate(ctx context.Context, pool *pgxpool.Pool, email string, traceRa
 	payload, _ := json.Marshal(events.UserCreated{UserID: user.ID, Email: user.Email, Name: user.Name})
 	ev := outbox.Event{AggregateType: events.AggregateUser, AggregateID: strconv.FormatInt(user.ID, 10),
 		EventType: events.TypeUserCreated, Payload: payload}
-	if traceRatio > 0 {
-		ev.Traceparent = newTraceparent(rand.Float64() < traceRatio)
+	if tr.on {
+		ev.Traceparent = newTraceparent(rand.Float64() < tr.ratio)
 	}
 	if err := outbox.Insert(ctx, tx, ev); err != nil {
 		return err
@@ -307,7 +317,7 @@ func benchCreateUser(ctx context.Context, e *env, s Settings) ([]Figure, error) 
 	viaHTTP := func(ctx context.Context) error {
 		return clients.post(`{"email":"` + nextEmail("http") + `","name":"Bench User"}`)
 	}
-	viaPgx := func(ctx context.Context) error { return directCreate(ctx, direct, nextEmail("pgx"), s.TraceRatio) }
+	viaPgx := func(ctx context.Context) error { return directCreate(ctx, direct, nextEmail("pgx"), s.tracing()) }
 
 	// Unmeasured, each side first fills its pool and the server's caches;
 	// and the order alternates, so that neither always runs on what the
@@ -373,7 +383,7 @@ func benchDoorbell(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 		return err
 	}
 	defer setTrigger(triggerQuiet) //nolint:errcheck // the database is dropped after the run
-	tx := func(ctx context.Context) error { return directCreate(ctx, pool, nextEmail("bell"), s.TraceRatio) }
+	tx := func(ctx context.Context) error { return directCreate(ctx, pool, nextEmail("bell"), s.tracing()) }
 
 	variants := []struct {
 		name, create string
@@ -399,3 +409,12 @@ func benchDoorbell(ctx context.Context, e *env, s Settings) ([]Figure, error) {
 			note("what the quiet doorbell avoids"),
 	}, nil
 }
+
+// tracing is whether the baseline stores trace context, and at what ratio
+// it is sampled.
+type tracing struct {
+	on    bool
+	ratio float64
+}
+
+func (s Settings) tracing() tracing { return tracing{on: s.Traced, ratio: s.TraceRatio} }

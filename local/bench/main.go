@@ -67,9 +67,7 @@ func main() {
 	if *smoke {
 		settings = smokeSettings
 	}
-	if *withTelemetry {
-		settings.TraceRatio = *traceRatio
-	}
+	settings.Traced, settings.TraceRatio = *withTelemetry, *traceRatio
 	report, err := Run(ctx, settings, *only, os.Stdout)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -117,9 +115,10 @@ type Settings struct {
 	// IdleBaseline and IdleDuration are how long the idle relay's CPU is
 	// measured alone and with transactions held open.
 	IdleBaseline time.Duration `json:"idle_baseline"`
-	// TraceRatio is the share of traces sampled, and 0 when tracing is off
-	// (no -telemetry). With tracing on the direct baseline stores a
-	// traceparent with each event, as createuser does, sampled at this ratio.
+	// Traced says that tracing is on (-telemetry), sampling TraceRatio of
+	// the traces. The direct baseline then stores a traceparent with each
+	// event, as createuser does, sampled at the same ratio.
+	Traced     bool    `json:"traced"`
 	TraceRatio float64 `json:"trace_ratio"`
 	// WaitBacklog is the backlog drained with and without WAIT.
 	WaitBacklog  int           `json:"wait_backlog"`
