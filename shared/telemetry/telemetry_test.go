@@ -262,14 +262,10 @@ func TestHTTPHandlerRecordsTheServerSpanAndTheDurationByTheConventions(t *testin
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			spans := tracetest.NewSpanRecorder()
-			tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(spans))
-			reader := sdkmetric.NewManualReader()
-			mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
-			defer func() { _ = tp.Shutdown(context.Background()); _ = mp.Shutdown(context.Background()) }()
+			spans, reader, p := recording(t)
 
 			var inner trace.SpanContext
-			h := HTTPHandler("CreateUser", Providers{Tracer: tp, Meter: mp}, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			h := HTTPHandler("CreateUser", p, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				inner = trace.SpanContextFromContext(r.Context())
 				tt.respond(w)
 			}))
@@ -333,10 +329,8 @@ func TestHTTPHandlerRecordsTheServerSpanAndTheDurationByTheConventions(t *testin
 
 func TestHTTPHandlerRecordsAPanickingRequestAsA500(t *testing.T) {
 	t.Parallel()
-	spans := tracetest.NewSpanRecorder()
-	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(spans))
-	defer func() { _ = tp.Shutdown(context.Background()) }()
-	h := HTTPHandler("Relay", Providers{Tracer: tp}, http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
+	spans, _, p := recording(t)
+	h := HTTPHandler("Relay", p, http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
 		panic(http.ErrAbortHandler)
 	}))
 	assert.PanicsWithValue(t, http.ErrAbortHandler, func() {
@@ -360,4 +354,16 @@ func durationPoints(t *testing.T, rm metricdata.ResourceMetrics) []metricdata.Hi
 	}
 	t.Fatal("no http.server.request.duration")
 	return nil
+}
+
+// recording returns providers that keep every span and metric for the test
+// to read.
+func recording(t *testing.T) (*tracetest.SpanRecorder, *sdkmetric.ManualReader, Providers) {
+	t.Helper()
+	spans := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(spans))
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	t.Cleanup(func() { _ = tp.Shutdown(context.Background()); _ = mp.Shutdown(context.Background()) })
+	return spans, reader, Providers{Tracer: tp, Meter: mp}
 }
