@@ -28,7 +28,6 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/outboxfn/outbox/shared/events"
@@ -169,7 +168,7 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 		trace.WithAttributes(attribute.String("db.system.name", "postgresql")))
 	defer func() {
 		if err != nil && !errors.Is(err, errEmailTaken) {
-			span.SetStatus(codes.Error, err.Error())
+			telemetry.Failed(span, err)
 		}
 		span.End()
 	}()

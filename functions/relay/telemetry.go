@@ -7,7 +7,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgtype"
 	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
@@ -80,7 +79,7 @@ func (d *Drainer) publishAndCommit(ctx context.Context, cur *claimed, sess *sess
 	if res.Batches == before.Batches {
 		// The batch did not commit; err is its error.
 		if err != nil {
-			span.SetStatus(codes.Error, err.Error())
+			telemetry.Failed(span, err)
 		}
 		span.End()
 		return next, err

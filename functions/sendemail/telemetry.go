@@ -7,7 +7,6 @@ import (
 
 	"github.com/redis/rueidis"
 	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
@@ -80,7 +79,7 @@ func endEntry(span trace.Span, o outcome) {
 	}
 	span.SetAttributes(attribute.String("outbox.email.outcome", outcomeNames[o.kind]))
 	if o.err != nil && (o.kind == outcomeRetry || o.kind == outcomeDead) {
-		span.SetStatus(codes.Error, o.err.Error())
+		telemetry.Failed(span, o.err)
 	}
 	span.End()
 }
@@ -112,7 +111,7 @@ func (in *instruments) startChild(ctx context.Context, name string, kind trace.S
 // endSpan ends span, marking it failed when err is not nil.
 func endSpan(span trace.Span, err error) {
 	if err != nil {
-		span.SetStatus(codes.Error, err.Error())
+		telemetry.Failed(span, err)
 	}
 	span.End()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -85,21 +86,21 @@ func (h *serverHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	route := r.Pattern
 	attrs := make([]attribute.KeyValue, 0, 10)
 	attrs = append(attrs, h.fn, semconv.HTTPRequestMethodKey.String(method), semconv.URLScheme(scheme),
-		semconv.URLPath(r.URL.Path))
+		semconv.URLPath(clientText(r.URL.Path)))
 	if !known {
-		attrs = append(attrs, semconv.HTTPRequestMethodOriginal(truncate(r.Method)))
+		attrs = append(attrs, semconv.HTTPRequestMethodOriginal(clientText(r.Method)))
 	}
 	if route != "" {
 		attrs = append(attrs, semconv.HTTPRoute(route))
 	}
 	if r.URL.RawQuery != "" {
-		attrs = append(attrs, semconv.URLQuery(truncate(r.URL.RawQuery)))
+		attrs = append(attrs, semconv.URLQuery(clientText(redactQuery(r.URL.RawQuery))))
 	}
 	if client := clientAddress(r); client != "" {
 		attrs = append(attrs, semconv.ClientAddress(client))
 	}
 	if ua := r.UserAgent(); ua != "" {
-		attrs = append(attrs, semconv.UserAgentOriginal(truncate(ua)))
+		attrs = append(attrs, semconv.UserAgentOriginal(clientText(ua)))
 	}
 	ctx := Propagator.Extract(r.Context(), propagation.HeaderCarrier(r.Header))
 	ctx, span := h.tracer.Start(ctx, h.name, trace.WithSpanKind(trace.SpanKindServer), trace.WithTimestamp(start),
@@ -156,8 +157,8 @@ func (h *serverHandler) metricAttrs(k setKey) metric.MeasurementOption {
 func clientAddress(r *http.Request) string {
 	if xff := r.Header.Get("X-Forwarded-For"); xff != "" {
 		first, _, _ := strings.Cut(xff, ",")
-		if ip := net.ParseIP(strings.TrimSpace(first)); ip != nil {
-			return ip.String()
+		if ip := parseIP(strings.TrimSpace(first)); ip != "" {
+			return ip
 		}
 	}
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
@@ -167,13 +168,55 @@ func clientAddress(r *http.Request) string {
 	return host
 }
 
-// truncate cuts s to maxClientText bytes, on a rune boundary.
-func truncate(s string) string {
+// parseIP reads an address as proxies write them: bare ("203.0.113.9",
+// "2001:db8::9") or with a port ("203.0.113.9:5678", "[2001:db8::9]:5678").
+// Anything else is "".
+func parseIP(s string) string {
+	if ip := net.ParseIP(s); ip != nil {
+		return ip.String()
+	}
+	if host, _, err := net.SplitHostPort(s); err == nil {
+		if ip := net.ParseIP(host); ip != nil {
+			return ip.String()
+		}
+	}
+	return ""
+}
+
+// sensitiveQueryKeys are the query parameters whose values the conventions
+// (v1.40, url.query) say to record as REDACTED: signatures of signed URLs.
+var sensitiveQueryKeys = map[string]bool{"AWSAccessKeyId": true, "Signature": true, "sig": true, "X-Goog-Signature": true}
+
+// redactQuery replaces the values of sensitiveQueryKeys in a raw query,
+// keeping the keys and the order.
+func redactQuery(q string) string {
+	parts := strings.Split(q, "&")
+	changed := false
+	for i, part := range parts {
+		key, _, hasValue := strings.Cut(part, "=")
+		if name, err := url.QueryUnescape(key); err == nil && hasValue && sensitiveQueryKeys[name] {
+			parts[i], changed = key+"=REDACTED", true
+		}
+	}
+	if !changed {
+		return q
+	}
+	return strings.Join(parts, "&")
+}
+
+// clientText makes a client-chosen string fit for a span: valid UTF-8 (the
+// OTLP exporter refuses anything else, and with it the whole batch of
+// spans it was in) and at most maxClientText bytes, cut on a rune boundary.
+func clientText(s string) string {
+	if len(s) > maxClientText*4 {
+		s = s[:maxClientText*4] // before ToValidUTF8 copies it
+	}
+	s = strings.ToValidUTF8(s, "\uFFFD")
 	if len(s) <= maxClientText {
 		return s
 	}
 	cut := maxClientText
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
+	for !utf8.RuneStart(s[cut]) {
 		cut--
 	}
 	return s[:cut]
@@ -201,16 +244,16 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 
 // FlushError flushes through to the server's writer, which sends the header
 // with 200 if none was written: that is then the status the client got.
-// http.ResponseController.Flush calls it.
+// http.ResponseController.Flush calls it. (The wrapper has no Flush method:
+// it would tell a handler asking for an http.Flusher that it can stream
+// over a writer that cannot.)
 func (w *statusWriter) FlushError() error {
-	if w.status == 0 {
+	err := http.NewResponseController(w.ResponseWriter).Flush()
+	if err == nil && w.status == 0 {
 		w.status = http.StatusOK
 	}
-	return http.NewResponseController(w.ResponseWriter).Flush()
+	return err
 }
-
-// Flush is FlushError for handlers that look for an http.Flusher.
-func (w *statusWriter) Flush() { _ = w.FlushError() }
 
 // Unwrap lets http.ResponseController reach the server's writer for what
 // the wrapper does not intercept (deadlines, hijacking).

@@ -17,6 +17,7 @@ import (
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/exporters/otlp/otlpmetric/otlpmetrichttp"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
 	"go.opentelemetry.io/otel/exporters/stdout/stdoutmetric"
@@ -264,4 +265,11 @@ func Extract(ctx context.Context, traceparent, tracestate string) context.Contex
 // empty or malformed.
 func SpanContext(traceparent string) trace.SpanContext {
 	return trace.SpanContextFromContext(Extract(context.Background(), traceparent, ""))
+}
+
+// Failed marks span as failed with err's text, made valid UTF-8: an error
+// can carry bytes from outside (a server's reply), and the OTLP exporter
+// refuses invalid UTF-8, and with it the whole batch the span is in.
+func Failed(span trace.Span, err error) {
+	span.SetStatus(codes.Error, strings.ToValidUTF8(err.Error(), "\uFFFD"))
 }
