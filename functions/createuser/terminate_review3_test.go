@@ -1,0 +1,53 @@
+package createuser
+
+import (
+	"context"
+	"net/http"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outboxfn/outbox/shared/logging"
+)
+
+// A COMMIT that waits for a synchronous standby has its commit record on
+// disk already. When the backend is terminated then (pg_terminate_backend,
+// or a fast shutdown's SIGTERM: a Cloud SQL maintenance restart), the
+// server answers with its own error, FATAL 57P01, after a WARNING that "the
+// transaction has already committed locally". The server's own error is no
+// proof of a rollback: the answer must not say "nothing was written" for a
+// user who exists.
+func TestACommitTerminatedWhileWaitingForTheStandbyDoesNotSayNothingWasWritten(t *testing.T) {
+	url, _ := privatePostgres(t, "synchronous_standby_names = 'ghost'")
+	svc, err := New(context.Background(), Config{Config: logging.Config{LogFormat: "text", LogLevel: "error"},
+		DatabaseURL: url, DBMaxConns: 4, RequestTimeout: 2 * time.Second}, logging.New(os.Stderr, logging.Config{LogFormat: "text", LogLevel: "warn"}))
+	require.NoError(t, err)
+	defer svc.Close()
+	svc.commitTimeout = 10 * time.Second // the termination, not the bound, ends the wait
+	b := &testBundle{svc: svc}
+
+	const body = `{"email":"terminated@example.com","name":"Terminated"}`
+	done := make(chan response, 1)
+	go func() { done <- b.post(t, body, "Idempotency-Key", "term-1") }()
+	time.Sleep(1500 * time.Millisecond) // the COMMIT is waiting for the ghost standby
+
+	admin, err := pgx.Connect(context.Background(), url)
+	require.NoError(t, err)
+	defer admin.Close(context.Background())
+	var n int
+	require.NoError(t, admin.QueryRow(context.Background(),
+		`SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE wait_event = 'SyncRep'`).Scan(&n))
+	require.Equal(t, 1, n, "one backend waited for the standby")
+	first := <-done
+
+	var users int
+	require.NoError(t, admin.QueryRow(context.Background(), `SELECT count(*) FROM users`).Scan(&users))
+	require.Equal(t, 1, users, "the user exists: the COMMIT was on disk")
+	require.Equal(t, http.StatusServiceUnavailable, first.Status, first.Raw)
+	assert.NotContains(t, first.Raw, "nothing was written", "the answer to a request whose user exists")
+	assert.Contains(t, first.Raw, "may or may not exist")
+}
