@@ -252,11 +252,12 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 	sent := !conn.Conn().IsClosed()
 	if err := tx.Commit(ctx); err != nil {
 		var pgErr *pgconn.PgError
-		if sent && !errors.As(err, &pgErr) {
-			// Only the server's own error says it rolled back. Any other
-			// failure may have come after the server committed: even pgx's
-			// "safe to retry" conn closed, when the answer's read found the
-			// socket at its end.
+		if sent && !(errors.As(err, &pgErr) && pgErr.Severity == "ERROR") {
+			// Only the server's ERROR says it rolled back. Any other failure
+			// may have come after the server committed: a FATAL that ends
+			// the session (a backend terminated while COMMIT waited for a
+			// standby has committed locally), or even pgx's "safe to retry"
+			// conn closed, when the answer's read found the socket at its end.
 			return 0, nil, false, fmt.Errorf("commit: %w: %w", errCommitUnconfirmed, err)
 		}
 		return 0, nil, false, fmt.Errorf("commit: %w", err)

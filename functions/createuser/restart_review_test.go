@@ -90,13 +90,7 @@ func privatePostgres(t *testing.T, settings ...string) (url string, pgctl func(a
 // user may exist, and the client's retry with the same key must, once the
 // database is back, replay the 201: one user, one event.
 func TestACommitCutByAPostgresCrashSaysTheUserMayExistAndItsRetryReplaysIt(t *testing.T) {
-	url, pgctl := privatePostgres(t, "synchronous_standby_names = 'ghost'")
-	svc, err := New(context.Background(), Config{Config: logging.Config{LogFormat: "text", LogLevel: "error"},
-		DatabaseURL: url, DBMaxConns: 4, RequestTimeout: 2 * time.Second}, logging.New(os.Stderr, logging.Config{LogFormat: "text", LogLevel: "warn"}))
-	require.NoError(t, err)
-	defer svc.Close()
-	svc.commitTimeout = 10 * time.Second // the crash, not the bound, ends the wait
-	b := &testBundle{svc: svc}
+	b, url, pgctl := behindAGhostStandby(t) // the crash, not the commit's bound, ends the wait
 
 	const body = `{"email":"crash@example.com","name":"Crash"}`
 	done := make(chan response, 1)
@@ -140,4 +134,19 @@ func setSystem(t *testing.T, url, set string) {
 	_, err = conn.Exec(ctx, "SELECT pg_reload_conf()")
 	require.NoError(t, err)
 	time.Sleep(300 * time.Millisecond)
+}
+
+// behindAGhostStandby returns a createuser on a private PostgreSQL whose
+// every COMMIT waits for a synchronous standby that does not exist, with a
+// commit bound (10 s) longer than the tests wait; and the server's URL and
+// pg_ctl.
+func behindAGhostStandby(t *testing.T) (*testBundle, string, func(args ...string)) {
+	t.Helper()
+	url, pgctl := privatePostgres(t, "synchronous_standby_names = 'ghost'")
+	svc, err := New(context.Background(), Config{Config: logging.Config{LogFormat: "text", LogLevel: "error"},
+		DatabaseURL: url, DBMaxConns: 4, RequestTimeout: 2 * time.Second}, logging.New(os.Stderr, logging.Config{LogFormat: "text", LogLevel: "warn"}))
+	require.NoError(t, err)
+	t.Cleanup(svc.Close)
+	svc.commitTimeout = 10 * time.Second
+	return &testBundle{svc: svc}, url, pgctl
 }

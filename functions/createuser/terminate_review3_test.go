@@ -3,7 +3,6 @@ package createuser
 import (
 	"context"
 	"net/http"
-	"os"
 	"testing"
 	"time"
 
@@ -11,7 +10,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/outboxfn/outbox/shared/logging"
 )
 
 // A COMMIT that waits for a synchronous standby has its commit record on
@@ -22,13 +20,7 @@ import (
 // proof of a rollback: the answer must not say "nothing was written" for a
 // user who exists.
 func TestACommitTerminatedWhileWaitingForTheStandbyDoesNotSayNothingWasWritten(t *testing.T) {
-	url, _ := privatePostgres(t, "synchronous_standby_names = 'ghost'")
-	svc, err := New(context.Background(), Config{Config: logging.Config{LogFormat: "text", LogLevel: "error"},
-		DatabaseURL: url, DBMaxConns: 4, RequestTimeout: 2 * time.Second}, logging.New(os.Stderr, logging.Config{LogFormat: "text", LogLevel: "warn"}))
-	require.NoError(t, err)
-	defer svc.Close()
-	svc.commitTimeout = 10 * time.Second // the termination, not the bound, ends the wait
-	b := &testBundle{svc: svc}
+	b, url, _ := behindAGhostStandby(t) // the termination, not the commit's bound, ends the wait
 
 	const body = `{"email":"terminated@example.com","name":"Terminated"}`
 	done := make(chan response, 1)
