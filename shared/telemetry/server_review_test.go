@@ -110,3 +110,43 @@ func TestTheRouteTheMuxMatchedIsRecordedOnTheSpanAndTheMetric(t *testing.T) {
 	assert.True(t, ok, "metric attribute http.route; metric has %v", pa.Encoded(attribute.DefaultEncoder()))
 	assert.Equal(t, "/CreateUser", mroute.AsString())
 }
+
+// Semantic conventions v1.40 (the version this handler records): url.query
+// values of AWSAccessKeyId, Signature, sig and X-Goog-Signature SHOULD be
+// redacted by default, keeping the key ("sig=REDACTED"). The span records
+// the query verbatim, so a signed URL's signature lands in the trace store.
+func TestTheServerSpanRedactsTheQueryValuesTheConventionsCallSensitive(t *testing.T) {
+	t.Parallel()
+	spans, _, p := recording(t)
+	h := HTTPHandler("CreateUser", p, http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(http.MethodPost, "/?q=a&sig=s3cr3t&X-Goog-Signature=abcdef", nil))
+	require.Len(t, spans.Ended(), 1)
+	set := attribute.NewSet(spans.Ended()[0].Attributes()...)
+	v, _ := set.Value("url.query")
+	assert.Equal(t, "q=a&sig=REDACTED&X-Goog-Signature=REDACTED", v.AsString())
+}
+
+// Some proxies (Azure Application Gateway, a few ingress controllers) write
+// the client's port into X-Forwarded-For, and IPv6 then comes bracketed.
+// The client is still the first entry; recording the peer instead names the
+// proxy as the client, with nothing on the span to say so.
+func TestTheClientAddressOfAnXForwardedForEntryWithAPortIsTheClientNotThePeer(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct{ xff, want string }{
+		{"203.0.113.9:5678", "203.0.113.9"},
+		{"[2001:db8::9]:5678, 10.0.0.1", "2001:db8::9"},
+	} {
+		t.Run(tt.xff, func(t *testing.T) {
+			spans, _, p := recording(t)
+			h := HTTPHandler("CreateUser", p, http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+			req := httptest.NewRequest(http.MethodPost, "/", nil)
+			req.RemoteAddr = "10.99.0.1:40000" // the proxy
+			req.Header.Set("X-Forwarded-For", tt.xff)
+			h.ServeHTTP(httptest.NewRecorder(), req)
+			require.Len(t, spans.Ended(), 1)
+			set := attribute.NewSet(spans.Ended()[0].Attributes()...)
+			v, _ := set.Value("client.address")
+			assert.Equal(t, tt.want, v.AsString())
+		})
+	}
+}
