@@ -8,6 +8,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outboxfn/outbox/shared/pgtest"
 	"github.com/outboxfn/outbox/shared/stream"
 )
 
@@ -18,16 +19,7 @@ func (b *testBundle) blobify(t *testing.T) {
 	t.Helper()
 	_, err := b.ops.pool.Exec(context.Background(), `
 		INSERT INTO outbox_retained (batch, events, oldest, data)
-		SELECT batch, count(*), min(created_at), string_agg(
-		  int2send(9::int2) || int4send(8) || int8send(id) || int4send(16) || uuid_send(event_id)
-		  || int4send(octet_length(convert_to(aggregate_type, 'UTF8'))) || convert_to(aggregate_type, 'UTF8')
-		  || int4send(octet_length(convert_to(aggregate_id, 'UTF8'))) || convert_to(aggregate_id, 'UTF8')
-		  || int4send(octet_length(convert_to(event_type, 'UTF8'))) || convert_to(event_type, 'UTF8')
-		  || int4send(octet_length(convert_to(payload::text, 'UTF8'))) || convert_to(payload::text, 'UTF8')
-		  || coalesce(int4send(octet_length(convert_to(traceparent, 'UTF8'))) || convert_to(traceparent, 'UTF8'), int4send(-1))
-		  || int4send(8) || timestamptz_send(created_at)
-		  || coalesce(int4send(octet_length(convert_to(tracestate, 'UTF8'))) || convert_to(tracestate, 'UTF8'), int4send(-1)),
-		  '' ORDER BY id)
+		SELECT batch, count(*), min(created_at), `+pgtest.EncodeRetainedSQL+`
 		FROM outbox_relayed_rows GROUP BY batch;
 		DELETE FROM outbox_relayed_rows`)
 	require.NoError(t, err)

@@ -14,21 +14,9 @@ import (
 )
 
 // encodeSQL encodes the events of outbox_relayed_rows (those retained before
-// migration 00015) the way the relay encodes a batch for outbox_retained,
-// with PostgreSQL's own send functions: what DecodeRetained reads must be
-// exactly that.
-const encodeSQL = `
-SELECT string_agg(
-  int2send(9::int2) || int4send(8) || int8send(id) || int4send(16) || uuid_send(event_id)
-  || int4send(octet_length(convert_to(aggregate_type, 'UTF8'))) || convert_to(aggregate_type, 'UTF8')
-  || int4send(octet_length(convert_to(aggregate_id, 'UTF8'))) || convert_to(aggregate_id, 'UTF8')
-  || int4send(octet_length(convert_to(event_type, 'UTF8'))) || convert_to(event_type, 'UTF8')
-  || int4send(octet_length(convert_to(payload::text, 'UTF8'))) || convert_to(payload::text, 'UTF8')
-  || coalesce(int4send(octet_length(convert_to(traceparent, 'UTF8'))) || convert_to(traceparent, 'UTF8'), int4send(-1))
-  || int4send(8) || timestamptz_send(created_at)
-  || coalesce(int4send(octet_length(convert_to(tracestate, 'UTF8'))) || convert_to(tracestate, 'UTF8'), int4send(-1)),
-  '' ORDER BY id)
-FROM outbox_relayed_rows`
+// migration 00015) the way the relay encodes a batch for outbox_retained:
+// what DecodeRetained reads must be exactly that.
+const encodeSQL = `SELECT ` + pgtest.EncodeRetainedSQL + ` FROM outbox_relayed_rows`
 
 func TestRetainedEventsDecodeAsPostgreSQLEncodedThem(t *testing.T) {
 	t.Parallel()

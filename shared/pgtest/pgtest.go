@@ -286,3 +286,19 @@ func redact(u string) string {
 	}
 	return parsed.Redacted()
 }
+
+// EncodeRetainedSQL is an aggregate over rows of outbox_relayed_rows that
+// encodes them, in id order, as the relay encodes a batch for
+// outbox_retained.data (migration 00015), with PostgreSQL's own send
+// functions: tests check the Go decoder against it, and turn retained rows
+// into batches with it.
+const EncodeRetainedSQL = `string_agg(
+  int2send(9::int2) || int4send(8) || int8send(id) || int4send(16) || uuid_send(event_id)
+  || int4send(octet_length(convert_to(aggregate_type, 'UTF8'))) || convert_to(aggregate_type, 'UTF8')
+  || int4send(octet_length(convert_to(aggregate_id, 'UTF8'))) || convert_to(aggregate_id, 'UTF8')
+  || int4send(octet_length(convert_to(event_type, 'UTF8'))) || convert_to(event_type, 'UTF8')
+  || int4send(octet_length(convert_to(payload::text, 'UTF8'))) || convert_to(payload::text, 'UTF8')
+  || coalesce(int4send(octet_length(convert_to(traceparent, 'UTF8'))) || convert_to(traceparent, 'UTF8'), int4send(-1))
+  || int4send(8) || timestamptz_send(created_at)
+  || coalesce(int4send(octet_length(convert_to(tracestate, 'UTF8'))) || convert_to(tracestate, 'UTF8'), int4send(-1)),
+  '' ORDER BY id)`
