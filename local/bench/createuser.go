@@ -201,9 +201,8 @@ func serveAsDeployed(ctx context.Context, name string, svc interface {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	served := make(chan error, 1)
-	fn := serve.Function{Name: name, Handler: svc, Service: func() (serve.Service, error) { return svc, nil }}
 	go func() {
-		served <- serve.Serve(ctx, ln, serve.Config{Config: quiet, FunctionTarget: name}, logging.New(nopWriter{}, quiet), fn)
+		served <- serve.Serve(ctx, ln, serve.Config{Config: quiet, FunctionTarget: name}, logging.New(nopWriter{}, quiet), serve.Built(name, svc))
 	}()
 	return ln.Addr().String(), func() { cancel(); <-served }, nil
 }

@@ -84,7 +84,7 @@ func setup(t *testing.T, cfg Config, opts ...func(*probe)) *serveBundle {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- Serve(ctx, ln, cfg, logger, Function{Name: "P", Handler: p, Service: func() (Service, error) { return p, nil }})
+		done <- Serve(ctx, ln, cfg, logger, Built("P", p))
 	}()
 	t.Cleanup(func() {
 		cancel()

@@ -308,6 +308,16 @@ func recoverPanic(logger *slog.Logger, h http.Handler) http.Handler {
 	})
 }
 
+// Built is the Function of a service built already, by a caller that
+// configures it itself (a test, a benchmark): served as Define's would be,
+// with no lazy build from the environment.
+func Built(name string, s interface {
+	Service
+	http.Handler
+}) Function {
+	return Function{Name: name, Handler: s, Service: func() (Service, error) { return s, nil }}
+}
+
 // ErrStopped is returned by a background loop's Start after its Stop.
 var ErrStopped = errors.New("stopped")
 

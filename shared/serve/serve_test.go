@@ -35,7 +35,7 @@ func (e *echo) Close()                                           {}
 func (e *echo) Health(context.Context) Health                    { return Health{OK: true} }
 
 func fn(s *echo) Function {
-	return Function{Name: s.name, Handler: s, Service: func() (Service, error) { return s, nil }}
+	return Built(s.name, s)
 }
 
 func reachable(url string) bool {
