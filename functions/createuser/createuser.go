@@ -265,8 +265,8 @@ func (s *Service) create(ctx context.Context, u newUser, key, traceparent, trace
 	return http.StatusCreated, body, false, nil
 }
 
-// errCommitUnconfirmed is a COMMIT that was sent and never answered: the
-// user may exist or not, and only a retry tells.
+// errCommitUnconfirmed is a COMMIT that was sent and not answered with an
+// ERROR: the user may exist or not, and only a retry tells.
 var errCommitUnconfirmed = errors.New("commit sent but not confirmed")
 
 // watchOnce returns a context for conn's statements that cannot be

@@ -53,10 +53,8 @@ func WriteRaw(w http.ResponseWriter, status int, body []byte) {
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)+1))
 	w.WriteHeader(status)
 	_, _ = w.Write(body)
-	_, _ = w.Write(newline)
+	_, _ = io.WriteString(w, "\n")
 }
-
-var newline = []byte("\n")
 
 // WriteError sends err in the error shape. An *Error anywhere in err's chain
 // is sent as it is; anything else is logged and sent as a bare 500, because
@@ -88,21 +86,10 @@ func Method(w http.ResponseWriter, r *http.Request, allowed ...string) bool {
 	return false
 }
 
-// Decode reads r's body, at most limit bytes, into v. It insists on an
-// application/json content type, a single JSON object, no unknown fields and
-// no trailing data, and reports each failure as an *Error the client can act
-// on (400, 413 or 415).
-func Decode(r *http.Request, limit int64, v any) error {
-	body, err := ReadBody(r, limit)
-	if err != nil {
-		return err
-	}
-	return DecodeBody(body, v)
-}
-
 // ReadBody checks that r's body is declared application/json (in UTF-8, if
-// a charset is given) and reads it, refusing more than limit bytes: the
-// first half of Decode, for a caller that also inspects the bytes.
+// a charset is given) and reads it, refusing more than limit bytes; each
+// failure is an *Error the client can act on (400, 413 or 415). A caller
+// may inspect the bytes before or after DecodeBody.
 func ReadBody(r *http.Request, limit int64) ([]byte, error) {
 	ct := r.Header.Get("Content-Type")
 	mt, params, err := mime.ParseMediaType(ct)
@@ -130,7 +117,7 @@ func ReadBody(r *http.Request, limit int64) ([]byte, error) {
 }
 
 // DecodeBody decodes body into v strictly: one JSON object, no unknown
-// fields, nothing after it (the second half of Decode).
+// fields, nothing after it; each failure is a 400 *Error that says which.
 func DecodeBody(body []byte, v any) error {
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
