@@ -73,7 +73,7 @@ func newServerHandler(name string, p Providers, next http.Handler) *serverHandle
 const maxClientText = 256
 
 func (h *serverHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	start := time.Now()
+	began := time.Now()
 	method, known := knownMethods[r.Method]
 	if !known {
 		method = "_OTHER"
@@ -84,33 +84,25 @@ func (h *serverHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// The pattern shared/serve's mux matched: a handful of fixed strings.
 	route := r.Pattern
-	attrs := make([]attribute.KeyValue, 0, 10)
-	attrs = append(attrs, h.fn, semconv.HTTPRequestMethodKey.String(method), semconv.URLScheme(scheme),
-		semconv.URLPath(clientText(r.URL.Path)))
-	if !known {
-		attrs = append(attrs, semconv.HTTPRequestMethodOriginal(clientText(r.Method)))
-	}
+	// What a sampler may read goes in at the start; the rest only into a
+	// span that records (with sampling, most do not).
+	attrs := []attribute.KeyValue{h.fn, semconv.HTTPRequestMethodKey.String(method), semconv.URLScheme(scheme),
+		semconv.URLPath(clientText(r.URL.Path))}
 	if route != "" {
 		attrs = append(attrs, semconv.HTTPRoute(route))
 	}
-	if r.URL.RawQuery != "" {
-		attrs = append(attrs, semconv.URLQuery(clientText(redactQuery(r.URL.RawQuery))))
-	}
-	if client := clientAddress(r); client != "" {
-		attrs = append(attrs, semconv.ClientAddress(client))
-	}
-	if ua := r.UserAgent(); ua != "" {
-		attrs = append(attrs, semconv.UserAgentOriginal(clientText(ua)))
-	}
 	ctx := Propagator.Extract(r.Context(), propagation.HeaderCarrier(r.Header))
-	ctx, span := h.tracer.Start(ctx, h.name, trace.WithSpanKind(trace.SpanKindServer), trace.WithTimestamp(start),
+	ctx, span := h.tracer.Start(ctx, h.name, trace.WithSpanKind(trace.SpanKindServer), trace.WithTimestamp(began),
 		trace.WithAttributes(attrs...))
+	if span.IsRecording() {
+		span.SetAttributes(clientAttributes(r, known)...)
+	}
 	sw := &statusWriter{ResponseWriter: w}
 	defer func() {
 		if p := recover(); p != nil {
 			// net/http ends the connection; the span and the metric still
 			// say that the request failed.
-			h.end(ctx, span, start, setKey{method: method, scheme: scheme, route: route, status: http.StatusInternalServerError})
+			h.end(ctx, span, began, setKey{method: method, scheme: scheme, route: route, status: http.StatusInternalServerError})
 			panic(p)
 		}
 	}()
@@ -119,7 +111,7 @@ func (h *serverHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if status == 0 {
 		status = http.StatusOK // what net/http sends for a handler that wrote nothing
 	}
-	h.end(ctx, span, start, setKey{method: method, scheme: scheme, route: route, status: status})
+	h.end(ctx, span, began, setKey{method: method, scheme: scheme, route: route, status: status})
 }
 
 func (h *serverHandler) end(ctx context.Context, span trace.Span, start time.Time, k setKey) {
@@ -148,6 +140,25 @@ func (h *serverHandler) metricAttrs(k setKey) metric.MeasurementOption {
 	}
 	o, _ := h.sets.LoadOrStore(k, metric.WithAttributeSet(attribute.NewSet(kv...)))
 	return o.(metric.MeasurementOption)
+}
+
+// clientAttributes are the span's attributes of what the client chose: the
+// original of an unknown method, the query, its address and user agent.
+func clientAttributes(r *http.Request, knownMethod bool) []attribute.KeyValue {
+	var attrs []attribute.KeyValue
+	if !knownMethod {
+		attrs = append(attrs, semconv.HTTPRequestMethodOriginal(clientText(r.Method)))
+	}
+	if r.URL.RawQuery != "" {
+		attrs = append(attrs, semconv.URLQuery(clientText(redactQuery(r.URL.RawQuery))))
+	}
+	if client := clientAddress(r); client != "" {
+		attrs = append(attrs, semconv.ClientAddress(client))
+	}
+	if ua := r.UserAgent(); ua != "" {
+		attrs = append(attrs, semconv.UserAgentOriginal(clientText(ua)))
+	}
+	return attrs
 }
 
 // clientAddress is the client as the conventions and otelhttp record it: the
